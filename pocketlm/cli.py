@@ -1,0 +1,185 @@
+"""`pocketlm ...`: a thin command-line layer; every command calls a library function you can import."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .errors import PocketLMError
+
+app = typer.Typer(
+    help="pocketlm: small, fast, task-specific language models on an ordinary CPU.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def _load(model: str):
+    from .checkpoint import load_model
+    from .hub import resolve_model
+
+    return load_model(resolve_model(model))
+
+
+def _params(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop):
+    from .engine import SamplingParams
+
+    return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          repetition_penalty=repetition_penalty, seed=seed, stop=list(stop or []))
+
+
+@app.command("import")
+def import_cmd(
+    src: Path = typer.Argument(..., help="Hugging Face directory, .gguf file, or llama2.c .bin checkpoint"),
+    dest: Path = typer.Argument(..., help="model directory to write"),
+    tokenizer: Optional[Path] = typer.Option(None, help="SentencePiece .model for a llama2.c checkpoint"),
+):
+    """Import a pretrained model into a pocketlm model directory."""
+    from .convert import import_model
+
+    started = time.perf_counter()
+    path = import_model(src, dest, tokenizer=tokenizer)
+    err.print(f"imported {src} in {time.perf_counter() - started:.1f} s")
+    out.print(str(path), highlight=False)
+
+
+@app.command("export")
+def export_cmd(
+    model: str = typer.Argument(..., help="model directory or name"),
+    dest: Path = typer.Argument(..., help="file to write"),
+    format: str = typer.Option("gguf", "--format", "-f", help="gguf or llama2c"),
+    outtype: str = typer.Option("f16", help="GGUF tensor type: f32, f16, q8_0 or q4_0"),
+):
+    """Export a model directory to GGUF (llama.cpp) or llama2.c's .bin."""
+    from .convert import export_model
+    from .hub import resolve_model
+
+    path = export_model(resolve_model(model), dest, format, outtype=outtype)
+    out.print(str(path), highlight=False)
+
+
+@app.command("pull")
+def pull_cmd(name: str = typer.Argument(..., help="a known model name (smollm2-135m-instruct) or hf:ORG/NAME")):
+    """Download and import a model into the cache (once); print its directory."""
+    from .hub import pull
+
+    with err.status(f"pulling {name} ..."):
+        path = pull(name)
+    out.print(str(path), highlight=False)
+
+
+@app.command("generate")
+def generate_cmd(
+    model: str = typer.Argument(..., help="model directory or name"),
+    prompt: str = typer.Argument(..., help="text to continue"),
+    max_tokens: int = typer.Option(128, "--max-tokens", "-n"),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 is greedy"),
+    top_k: int = typer.Option(0, "--top-k"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    stop: Optional[list[str]] = typer.Option(None, "--stop", help="stop string (repeatable)"),
+    chat_template: bool = typer.Option(False, "--chat", help="wrap the prompt in the model's chat template"),
+):
+    """Continue a prompt, streaming the text."""
+    from .engine import chat_prompt, stream
+
+    params = _params(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
+    lm, tokenizer = _load(model)
+    source = chat_prompt(tokenizer, [{"role": "user", "content": prompt}]) if chat_template else prompt
+    if not chat_template:
+        sys.stdout.write(prompt)
+    info: dict = {}
+    started = time.perf_counter()
+    for piece in stream(lm, tokenizer, source, params, result=info):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    elapsed = time.perf_counter() - started
+    sys.stdout.write("\n")
+    n = len(info["token_ids"])
+    err.print(f"[dim]{n} tokens in {elapsed:.2f} s ({n / max(elapsed, 1e-9):.1f} tokens/s), finish: {info['finish_reason']}[/dim]")
+
+
+@app.command("chat")
+def chat_cmd(
+    model: str = typer.Argument("smollm2-135m-instruct", help="model directory or name"),
+    system: Optional[str] = typer.Option(None, help="system message"),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n"),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 is greedy"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+):
+    """Chat with a model in the terminal (streams; /reset clears the conversation, /exit or Ctrl-D quits)."""
+    from .engine import chat_prompt, stream
+
+    params = _params(max_tokens, temperature, 0, top_p, 1.0, seed, None)
+    with err.status(f"loading {model} ..."):
+        lm, tokenizer = _load(model)
+    if not tokenizer.chat_template:
+        raise PocketLMError(f"{model} has no chat template; use `pocketlm generate` for plain text continuation")
+    messages = [{"role": "system", "content": system}] if system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        err.print("[dim]chatting; /reset clears the conversation, /exit or Ctrl-D quits[/dim]")
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            messages = messages[:1] if system else []
+            continue
+        if not interactive:
+            out.print(f"you> {line}", highlight=False)
+        messages.append({"role": "user", "content": line})
+        sys.stdout.write("assistant> ")
+        reply = []
+        try:
+            for piece in stream(lm, tokenizer, chat_prompt(tokenizer, messages), params):
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass  # stop this answer, keep what was said
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+@app.command("info")
+def info_cmd(model: str = typer.Argument(..., help="model directory or name")):
+    """Show a model directory's shape and provenance."""
+    import json
+
+    from .checkpoint import load_config, read_provenance
+    from .hub import resolve_model
+
+    path = resolve_model(model)
+    config = load_config(path)
+    out.print_json(json.dumps({"path": str(path), "config": config.to_hf_dict(), "pocketlm": read_provenance(path)}))
+
+
+def main() -> None:
+    try:
+        app()
+    except PocketLMError as exc:
+        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""Generation: prefill the prompt into a KV cache, then decode one token at a time.
+
+`generate_tokens` yields token ids; `stream` turns them into text pieces that never split a UTF-8
+character and stop cleanly at stop strings; `generate` collects a whole answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .errors import ConfigError, ContextLengthError
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 means no top-k cut
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {self.max_new_tokens}"),
+            (self.temperature >= 0, f"temperature must be >= 0 (0 is greedy), got {self.temperature}"),
+            (self.top_k >= 0, f"top_k must be >= 0 (0 turns it off), got {self.top_k}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in self.stop if s]
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+# ---------------------------------------------------------------------------------------------
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty (as transformers): divide positive logits of seen tokens, multiply negative ones."""
+    scores = logits.gather(-1, seen)
+    scores = torch.where(scores > 0, scores / penalty, scores * penalty)
+    return logits.scatter(-1, seen, scores)
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """Pick the next token from (batch, vocab) logits: greedy, or temperature + top-k + top-p sampling."""
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already cover top_p; the first always stays
+        drop = (probs.cumsum(-1) - probs) >= params.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding
+# ---------------------------------------------------------------------------------------------
+def eos_ids(model, tokenizer: Tokenizer) -> set[int]:
+    ids = set()
+    for value in (model.config.eos_token_id, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(value)
+    return ids
+
+
+@torch.inference_mode()
+def generate_tokens(model, prompt_ids: list[int], params: SamplingParams, stop_ids: set[int] = frozenset()) -> Iterator[int]:
+    """Yield new token ids for one prompt until EOS (a `stop_ids` member, yielded last) or max_new_tokens."""
+    context = model.config.max_position_embeddings
+    if not prompt_ids:
+        raise ConfigError("the prompt is empty; give at least one token of text")
+    if len(prompt_ids) >= context:
+        raise ContextLengthError(f"the prompt has {len(prompt_ids)} tokens but the model's context is {context}; shorten it")
+    max_new = min(params.max_new_tokens, context - len(prompt_ids))
+    if max_new == 0:
+        return
+    device = model.model.embed_tokens.weight.device
+    generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
+    tokens = torch.tensor([prompt_ids], device=device)
+    model.setup_cache(1, len(prompt_ids) + max_new)
+    try:
+        logits = model(tokens, start=0, last_only=True)[:, -1]
+        pos = len(prompt_ids)
+        for step in range(max_new):
+            if params.repetition_penalty != 1.0:
+                logits = apply_repetition_penalty(logits, tokens, params.repetition_penalty)
+            next_id = sample_next(logits, params, generator)
+            token = int(next_id)
+            yield token
+            if token in stop_ids and not params.ignore_eos:
+                return
+            if step + 1 == max_new:
+                return
+            tokens = torch.cat([tokens, next_id.view(1, 1)], dim=1)
+            logits = model(next_id.view(1, 1), start=pos)[:, -1]
+            pos += 1
+    finally:
+        model.clear_cache()
+
+
+class TextAssembler:
+    """Turns a stream of token ids into text pieces.
+
+    Decodes a short window of recent tokens (so SentencePiece's leading spaces come out right) and
+    holds back a piece while it ends in an incomplete UTF-8 sequence (decoded as U+FFFD).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, context_ids: list[int] = ()):
+        self.tokenizer = tokenizer
+        self.ids = list(context_ids[-4:])
+        self.prefix = 0
+        self.read = len(self.ids)
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix_text = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        new_text = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            piece = new_text[len(prefix_text):]
+            self.prefix, self.read = self.read, len(self.ids)
+            return piece
+        return ""
+
+
+class StopStringFilter:
+    """Passes text through, holding back any tail that could start a stop string; reports a hit."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.buffer = ""
+        self.hit = False
+
+    def feed(self, piece: str) -> str:
+        self.buffer += piece
+        if not self.stops:
+            out, self.buffer = self.buffer, ""
+            return out
+        cuts = [self.buffer.find(s) for s in self.stops if s in self.buffer]
+        if cuts:
+            self.hit = True
+            out, self.buffer = self.buffer[: min(cuts)], ""
+            return out
+        hold = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.buffer)), 0, -1):
+                if self.buffer.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        out = self.buffer[: len(self.buffer) - hold]
+        self.buffer = self.buffer[len(out):]
+        return out
+
+    def flush(self) -> str:
+        out, self.buffer = self.buffer, ""
+        return out
+
+
+def stream(model, tokenizer: Tokenizer, prompt: str | list[int], params: SamplingParams | None = None,
+           result: dict | None = None) -> Iterator[str]:
+    """Yield text pieces of the continuation of `prompt` (text or token ids).
+
+    If `result` is given it is filled with token_ids, prompt_tokens and finish_reason when the stream ends.
+    """
+    params = params or SamplingParams()
+    prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    stop_ids = eos_ids(model, tokenizer)
+    assembler = TextAssembler(tokenizer, prompt_ids)
+    stops = StopStringFilter(params.stop)
+    generated: list[int] = []
+    finish = "length"
+    for token in generate_tokens(model, prompt_ids, params, stop_ids):
+        if token in stop_ids and not params.ignore_eos:
+            finish = "stop"
+            break
+        generated.append(token)
+        piece = stops.feed(assembler.add(token))
+        if piece:
+            yield piece
+        if stops.hit:
+            finish = "stop"
+            break
+    if not stops.hit:
+        tail = stops.flush()
+        if tail:
+            yield tail
+    if result is not None:
+        result.update(token_ids=generated, prompt_tokens=len(prompt_ids), finish_reason=finish)
+
+
+def generate(model, tokenizer: Tokenizer, prompt: str | list[int], params: SamplingParams | None = None) -> Generation:
+    info: dict = {}
+    text = "".join(stream(model, tokenizer, prompt, params, result=info))
+    return Generation(text=text, token_ids=info["token_ids"], prompt_tokens=info["prompt_tokens"],
+                      finish_reason=info["finish_reason"])
+
+
+def chat_prompt(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation rendered with the chat template, ready for the assistant's turn."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    # The template writes BOS itself where the model wants one; don't add a second.
+    return tokenizer.encode(text, add_special_tokens=False)

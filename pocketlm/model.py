@@ -1,0 +1,196 @@
+"""A Llama-family decoder in one readable file.
+
+Token embedding -> N x [RMSNorm -> grouped-query attention with RoPE -> residual,
+                        RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> output head.
+
+Module and parameter names follow Hugging Face's LlamaForCausalLM (model.layers.0.self_attn.q_proj ...)
+so a state dict moves between the two without renaming, and RoPE uses the same rotate-half layout.
+Generation keeps a static KV cache per layer (see `KVCache`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as transformers does) so bf16 activations don't lose the mean square.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for every position, shape (max_positions, head_dim), rotate-half layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (batch, heads, seq, head_dim); cos/sin: (batch, 1, seq, head_dim)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache(nn.Module):
+    """A preallocated key/value buffer for one layer: (batch, kv_heads, max_len, head_dim)."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device=None):
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        d, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=bias)
+        self.cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, start: int, mask: torch.Tensor | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cache is not None:
+            k, v = self.cache.update(start, k, v)
+        gqa = self.n_kv_heads != self.n_heads
+        if mask is None:  # no cache, or a fresh prefill: plain causal attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, h, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(d, h, bias=bias)
+        self.up_proj = nn.Linear(d, h, bias=bias)
+        self.down_proj = nn.Linear(h, d, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, start, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaBody(nn.Module):
+    """The part Hugging Face calls `model`: embeddings, layers, final norm."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaBody(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ---- setup ------------------------------------------------------------------------------
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> "LlamaForCausalLM":
+        """Random initialisation for training from scratch (normal(0, std), norms at 1)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return self
+
+    def rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rope_cache is None or self._rope_cache[0].device != device:
+            c = self.config
+            cos, sin = rope_tables(c.head_dim, c.max_position_embeddings, c.rope_theta)
+            self._rope_cache = (cos.to(device), sin.to(device))
+        return self._rope_cache
+
+    def setup_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
+        """Allocate a static KV cache for `batch` sequences of up to `max_len` tokens."""
+        c = self.config
+        max_len = max_len or c.max_position_embeddings
+        weight = self.model.embed_tokens.weight
+        dtype = dtype or weight.dtype
+        for layer in self.model.layers:
+            layer.self_attn.cache = KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, dtype, weight.device)
+
+    def clear_cache(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.cache = None
+
+    # ---- forward ----------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, start: int = 0, last_only: bool = False) -> torch.Tensor:
+        """Logits for `input_ids` (batch, seq) placed at positions start..start+seq-1.
+
+        With a KV cache set up, earlier positions come from the cache; `last_only` skips the output
+        head for all but the final position (what decoding needs).
+        """
+        b, t = input_ids.shape
+        end = start + t
+        if end > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {end} tokens exceeds the context of {self.config.max_position_embeddings}")
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope(x.device)
+        cos = cos[start:end].to(x.dtype)[None, None]
+        sin = sin[start:end].to(x.dtype)[None, None]
+        mask = None
+        if start > 0 and t > 1:  # a chunk after cached tokens: query i sees keys 0..start+i
+            q_pos = torch.arange(start, end, device=x.device)[:, None]
+            mask = torch.arange(end, device=x.device)[None, :] <= q_pos
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, start, mask)
+        x = self.model.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)

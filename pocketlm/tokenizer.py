@@ -1,0 +1,130 @@
+"""Tokenizers: a Hugging Face `tokenizers.Tokenizer` plus the few fields a chat model needs.
+
+The files written here (tokenizer.json, tokenizer_config.json, special_tokens_map.json) are the ones
+`transformers.AutoTokenizer` reads, so a pocketlm model directory loads unchanged there.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.sandbox
+from tokenizers import Tokenizer as BackendTokenizer
+
+from .errors import CheckpointError, ConfigError
+
+SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+@dataclass
+class Tokenizer:
+    backend: BackendTokenizer
+    bos_token: str | None = None
+    eos_token: str | None = None
+    unk_token: str | None = None
+    pad_token: str | None = None
+    chat_template: str | None = None
+    model_max_length: int | None = None
+    extra_config: dict[str, Any] = field(default_factory=dict)
+
+    # ---- ids -------------------------------------------------------------------------------
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.token_id(self.bos_token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.token_id(self.eos_token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # ---- chat ------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render messages with the model's Jinja chat template, as transformers does."""
+        if not self.chat_template:
+            raise ConfigError(
+                "this model has no chat template; use `generate` with a plain prompt instead of chat"
+            )
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+        def raise_exception(message: str) -> None:
+            raise ConfigError(f"chat template: {message}")
+
+        env.globals["raise_exception"] = raise_exception
+        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
+        try:
+            template = env.from_string(self.chat_template)
+            return template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except jinja2.TemplateError as exc:
+            raise ConfigError(f"chat template could not be rendered: {exc}") from None
+
+    # ---- files -----------------------------------------------------------------------------
+    def tokenizer_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        config.update(self.extra_config)
+        for key in SPECIAL_KEYS:
+            if getattr(self, key) is not None:
+                config[key] = getattr(self, key)
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        if self.model_max_length:
+            config["model_max_length"] = self.model_max_length
+        config["clean_up_tokenization_spaces"] = False
+        return config
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        self.backend.save(str(directory / "tokenizer.json"))
+        (directory / "tokenizer_config.json").write_text(json.dumps(self.tokenizer_config(), indent=2, ensure_ascii=False))
+        special = {key: getattr(self, key) for key in SPECIAL_KEYS if getattr(self, key) is not None}
+        (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Tokenizer":
+        directory = Path(directory)
+        path = directory / "tokenizer.json"
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing; a model directory needs its tokenizer.json")
+        try:
+            backend = BackendTokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises plain Exception subclasses
+            raise CheckpointError(f"{path}: not a valid tokenizer.json ({exc})") from None
+        config: dict[str, Any] = {}
+        config_path = directory / "tokenizer_config.json"
+        if config_path.is_file():
+            config = json.loads(config_path.read_text())
+        fields = {key: _token_text(config.pop(key, None)) for key in SPECIAL_KEYS}
+        chat_template = config.pop("chat_template", None)
+        if chat_template is None and (directory / "chat_template.jinja").is_file():
+            chat_template = (directory / "chat_template.jinja").read_text()
+        config.pop("tokenizer_class", None)
+        config.pop("clean_up_tokenization_spaces", None)
+        max_len = config.pop("model_max_length", None)
+        return cls(backend=backend, chat_template=chat_template, model_max_length=max_len, extra_config=config, **fields)
+
+
+def _token_text(value: Any) -> str | None:
+    """tokenizer_config.json may store a special token as a string or as an AddedToken dict."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value

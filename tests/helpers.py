@@ -1,0 +1,52 @@
+"""Small builders for tests: random tiny Llama models saved as pocketlm model directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import decoders, models, pre_tokenizers
+
+from pocketlm.checkpoint import save_model_dir
+from pocketlm.tokenizer import Tokenizer
+
+
+def byte_level_tokenizer(vocab_size: int = 300) -> Tokenizer:
+    """A byte-level BPE tokenizer with the 256 byte tokens, a few merges, and <s>/</s> specials."""
+    bytes_to_unicode = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(bytes_to_unicode))}
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    backend = BackendTokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<s>", "</s>"])
+    assert backend.get_vocab_size() <= vocab_size
+    template = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+    return Tokenizer(backend, bos_token="<s>", eos_token="</s>", chat_template=template)
+
+
+def tiny_config(**overrides) -> dict:
+    config = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+    config.update(overrides)
+    return config
+
+
+def tiny_model_dir(path: Path, seed: int = 0, **overrides) -> Path:
+    """A random tiny Llama written as a pocketlm model directory (weights from transformers' init)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = tiny_config(**overrides)
+    torch.manual_seed(seed)
+    hf = LlamaForCausalLM(LlamaConfig(**config))
+    # transformers' init leaves norms at 1; perturb them so a mix-up of norm weights would show
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return save_model_dir(path, config, hf.state_dict(), byte_level_tokenizer())

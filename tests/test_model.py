@@ -1,0 +1,77 @@
+"""pocketlm's model against transformers' own LlamaForCausalLM on the same model directory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pocketlm.checkpoint import load_model
+
+from helpers import tiny_model_dir
+
+CONFIGS = {
+    "gqa-untied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+    "gqa-tied": dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True),
+    "mha-tied-theta": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True, rope_theta=500.0),
+    "head-dim-override": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_match_transformers(tmp_path, name):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_model_dir(tmp_path / name, **CONFIGS[name])
+    ours, _ = load_model(model_dir)
+    theirs = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.randint(0, 300, (3, 40))
+    with torch.no_grad():
+        diff = (ours(ids) - theirs(ids).logits).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_kv_cache_matches_full_forward(tmp_path):
+    model, _ = load_model(tiny_model_dir(tmp_path / "m"))
+    ids = torch.randint(0, 300, (2, 30))
+    with torch.no_grad():
+        full = model(ids)
+        model.setup_cache(2, 64)
+        parts = [model(ids[:, :17]), model(ids[:, 17:25], start=17)]
+        parts += [model(ids[:, i:i + 1], start=i) for i in range(25, 30)]
+        model.clear_cache()
+    assert (torch.cat(parts, dim=1) - full).abs().max().item() < 1e-5
+
+
+def test_context_limit_is_enforced(tmp_path):
+    model, _ = load_model(tiny_model_dir(tmp_path / "m", max_position_embeddings=16))
+    with pytest.raises(ValueError, match="exceeds the context of 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_transformers_seed_snippet_runs_unchanged(tmp_path):
+    """The README's transformers snippet, verbatim, on a pocketlm directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = str(tiny_model_dir(tmp_path / "m", tie_word_embeddings=True))
+    tok = AutoTokenizer.from_pretrained(d)
+    model = AutoModelForCausalLM.from_pretrained(d)
+    inputs = tok("the theme", return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 8
+    assert isinstance(tok.decode(out[0]), str)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True) \
+        == "<s>user\nhi</s>\n<s>assistant\n"
+
+
+@pytest.mark.slow
+def test_smollm2_logits_match_transformers(smollm2_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ours, tokenizer = load_model(smollm2_dir)
+    theirs = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
+    assert ids[0].tolist() == AutoTokenizer.from_pretrained(smollm2_dir)(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        diff = (ours(ids) - theirs(ids).logits).abs().max().item()
+    assert diff <= 1e-4
