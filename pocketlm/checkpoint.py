@@ -117,7 +117,9 @@ def save_model_dir(
         _write_json(tmp / "pocketlm.json", record)
         (tmp / "README.md").write_text(model_card(out.name, hf_config, record))
         for path in tmp.iterdir():
+            path.chmod(0o644)  # mkdtemp and some writers create owner-only files; a model is meant to be shared
             _fsync(path)
+        tmp.chmod(0o755)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -186,13 +188,26 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def atomic_write(path: str | Path, write) -> Path:
+    """Call write(binary_file) on a temporary file beside `path`, fsync, rename: never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

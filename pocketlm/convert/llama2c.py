@@ -19,10 +19,7 @@ so import followed by export reproduces every weight bit for bit.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import struct
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +29,7 @@ import torch
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
-from ..checkpoint import WEIGHTS, load_config, load_tensors, save_model_dir
+from ..checkpoint import WEIGHTS, atomic_write, file_sha256, load_config, load_tensors, save_model_dir
 from ..config import ModelConfig
 from ..errors import CheckpointError, UnsupportedModelError
 from ..tokenizer import Tokenizer
@@ -252,7 +249,7 @@ def import_llama2c(bin_path: str | Path, out: str | Path, tokenizer_path: str | 
         raise CheckpointError(f"{tokenizer_path}: has {tokenizer.vocab_size} tokens but {bin_path} was trained with "
                               f"{header.vocab_size}; give the tokenizer .model the checkpoint was trained with")
     tokenizer.model_max_length = header.seq_len
-    provenance = {"source": {"format": "llama2c", "path": str(bin_path.resolve()), "sha256": _sha256(bin_path),
+    provenance = {"source": {"format": "llama2c", "path": str(bin_path.resolve()), "sha256": file_sha256(bin_path),
                              "tokenizer": str(Path(tokenizer_path).resolve())}}
     return save_model_dir(out, header.to_config(), llama2c_to_hf(header, arrays), tokenizer, provenance=provenance)
 
@@ -276,7 +273,7 @@ def export_llama2c(model_dir: str | Path, out_path: str | Path) -> Path:
             assert tuple(arrays[name].shape) == shape, (name, arrays[name].shape, shape)
             f.write(arrays[name].contiguous().numpy().astype("<f4", copy=False).tobytes())
 
-    return _atomic_write(Path(out_path), write)
+    return atomic_write(Path(out_path), write)
 
 
 def _check_exportable(config: ModelConfig, model_dir: Path) -> None:
@@ -303,6 +300,8 @@ def tokenizer_from_sentencepiece(model_path: str | Path) -> Tokenizer:
 
     Built directly from the .model protobuf so that the normalizer reproduces this model's own settings
     (add_dummy_prefix, remove_extra_whitespaces, precompiled charsmap) instead of Llama 2's fixed ones.
+    Known differences from sentencepiece, shared with every HF Llama tokenizer: special tokens written as
+    text ("<s>") become special ids, and for Unigram models the text "<0x41>" can match the byte piece.
     """
     model_path = Path(model_path)
     proto = _read_sentencepiece(model_path)
@@ -423,31 +422,9 @@ def export_llama2c_tokenizer(model_dir: str | Path, out_path: str | Path) -> Pat
             f.write(struct.pack("<fI", s, len(b)))
             f.write(b)
 
-    return _atomic_write(Path(out_path), write)
+    return atomic_write(Path(out_path), write)
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, write) -> Path:
-    """Write to a temporary file beside `path`, fsync, rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
