@@ -1,0 +1,107 @@
+"""The command line: real runs end to end, and bad input as one clear line with a non-zero exit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file, save_file
+
+from helpers import tiny_model_dir
+
+
+def pocketlm(*args, env=None, stdin=None):
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "pocketlm", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, input=stdin, timeout=600)
+
+
+def assert_clean_error(result, *fragments):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:")
+    text = " ".join(lines[0].split())
+    for fragment in fragments:
+        assert fragment in text, text
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    return tiny_model_dir(tmp_path / "m")
+
+
+def test_truncated_safetensors(model_dir):
+    path = model_dir / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-4096])
+    assert_clean_error(pocketlm("generate", model_dir, "hi"), "model.safetensors", "truncated")
+
+
+def test_directory_missing_a_tensor(model_dir):
+    tensors = load_file(model_dir / "model.safetensors")
+    del tensors["model.layers.0.self_attn.k_proj.weight"]
+    save_file(tensors, model_dir / "model.safetensors")
+    assert_clean_error(pocketlm("generate", model_dir, "hi"), "missing tensor model.layers.0.self_attn.k_proj.weight")
+
+
+def test_text_file_given_as_checkpoint(tmp_path):
+    text = tmp_path / "notes.bin"
+    text.write_text("hello, I am a text file and not a checkpoint\n" * 20)
+    assert_clean_error(pocketlm("import", text, tmp_path / "out", "--tokenizer", text), "notes.bin")
+    other = tmp_path / "notes.txt"
+    other.write_text("hello")
+    assert_clean_error(pocketlm("import", other, tmp_path / "out"), "notes.txt", "not a model pocketlm can import")
+
+
+def test_gguf_of_another_architecture(tmp_path):
+    import gguf
+
+    path = tmp_path / "gpt2.gguf"
+    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert_clean_error(pocketlm("import", path, tmp_path / "out"), "gpt2", "llama")
+
+
+def test_unknown_model_name_for_pull():
+    assert_clean_error(pocketlm("pull", "no-such-model-7b"), "unknown model 'no-such-model-7b'", "smollm2-135m-instruct")
+
+
+def test_hf_pull_offline_is_one_line(tmp_path):
+    result = pocketlm("pull", "hf:SomeOrg/some-model", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+                                                           "POCKETLM_CACHE": str(tmp_path / "cache")})
+    assert_clean_error(result, "hf:SomeOrg/some-model", "HF_HUB_OFFLINE")
+
+
+def test_bad_sampling_value(model_dir):
+    assert_clean_error(pocketlm("generate", model_dir, "hi", "--temperature", "-1"), "temperature must be >= 0")
+
+
+def test_generate_and_chat_on_stories260k(shared_data, tmp_path):
+    llama2c = shared_data / "llama2c"
+    imported = pocketlm("import", llama2c / "stories260K.bin", tmp_path / "stories", "--tokenizer", llama2c / "tok512.model")
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.strip() == str(tmp_path / "stories")
+    result = pocketlm("generate", tmp_path / "stories", "Once upon a time", "--max-tokens", "30")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Once upon a time, there was a little girl named Lily. She loved to play outside in the park.")
+    assert "tokens/s" in result.stderr
+    # a model without a chat template: chat refuses in one line
+    assert_clean_error(pocketlm("chat", tmp_path / "stories", stdin="hi\n"), "no chat template")
+
+
+def test_export_round_trip_via_cli(shared_data, tmp_path):
+    llama2c = shared_data / "llama2c"
+    pocketlm("import", llama2c / "stories260K.bin", tmp_path / "stories", "--tokenizer", llama2c / "tok512.model")
+    result = pocketlm("export", tmp_path / "stories", tmp_path / "s.bin", "--format", "llama2c")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "s.bin").read_bytes() == (llama2c / "stories260K.bin").read_bytes()
+    assert_clean_error(pocketlm("export", tmp_path / "stories", tmp_path / "x", "--format", "onnx"), "unknown export format 'onnx'")
