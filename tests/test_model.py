@@ -75,3 +75,18 @@ def test_smollm2_logits_match_transformers(smollm2_dir):
     with torch.no_grad():
         diff = (ours(ids) - theirs(ids).logits).abs().max().item()
     assert diff <= 1e-4
+
+
+def test_init_weights_is_seeded(tmp_path):
+    from pocketlm.config import ModelConfig
+    from pocketlm.model import LlamaForCausalLM
+
+    from helpers import tiny_config
+
+    config = ModelConfig.from_dict(tiny_config())
+    a = LlamaForCausalLM(config).init_weights(seed=3)
+    b = LlamaForCausalLM(config).init_weights(seed=3)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+    assert torch.equal(a.model.norm.weight, torch.ones(64))
+    assert abs(a.model.layers[0].mlp.up_proj.weight.std().item() - 0.02) < 0.002
