@@ -39,3 +39,59 @@ def smollm2_dir(smollm2_gguf) -> Path:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+GGUF_VOCABS = ("ggml-vocab-gpt-2.gguf", "ggml-vocab-llama-spm.gguf")
+LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
+
+
+def _parses_as_gguf(path: Path) -> bool:
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(path)
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def gguf_vocab_dir(shared_data) -> Path:
+    """llama.cpp's vocab-only GGUF files beside their test cases (.inp texts, .out expected ids).
+
+    The cases come from ../shared/data/gguf_vocab. Its .gguf copies were damaged on the way there
+    (non-UTF-8 bytes replaced by U+FFFD, so no GGUF reader can parse them); where a copy doesn't parse,
+    the intact file is taken from llama-cpp-python's source package on PyPI, which vendors llama.cpp's
+    models/ folder, and cached.
+    """
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
+
+    from pocketlm.hub import cache_dir
+
+    shared = shared_data / "gguf_vocab"
+    target = cache_dir() / "test-data" / "gguf_vocab"
+    target.mkdir(parents=True, exist_ok=True)
+    for name in GGUF_VOCABS:
+        for suffix in (".inp", ".out"):
+            shutil.copyfile(shared / (name + suffix), target / (name + suffix))
+        if _parses_as_gguf(shared / name):
+            shutil.copyfile(shared / name, target / name)
+    missing = [n for n in GGUF_VOCABS if not _parses_as_gguf(target / n)]
+    if missing:
+        sdist_dir = cache_dir() / "downloads"
+        sdists = list(sdist_dir.glob("llama_cpp_python-0.3.36.tar.gz"))
+        if not sdists:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                            "--disable-pip-version-check", "-q", "-d", str(sdist_dir), LLAMA_CPP_SDIST], check=True)
+            sdists = list(sdist_dir.glob("llama_cpp_python-0.3.36.tar.gz"))
+        with tarfile.open(sdists[0]) as tar:
+            for member in tar.getmembers():
+                if Path(member.name).name in missing and "/vendor/llama.cpp/models/" in member.name:
+                    with tar.extractfile(member) as src, open(target / Path(member.name).name, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+    for name in GGUF_VOCABS:
+        assert _parses_as_gguf(target / name), f"no intact copy of {name}"
+    return target

@@ -63,20 +63,6 @@ def test_transformers_seed_snippet_runs_unchanged(tmp_path):
         == "<s>user\nhi</s>\n<s>assistant\n"
 
 
-@pytest.mark.slow
-def test_smollm2_logits_match_transformers(smollm2_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    ours, tokenizer = load_model(smollm2_dir)
-    theirs = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
-    ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
-    assert ids[0].tolist() == AutoTokenizer.from_pretrained(smollm2_dir)(text, add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        diff = (ours(ids) - theirs(ids).logits).abs().max().item()
-    assert diff <= 1e-4
-
-
 def test_init_weights_is_seeded(tmp_path):
     from pocketlm.config import ModelConfig
     from pocketlm.model import LlamaForCausalLM
