@@ -32,7 +32,9 @@ def machine() -> str:
     import torch
 
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, torch {torch.__version__}, Python {platform.python_version()}"
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    isa = [f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f" {f}" in flags]
+    return f"{cpu} ({' '.join(isa) or 'no AVX-512'}), {os.cpu_count()} cores, {mem:.0f} GiB, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 # ---- workers: each prints one JSON line ------------------------------------------------------
@@ -136,8 +138,8 @@ def main() -> None:
         for peer in ("transformers", "llama.cpp"):
             if peer in results:
                 speed = ours["median_tokens_per_s"] / results[peer]["median_tokens_per_s"]
-                load = results[peer]["load_s"] / ours["load_s"]
-                print(f"pocketlm vs {peer}: decode {speed:.2f}x, load {load:.2f}x faster")
+                load = ours["load_s"] / results[peer]["load_s"]
+                print(f"pocketlm / {peer}: decode speed {speed:.2f}x, load time {load:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(), "tokens": args.tokens, "results": results}, f, indent=2)
