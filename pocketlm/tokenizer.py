@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 import jinja2
 import jinja2.sandbox
@@ -128,3 +128,70 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------
+EOS_TOKEN = "<|endoftext|>"
+
+
+def train_bpe(
+    texts: Iterable[str],
+    vocab_size: int,
+    special_tokens: Sequence[str] = (EOS_TOKEN,),
+    chat_template: str | None = None,
+    min_frequency: int = 2,
+) -> Tokenizer:
+    """Train a byte-level BPE tokenizer (GPT-2 style) on `texts`.
+
+    No normalizer and no post-processor: `encode(text)` adds nothing and `decode(encode(t)) == t` for
+    any text. The first special token is both bos and eos (as in GPT-2).
+    """
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    special_tokens = list(special_tokens)
+    if not special_tokens:
+        raise ConfigError("train_bpe: special_tokens is empty; give at least an end-of-text token")
+    minimum = 256 + len(special_tokens)
+    if vocab_size < minimum:
+        raise ConfigError(
+            f"vocab_size={vocab_size} is too small for byte-level BPE: it needs 256 byte tokens plus "
+            f"{len(special_tokens)} special token(s); use vocab_size >= {minimum}"
+        )
+    backend = BackendTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=special_tokens,
+        # every byte is in the vocabulary, so no text is ever unknown
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    first = special_tokens[0]
+    return Tokenizer(backend=backend, bos_token=first, eos_token=first, chat_template=chat_template)
+
+
+def train_char(texts: Iterable[str], eos_token: str = EOS_TOKEN) -> Tokenizer:
+    """A character-level tokenizer: one id per distinct character, sorted, then `eos_token`.
+
+    The ids are nanoGPT's shakespeare_char ones (`sorted(set(text))` -> 0..n-1); the end-of-text
+    token gets id n. A character not seen in training cannot be encoded (there is no unknown token).
+    """
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+
+    chars: set[str] = set()
+    for text in texts:
+        chars.update(text)
+    if not chars:
+        raise ConfigError("train_char: no text to train on")
+    vocab = {ch: i for i, ch in enumerate(sorted(chars))}
+    backend = BackendTokenizer(models.WordLevel(vocab=vocab, unk_token=None))
+    # each character (newlines included) is its own pre-token, so WordLevel maps it to its id
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()  # join characters back without spaces
+    backend.add_special_tokens([eos_token])
+    return Tokenizer(backend=backend, bos_token=eos_token, eos_token=eos_token)

@@ -1,0 +1,219 @@
+"""Recipes: typed YAML configs for `pocketlm train`, validated before any work starts.
+
+    pocketlm train recipes/shakespeare-char.yaml train.max_steps=500 optim.lr=3e-4
+
+A wrong key, a value of the wrong type or a missing data path is one error line naming the key,
+the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelShape(Section):
+    """A new model's shape (Hugging Face LlamaConfig names); vocab_size defaults to the tokenizer's."""
+
+    hidden_size: int = Field(gt=0)
+    num_hidden_layers: int = Field(gt=0)
+    num_attention_heads: int = Field(gt=0)
+    num_key_value_heads: int | None = Field(default=None, gt=0)
+    intermediate_size: int | None = Field(default=None, gt=0)
+    max_position_embeddings: int | None = Field(default=None, gt=0)
+    vocab_size: int | None = Field(default=None, gt=0)
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    init_std: float = 0.02
+
+
+class DataSpec(Section):
+    source: list[str] | str | None = None  # text/jsonl/parquet files, folders or globs, prepared on first use
+    prepared: str | None = None  # a directory written by `pocketlm prepare`
+    tokenizer: str = "bpe"  # bpe, char, or a model directory whose tokenizer is reused
+    vocab_size: int = Field(default=8192, gt=0)
+    field: str = "text"
+    doc_separator: str | None = None
+    val_fraction: float = Field(default=0.1, gt=0, lt=1)
+    dedupe: bool = True
+    scrub_pii: bool = True
+    min_chars: int = Field(default=1, ge=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSpec":
+        if (self.source is None) == (self.prepared is None):
+            raise ValueError("give exactly one of data.source (raw files) or data.prepared (a prepared directory)")
+        return self
+
+    def sources(self) -> list[str]:
+        return [self.source] if isinstance(self.source, str) else list(self.source or [])
+
+
+class TrainSpec(Section):
+    objective: Literal["pretrain"] = "pretrain"
+    max_steps: int = Field(gt=0)
+    batch_size: int = Field(gt=0)  # sequences per optimizer step, across all processes and accumulation steps
+    block_size: int = Field(gt=1)
+    grad_accum: int = Field(default=1, gt=0)
+    grad_clip: float = Field(default=1.0, ge=0)  # 0 turns clipping off
+    dtype: Literal["auto", "float32", "bfloat16"] = "float32"  # bfloat16 = autocast
+    compile: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(default=None, gt=0)
+
+
+class OptimSpec(Section):
+    lr: float = Field(gt=0)
+    min_lr: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    decay_steps: int | None = Field(default=None, gt=0)  # cosine decay length; defaults to train.max_steps
+    weight_decay: float = Field(default=0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(default=1e-8, gt=0)
+    fused: bool = True
+
+
+class EvalSpec(Section):
+    interval: int = Field(default=250, gt=0)
+    iters: int = Field(default=20, gt=0)
+    sample_prompt: str | None = None  # a greedy sample written at each evaluation
+    sample_tokens: int = Field(default=64, gt=0)
+
+
+class CheckpointSpec(Section):
+    interval: int = Field(default=250, gt=0)
+    keep_last: int = Field(default=2, gt=0)
+    keep_best: bool = True
+
+
+class LogSpec(Section):
+    interval: int = Field(default=10, gt=0)
+    tensorboard: bool = True  # used when the tensorboard package is installed
+    progress: bool = True
+
+
+class Recipe(Section):
+    name: str
+    out_dir: str
+    seed: int = 1337
+    resume: bool = False
+    init_from: str | None = None  # a model directory to start from instead of random weights
+    model: ModelShape | None = None
+    data: DataSpec
+    train: TrainSpec
+    optim: OptimSpec
+    eval: EvalSpec = EvalSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    log: LogSpec = LogSpec()
+
+    @model_validator(mode="after")
+    def _model_source(self) -> "Recipe":
+        if (self.model is None) == (self.init_from is None):
+            raise ValueError("give exactly one of `model` (a new model's shape) or `init_from` (a model directory)")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, for example train.max_steps=100")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_override(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[path[-1]] = value
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such recipe file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe is a YAML mapping of sections (name, out_dir, data, train, optim, ...)")
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    recipe = validate_recipe(data, source=str(path))
+    if check_paths:
+        check_recipe_paths(recipe, source=str(path))
+    return recipe
+
+
+def validate_recipe(data: dict, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc.errors()[0], data)}") from None
+
+
+def _describe(error: dict, data: dict) -> str:
+    loc = [str(p) for p in error["loc"]]
+    key = ".".join(loc) or "(recipe)"
+    if error["type"] == "extra_forbidden":
+        model = _section_model(loc[:-1])
+        allowed = sorted(model.model_fields) if model else []
+        close = difflib.get_close_matches(loc[-1], allowed, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"{key}: unknown key{hint} (expected one of: {', '.join(allowed)})"
+    if error["type"] == "missing":
+        return f"{key}: missing (required)"
+    value = error.get("input")
+    return f"{key}: {error['msg']} (got {value!r})"
+
+
+def _section_model(loc: list[str]):
+    model = Recipe
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = getattr(annotation, "__args__", (annotation,))
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return None
+    return model
+
+
+def check_recipe_paths(recipe: Recipe, source: str = "recipe") -> None:
+    """Fail before any work when a data path or model directory does not exist."""
+    import glob
+
+    for item in recipe.data.sources():
+        if not (Path(item).exists() or glob.glob(item) or item.startswith("hf:")):
+            raise ConfigError(f"{source}: data.source: {item}: no such file, folder or glob match (relative paths are "
+                              f"taken from {Path.cwd()})")
+    if recipe.data.prepared and not (Path(recipe.data.prepared) / "manifest.json").is_file():
+        raise ConfigError(f"{source}: data.prepared: {recipe.data.prepared}: not a prepared data directory "
+                          "(no manifest.json); run `pocketlm prepare` first or use data.source")
+    if recipe.data.tokenizer not in ("bpe", "char") and not (Path(recipe.data.tokenizer) / "tokenizer.json").is_file():
+        raise ConfigError(f"{source}: data.tokenizer: {recipe.data.tokenizer!r}: expected 'bpe', 'char' or a model "
+                          "directory with tokenizer.json")
+    if recipe.init_from and not (Path(recipe.init_from) / "config.json").is_file():
+        raise ConfigError(f"{source}: init_from: {recipe.init_from}: not a model directory (no config.json)")
