@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -156,6 +157,48 @@ def chat_cmd(
             pass  # stop this answer, keep what was said
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+@app.command("prepare")
+def prepare_cmd(
+    inputs: list[str] = typer.Argument(..., help="text/jsonl/json/parquet files, folders, globs, or hf:NAME[@split]"),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="directory to write (train.bin, val.bin, tokenizer/, manifest.json)"),
+    tokenizer: str = typer.Option("bpe", help="bpe, char, or a model directory whose tokenizer is reused"),
+    vocab_size: int = typer.Option(8192, help="vocabulary size for a new BPE tokenizer"),
+    field: str = typer.Option("text", help="the text field of jsonl/json/parquet records"),
+    doc_separator: Optional[str] = typer.Option(None, help="split text files into documents: 'blank-line' or a literal string"),
+    normalization: str = typer.Option("NFC", help="NFC, NFKC or none"),
+    dedupe: bool = typer.Option(True, help="remove exact and near-duplicate documents"),
+    near_dup_threshold: float = typer.Option(0.8, help="Jaccard similarity above which documents are near duplicates"),
+    min_chars: int = typer.Option(1), max_chars: Optional[int] = typer.Option(None),
+    scrub_pii: bool = typer.Option(True, help="replace e-mails, phone numbers, IPs and card numbers with placeholders"),
+    val_fraction: float = typer.Option(0.1, help="the last fraction of the token stream kept for validation"),
+    strict: bool = typer.Option(False, help="stop at the first file that is not UTF-8 text instead of skipping it"),
+):
+    """Clean, deduplicate, scrub and tokenize text into memory-mapped training shards."""
+    from .data import prepare
+
+    report = prepare(inputs, out_dir, tokenizer=tokenizer, vocab_size=vocab_size, field=field,
+                     doc_separator=doc_separator, normalization=normalization, dedupe=dedupe,
+                     near_dup_threshold=near_dup_threshold, min_chars=min_chars, max_chars=max_chars,
+                     scrub_pii=scrub_pii, val_fraction=val_fraction, strict=strict, progress=True)
+    for line in report.summary_lines():
+        err.print(line, highlight=False)
+    out.print(str(out_dir), highlight=False)
+
+
+@app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train_cmd(
+    ctx: typer.Context,
+    recipe: Path = typer.Argument(..., help="a YAML recipe (see recipes/)"),
+):
+    """Train from a recipe; key=value arguments override recipe fields (e.g. train.max_steps=100 resume=true)."""
+    from .train import load_recipe, train
+
+    loaded = load_recipe(recipe, overrides=list(ctx.args))
+    final = train(loaded)
+    if int(os.environ.get("RANK", "0")) == 0:
+        out.print(str(final), highlight=False)
 
 
 @app.command("info")

@@ -178,7 +178,8 @@ def _describe(error: dict, data: dict) -> str:
     if error["type"] == "extra_forbidden":
         model = _section_model(loc[:-1])
         allowed = sorted(model.model_fields) if model else []
-        close = difflib.get_close_matches(loc[-1], allowed, n=1)
+        typo = loc[-1]
+        close = [k for k in allowed if typo.startswith(k) or k.startswith(typo)] or difflib.get_close_matches(typo, allowed, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         return f"{key}: unknown key{hint} (expected one of: {', '.join(allowed)})"
     if error["type"] == "missing":

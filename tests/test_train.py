@@ -1,0 +1,208 @@
+"""The training loop: recipes validated up front, exact resume after SIGKILL, atomic checkpoints, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pocketlm.errors import ConfigError
+from pocketlm.train import load_recipe, train
+from pocketlm.train.loop import lr_at
+from pocketlm.train.state import latest_checkpoint
+
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def prepared(shared_data, tmp_path_factory):
+    from pocketlm.data import prepare
+
+    out = tmp_path_factory.mktemp("data") / "shakespeare"
+    prepare([shared_data / "tinyshakespeare" / "input.txt"], out, tokenizer="char", dedupe=False, scrub_pii=False,
+            progress=False)
+    return out
+
+
+def tiny_recipe(tmp_path: Path, prepared: Path, **changes) -> Path:
+    recipe = {
+        "name": "tiny", "out_dir": str(tmp_path / "run"), "seed": 7,
+        "model": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+        "data": {"prepared": str(prepared)},
+        "train": {"max_steps": STEPS, "batch_size": 8, "block_size": 32, "dtype": "float32", "threads": 1},
+        "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 5},
+        "eval": {"interval": 10, "iters": 2},
+        "checkpoint": {"interval": 5, "keep_last": 2},
+        "log": {"interval": 1, "progress": False, "tensorboard": False},
+    }
+    for key, value in changes.items():
+        node = recipe
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(l) for l in (run_dir / "log.jsonl").read_text().splitlines() if l.strip()]
+    return {r["step"]: r["loss"] for r in records}
+
+
+def run_cli(*args, env=None, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "pocketlm", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, **kwargs)
+
+
+# ---- recipes -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("change, message", [
+    ({"optim.lr_rate": 1e-3}, "optim.lr_rate: unknown key; did you mean 'lr'?"),
+    ({"train.max_steps": "many"}, "train.max_steps: Input should be a valid integer"),
+    ({"train.dtype": "fp8"}, "train.dtype: Input should be 'auto', 'float32' or 'bfloat16'"),
+    ({"data.prepared": "/nonexistent/data"}, "data.prepared: /nonexistent/data: not a prepared data directory"),
+])
+def test_bad_recipe_is_one_line_before_any_work(tmp_path, prepared, change, message):
+    path = tiny_recipe(tmp_path, prepared, **change)
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path)
+    assert message in str(info.value)
+    assert str(path) in str(info.value)
+    proc = run_cli("train", path)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in err
+    assert [l for l in err.splitlines() if l.strip()] == [f"error: {info.value}"] or message in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_data_source_and_bad_override(tmp_path, prepared):
+    path = tiny_recipe(tmp_path, prepared)
+    with pytest.raises(ConfigError, match="data.source: no/such/file.txt: no such file"):
+        load_recipe(path, overrides=["data.prepared=null", "data.source=no/such/file.txt"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_recipe(path, overrides=["train.max_steps"])
+
+
+def test_learning_rate_schedule(tmp_path, prepared):
+    recipe = load_recipe(tiny_recipe(tmp_path, prepared, **{"train.max_steps": 100, "optim.warmup_steps": 10}))
+    assert lr_at(0, recipe) == pytest.approx(3e-3 / 11)
+    assert lr_at(9, recipe) == pytest.approx(3e-3 * 10 / 11)
+    assert lr_at(10, recipe) == pytest.approx(3e-3)
+    assert lr_at(55, recipe) == pytest.approx(3e-4 + 0.5 * (3e-3 - 3e-4))
+    assert lr_at(100, recipe) == pytest.approx(3e-4)
+
+
+# ---- a whole run -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference_run(prepared, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reference")
+    final = train(load_recipe(tiny_recipe(tmp, prepared)))
+    return tmp / "run", final
+
+
+def test_run_writes_model_logs_and_plot(reference_run):
+    from pocketlm.checkpoint import load_model, read_provenance
+    from pocketlm.engine import SamplingParams, generate
+
+    run_dir, final = reference_run
+    steps = losses(run_dir)
+    assert sorted(steps) == list(range(1, STEPS + 1))
+    assert steps[STEPS] < steps[1] - 0.5  # it learns
+    assert (run_dir / "loss.png").stat().st_size > 5000
+    record = read_provenance(final)
+    assert record["recipe"]["name"] == "tiny" and record["metrics"]["steps"] == STEPS
+    model, tokenizer = load_model(final)
+    assert len(generate(model, tokenizer, "ROMEO:", SamplingParams(max_new_tokens=10)).token_ids) == 10
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
+    assert ckpts[-2:] == ["step-0000025", "step-0000030"] and len(ckpts) <= 3  # last 2, plus the best
+
+
+def test_existing_run_needs_resume(reference_run):
+    run_dir, _ = reference_run
+    with pytest.raises(ConfigError, match="resume=true"):
+        train(load_recipe(run_dir.parent / "recipe.yaml"))
+
+
+def test_sigkill_and_resume_reproduce_losses_exactly(reference_run, prepared, tmp_path):
+    expected = losses(reference_run[0])
+    path = tiny_recipe(tmp_path, prepared)
+    kill_at = random.Random().randint(6, STEPS - 3)
+    # the same run, slowed to ~50 ms a step so that the kill lands mid-run, at a random step
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent(f"""
+        import time
+        import pocketlm.train.loop as loop
+        real = loop.batch_starts
+        loop.batch_starts = lambda *a: (time.sleep(0.05), real(*a))[1]
+        from pocketlm.train import load_recipe, train
+        train(load_recipe({str(path)!r}))
+    """))
+    proc = subprocess.Popen([sys.executable, str(driver)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "run" / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= kill_at:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    checkpoint = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert checkpoint is not None and checkpoint.name < f"step-{STEPS:07d}", f"killed at step {kill_at}"
+    train(load_recipe(path, overrides=["resume=true"]))
+    assert losses(tmp_path / "run") == expected, f"killed at step {kill_at}"
+
+
+def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(reference_run, prepared, tmp_path):
+    """The process dies half-way through writing its second checkpoint (step 10)."""
+    path = tiny_recipe(tmp_path, prepared)
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent(f"""
+        import os, signal
+        import pocketlm.train.state as state
+        real = state.save_file
+        def dying_save(tensors, filename, *a, **k):
+            real(tensors, filename, *a, **k)
+            if state.save_file.calls == 3:  # model + optimizer of step 5, then model of step 10
+                with open(filename, "r+b") as f:
+                    f.truncate(100)
+                os.kill(os.getpid(), signal.SIGKILL)
+            state.save_file.calls += 1
+        dying_save.calls = 1
+        state.save_file = dying_save
+        from pocketlm.train import load_recipe, train
+        train(load_recipe({str(path)!r}))
+    """))
+    proc = subprocess.run([sys.executable, str(driver)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    root = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in root.iterdir() if p.name.startswith(".tmp-")]  # the half-written one
+    assert latest_checkpoint(root).name == "step-0000005"
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".tmp-")]  # cleaned up on resume
+    train(load_recipe(path, overrides=["resume=true"]))
+    assert losses(tmp_path / "run") == losses(reference_run[0])
+
+
+# ---- distributed -------------------------------------------------------------------------------
+def test_ddp_two_processes_match_one(prepared, tmp_path):
+    single = tiny_recipe(tmp_path / "one", prepared, **{"train.max_steps": 20, "checkpoint.interval": 20})
+    double = tiny_recipe(tmp_path / "two", prepared, **{"train.max_steps": 20, "checkpoint.interval": 20})
+    train(load_recipe(single))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "pocketlm", "train", str(double)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = losses(tmp_path / "one" / "run"), losses(tmp_path / "two" / "run")
+    assert sorted(one) == sorted(two) == list(range(1, 21))
+    assert max(abs(one[s] - two[s]) for s in one) <= 1e-5
