@@ -105,3 +105,19 @@ def test_export_round_trip_via_cli(shared_data, tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "s.bin").read_bytes() == (llama2c / "stories260K.bin").read_bytes()
     assert_clean_error(pocketlm("export", tmp_path / "stories", tmp_path / "x", "--format", "onnx"), "unknown export format 'onnx'")
+
+
+def test_prepare_reports_skipped_files_and_strict_stops(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("Write to jane.doe@example.com or call +1 415 555 0100.\n\nAnother paragraph here.")
+    (corpus / "b.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00binary")
+    (corpus / "c.txt").write_bytes("caf\xe9 latin-1 text".encode("latin-1"))
+    result = pocketlm("prepare", corpus, "--out", tmp_path / "shards", "--tokenizer", "char", "--val-fraction", "0.2")
+    assert result.returncode == 0, result.stderr
+    report = " ".join(result.stderr.split())
+    assert "b.txt" in report and "c.txt" in report
+    assert (tmp_path / "shards" / "manifest.json").is_file()
+    strict = pocketlm("prepare", corpus, "--out", tmp_path / "strict", "--tokenizer", "char", "--strict")
+    assert_clean_error(strict, "b.txt")
+    assert not (tmp_path / "strict").exists()
