@@ -206,3 +206,10 @@ def test_ddp_two_processes_match_one(prepared, tmp_path):
     one, two = losses(tmp_path / "one" / "run"), losses(tmp_path / "two" / "run")
     assert sorted(one) == sorted(two) == list(range(1, 21))
     assert max(abs(one[s] - two[s]) for s in one) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["shakespeare-char", "tinystories"])
+def test_shipped_recipes_are_valid(shared_data, name):
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / f"{name}.yaml", check_paths=False)
+    for source in recipe.data.sources():
+        assert (shared_data / Path(source).relative_to("../shared/data")).is_file()

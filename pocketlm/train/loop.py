@@ -402,7 +402,7 @@ class _Progress:
 
     def note(self, text: str) -> None:
         if self.enabled:
-            self.progress.console.print(text)
+            self.progress.console.print(text, soft_wrap=True, highlight=False)
 
     def close(self) -> None:
         if self.enabled:
