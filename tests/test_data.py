@@ -177,15 +177,24 @@ def test_json_list_and_glob(tmp_path):
     assert texts == ["alpha doc", "beta doc", "gamma doc"]
 
 
-def test_missing_input_and_parquet_without_pyarrow(tmp_path):
+def test_missing_input(tmp_path):
     with pytest.raises(PocketLMError, match="no such file"):
         _prepare(tmp_path, [tmp_path / "nope.txt"])
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
-        (tmp_path / "d.parquet").write_bytes(b"PAR1")
-        with pytest.raises(PocketLMError, match="pip install pyarrow"):
-            list(read_documents([tmp_path / "d.parquet"]))
+
+
+def test_parquet_and_hf_datasets_from_local_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = {"text": ["first story about a cat", "second story about a dog"], "id": [1, 2]}
+    pq.write_table(pa.table(rows), tmp_path / "d.parquet")
+    assert [d.text for d in read_documents([tmp_path / "d.parquet"])] == rows["text"]
+    with pytest.raises(PocketLMError, match="cannot read column 'body'"):
+        list(read_documents([tmp_path / "d.parquet"], field="body"))
+    # the same rows through Hugging Face datasets (a local file: no hub access)
+    assert [d.text for d in read_documents([f"hf:{tmp_path / 'd.parquet'}"])] == rows["text"]
+    with pytest.raises(PocketLMError, match="no 'body' column"):
+        list(read_documents([f"hf:{tmp_path / 'd.parquet'}"], field="body"))
 
 
 # ---- tokenizers ----------------------------------------------------------------------------------
@@ -297,11 +306,3 @@ def test_nothing_left_is_an_error(tmp_path):
         _prepare(tmp_path, [tmp_path / "a.txt"], min_chars=100)
 
 
-def test_hf_dataset_needs_datasets():
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        with pytest.raises(PocketLMError, match="pip install datasets"):
-            list(read_documents(["hf:roneneldan/TinyStories"]))
-    else:
-        pytest.skip("datasets is installed; the hub is not reachable from tests")
