@@ -4,7 +4,9 @@ nanoGPT's CPU configuration (4 layers, 4 heads, 128 dims, block 64, batch 12, 20
 cosine to 1e-4 with 100 warmup steps, AdamW betas (0.9, 0.99), weight decay 0.1, clip 1.0, no dropout,
 fp32, no compile). nanoGPT itself is not installable from a package registry, so the peer run here is
 Hugging Face transformers' GPT2LMHeadModel in exactly that shape and that loop, fed the same batches;
-nanoGPT's own figure on this machine class (shared/MEASUREMENTS.md) is printed beside it.
+nanoGPT's own figure on this machine class (shared/MEASUREMENTS.md) is printed beside it. The machine
+is shared and its speed drifts over minutes, so the two runs are interleaved step by step: after each
+pocketlm step the peer takes one step, and each is timed on its own.
 
     python benchmarks/train_throughput.py [--steps 2000] [--json out.json]
 """
@@ -31,63 +33,76 @@ RECIPE = REPO / "recipes" / "shakespeare-char.yaml"
 NANOGPT_MS, NANOGPT_VAL = 45.7, 1.8857  # shared/MEASUREMENTS.md
 
 
-def run_pocketlm(steps: int, workdir: Path) -> dict:
+class NanoGPTShapedPeer:
+    """GPT-2 (transformers) in nanoGPT's shape and training loop, fed the batches pocketlm sees."""
+
+    def __init__(self, recipe, shards):
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(1337)
+        self.recipe, self.shards = recipe, shards
+        self.vocab = int(shards.manifest["vocab_size"])
+        config = GPT2Config(vocab_size=self.vocab, n_positions=64, n_embd=128, n_layer=4, n_head=4, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+        self.model = GPT2LMHeadModel(config).train()
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.99))
+        self.step_count, self.ms = 0, []
+
+    def step(self) -> None:
+        from pocketlm.train.loop import batch_starts, lr_at, windows
+
+        started = time.perf_counter()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step_count, self.recipe)
+        starts = batch_starts(self.recipe.seed, self.step_count, 12, len(self.shards.train), 64)
+        x, y = windows(self.shards.train, starts, 64, torch.device("cpu"))
+        loss = F.cross_entropy(self.model(x).logits.reshape(-1, self.vocab), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        self.ms.append((time.perf_counter() - started) * 1000)
+
+    @torch.no_grad()
+    def val_loss(self) -> float:
+        from pocketlm.train.loop import batch_starts, windows
+
+        self.model.eval()
+        losses = []
+        for i in range(self.recipe.eval.iters):
+            starts = batch_starts(self.recipe.seed + 1, i, 12, len(self.shards.val), 64)
+            x, y = windows(self.shards.val, starts, 64, torch.device("cpu"))
+            losses.append(float(F.cross_entropy(self.model(x).logits.reshape(-1, self.vocab), y.reshape(-1))))
+        return float(np.mean(losses))
+
+
+def run_interleaved(steps: int, workdir: Path) -> dict:
+    """pocketlm's loop with one peer step after each of its own steps: both see the same machine load."""
     from pocketlm.train import load_recipe, train
+    from pocketlm.train.data_source import load_training_data
 
     recipe = load_recipe(RECIPE, overrides=[f"out_dir={workdir / 'pocketlm'}", f"train.max_steps={steps}",
                                             "log.interval=1", "log.progress=false", "eval.sample_prompt=null"])
+    peer = NanoGPTShapedPeer(recipe, load_training_data(recipe, is_main=True))
     started = time.perf_counter()
-    final = train(recipe)
+    train(recipe, on_step=lambda record: peer.step())
     wall = time.perf_counter() - started
     records = [json.loads(l) for l in (workdir / "pocketlm" / "log.jsonl").read_text().splitlines()]
-    ms = [r["ms"] for r in records[10:] if "val_loss" not in r]  # skip compile warm-up and eval steps
-    val = [r["val_loss"] for r in records if "val_loss" in r][-1]
-    return {"ms_per_iter": statistics.median(ms), "val_loss": val, "wall_s": wall, "final": str(final),
-            "setup": f"Llama (RoPE, SwiGLU, RMSNorm), {recipe.train.dtype} autocast, compile={recipe.train.compile}"}
-
-
-def run_peer(steps: int, workdir: Path) -> dict:
-    """GPT-2 (transformers) in nanoGPT's shape and loop, on the batches pocketlm sees."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from pocketlm.data import load_shards
-    from pocketlm.train import load_recipe
-    from pocketlm.train.loop import batch_starts, lr_at, windows
-
-    recipe = load_recipe(RECIPE, overrides=[f"out_dir={workdir / 'pocketlm'}", f"train.max_steps={steps}"])
-    shards = load_shards(workdir / "pocketlm" / "data")  # prepared by the pocketlm run: nanoGPT's char ids
-    torch.manual_seed(1337)
-    vocab = int(shards.manifest["vocab_size"])
-    config = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=128, n_layer=4, n_head=4, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    model = GPT2LMHeadModel(config).train()
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=1e-3, betas=(0.9, 0.99))
-    times = []
-    started = time.perf_counter()
-    for step in range(steps):
-        t0 = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, recipe)
-        x, y = windows(shards.train, batch_starts(recipe.seed, step, 12, len(shards.train), 64), 64, torch.device("cpu"))
-        logits = model(x).logits
-        loss = F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append((time.perf_counter() - t0) * 1000)
-    wall = time.perf_counter() - started
-    model.eval()
-    losses = []
-    with torch.no_grad():
-        for i in range(recipe.eval.iters):
-            x, y = windows(shards.val, batch_starts(recipe.seed + 1, i, 12, len(shards.val), 64), 64, torch.device("cpu"))
-            losses.append(float(F.cross_entropy(model(x).logits.reshape(-1, vocab), y.reshape(-1))))
-    return {"ms_per_iter": statistics.median(times[10:]), "val_loss": float(np.mean(losses)), "wall_s": wall,
-            "setup": "GPT-2 (transformers) in nanoGPT's shape, fp32 eager"}
+    ours_ms = [r["ms"] for r in records[10:] if "val_loss" not in r]  # skip compile warm-up and eval steps
+    eval_steps = {r["step"] for r in records if "val_loss" in r}
+    peer_ms = [ms for i, ms in enumerate(peer.ms[10:], start=11) if i not in eval_steps]
+    return {
+        "pocketlm": {"ms_per_iter": statistics.median(ours_ms), "val_loss": [r["val_loss"] for r in records if "val_loss" in r][-1],
+                     "setup": f"Llama (RoPE, SwiGLU, RMSNorm), {recipe.train.dtype} autocast, compile={recipe.train.compile}",
+                     "val_curve": {r["step"]: r["val_loss"] for r in records if "val_loss" in r}},
+        "nanoGPT-shaped peer": {"ms_per_iter": statistics.median(peer_ms), "val_loss": peer.val_loss(),
+                                "setup": "GPT-2 (transformers) in nanoGPT's shape, fp32 eager"},
+        "wall_s": wall,
+    }
 
 
 def main() -> None:
@@ -97,18 +112,24 @@ def main() -> None:
     args = parser.parse_args()
     tokens_per_iter = 12 * 64
     with tempfile.TemporaryDirectory() as tmp:
-        results = {"pocketlm": run_pocketlm(args.steps, Path(tmp)), "nanoGPT-shaped peer": run_peer(args.steps, Path(tmp))}
-    print(f"machine: {machine()}")
-    print(f"shakespeare-char shape: 4 layers, 4 heads, 128 dims, block 64, batch 12, {args.steps} iterations")
-    print(f"{'':22}{'ms/iter':>9}{'tokens/s':>10}{'val loss':>10}{'wall s':>8}  setup")
-    for name, r in results.items():
-        print(f"{name:22}{r['ms_per_iter']:>9.1f}{tokens_per_iter / r['ms_per_iter'] * 1000:>10.0f}"
-              f"{r['val_loss']:>10.4f}{r['wall_s']:>8.0f}  {r['setup']}")
-    print(f"{'nanoGPT (measured once)':22}{NANOGPT_MS:>9.1f}{tokens_per_iter / NANOGPT_MS * 1000:>10.0f}{NANOGPT_VAL:>10.4f}"
-          f"{'':>8}  shared/MEASUREMENTS.md")
+        results = run_interleaved(args.steps, Path(tmp))
     ours, peer = results["pocketlm"], results["nanoGPT-shaped peer"]
+    print(f"machine: {machine()}")
+    print(f"shakespeare-char shape: 4 layers, 4 heads, 128 dims, block 64, batch 12, {args.steps} iterations, "
+          f"steps interleaved (one pocketlm step, one peer step), {results['wall_s']:.0f} s in all")
+    print(f"{'':24}{'ms/iter':>9}{'tokens/s':>10}{'val loss':>10}  setup")
+    for name in ("pocketlm", "nanoGPT-shaped peer"):
+        r = results[name]
+        print(f"{name:24}{r['ms_per_iter']:>9.1f}{tokens_per_iter / r['ms_per_iter'] * 1000:>10.0f}"
+              f"{r['val_loss']:>10.4f}  {r['setup']}")
+    print(f"{'nanoGPT (measured once)':24}{NANOGPT_MS:>9.1f}{tokens_per_iter / NANOGPT_MS * 1000:>10.0f}"
+          f"{NANOGPT_VAL:>10.4f}  shared/MEASUREMENTS.md")
     print(f"pocketlm speed-up: {peer['ms_per_iter'] / ours['ms_per_iter']:.2f}x the peer in this run, "
           f"{NANOGPT_MS / ours['ms_per_iter']:.2f}x nanoGPT's measured {NANOGPT_MS} ms/iter")
+    reached = [step for step, loss in sorted(ours["val_curve"].items()) if loss <= peer["val_loss"]]
+    if reached:
+        print(f"pocketlm reaches the peer's final validation loss ({peer['val_loss']:.4f}) by step {reached[0]} "
+              f"of {args.steps}")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
 

@@ -180,8 +180,11 @@ def _swiglu_hidden(hidden: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------
-def train(recipe: Recipe, progress: bool | None = None) -> Path:
-    """Run a recipe to the end (or resume it) and return the final model directory."""
+def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict], None] | None = None) -> Path:
+    """Run a recipe to the end (or resume it) and return the final model directory.
+
+    `on_step`, if given, is called in the main process with each step's record (step, loss, lr, ms, ...).
+    """
     from .data_source import load_training_data
 
     runtime = setup_runtime(recipe)
@@ -279,6 +282,8 @@ def train(recipe: Recipe, progress: bool | None = None) -> Path:
                          + (f", sample: {sample!r}" if sample else ""))
         if runtime.main and (state.step % recipe.log.interval == 0 or is_eval):
             logger.write(record)
+        if runtime.main and on_step is not None:
+            on_step(record)
         if state.step % recipe.checkpoint.interval == 0 or state.step == t.max_steps:
             if runtime.main:
                 save_checkpoint(ckpt_root, model, optimizer, state, recipe.checkpoint.keep_last,
