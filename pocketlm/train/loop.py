@@ -79,10 +79,12 @@ def autocast_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
 
 
 def cpu_has_bf16() -> bool:
+    """bf16 matmuls pay off only with native support (AVX512-BF16 or AMX); elsewhere they are emulated."""
     try:
-        return "avx512_bf16" in open("/proc/cpuinfo").read() or "amx_bf16" in open("/proc/cpuinfo").read()
+        flags = open("/proc/cpuinfo").read()
     except OSError:
         return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 # ---------------------------------------------------------------------------------------------
