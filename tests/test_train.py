@@ -213,3 +213,23 @@ def test_shipped_recipes_are_valid(shared_data, name):
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / f"{name}.yaml", check_paths=False)
     for source in recipe.data.sources():
         assert (shared_data / Path(source).relative_to("../shared/data")).is_file()
+
+
+def test_init_from_a_model_directory_continues_training(reference_run, shared_data, tmp_path):
+    """Fine-tuning path: start from a model directory, data tokenized with that model's tokenizer."""
+    from safetensors.torch import load_file
+
+    _, base = reference_run
+    path = tiny_recipe(tmp_path, base, **{"train.max_steps": 5, "checkpoint.interval": 5})
+    recipe = yaml.safe_load(path.read_text())
+    del recipe["model"]
+    recipe["init_from"] = str(base)
+    recipe["data"] = {"source": str(shared_data / "tinyshakespeare" / "input.txt"), "tokenizer": str(base),
+                      "dedupe": False, "scrub_pii": False}
+    path.write_text(yaml.safe_dump(recipe))
+    final = train(load_recipe(path))
+    before, after = load_file(base / "model.safetensors"), load_file(final / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    first_loss = losses(tmp_path / "run")[1]
+    assert first_loss < losses(reference_run[0])[1] - 0.5  # starts from the trained weights, not from scratch
