@@ -119,7 +119,8 @@ def chat_cmd(
     seed: Optional[int] = typer.Option(None, "--seed"),
 ):
     """Chat with a model in the terminal (streams; /reset clears the conversation, /exit or Ctrl-D quits)."""
-    from .engine import chat_prompt, stream
+    from .engine import fit_conversation, stream
+    from .errors import ContextLengthError
 
     params = _params(max_tokens, temperature, 0, top_p, 1.0, seed, None)
     with err.status(f"loading {model} ..."):
@@ -145,11 +146,16 @@ def chat_cmd(
             continue
         if not interactive:
             out.print(f"you> {line}", highlight=False)
-        messages.append({"role": "user", "content": line})
+        try:  # a long conversation forgets its oldest exchanges rather than failing
+            ids, messages = fit_conversation(tokenizer, messages + [{"role": "user", "content": line}],
+                                             lm.config.max_position_embeddings, max_tokens)
+        except ContextLengthError as exc:
+            err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+            continue
         sys.stdout.write("assistant> ")
         reply = []
         try:
-            for piece in stream(lm, tokenizer, chat_prompt(tokenizer, messages), params):
+            for piece in stream(lm, tokenizer, ids, params):
                 reply.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()

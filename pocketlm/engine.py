@@ -228,3 +228,22 @@ def chat_prompt(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[in
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     # The template writes BOS itself where the model wants one; don't add a second.
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def fit_conversation(tokenizer: Tokenizer, messages: list[dict[str, str]], context: int,
+                     reserve: int) -> tuple[list[int], list[dict[str, str]]]:
+    """Prompt ids for a conversation, dropping its oldest turns until `reserve` tokens of answer fit.
+
+    A system message is always kept. Returns the ids and the messages they were rendered from.
+    """
+    reserve = min(reserve, context // 2)
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns = messages[len(system):]
+    while True:
+        ids = chat_prompt(tokenizer, system + turns)
+        if len(ids) + reserve <= context:
+            return ids, system + turns
+        if len(turns) <= 1:
+            raise ContextLengthError(f"the message has {len(ids)} tokens; with room for {reserve} tokens of answer "
+                                     f"it does not fit the model's context of {context}; shorten it")
+        turns = turns[2:] if len(turns) > 2 else turns[1:]  # drop the oldest user/assistant exchange

@@ -132,3 +132,34 @@ def test_chat_template_rendering(tiny):
     _, _, tokenizer = tiny
     text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
     assert text == "<s>user\nhi</s>\n<s>assistant\n"
+
+
+def test_long_conversations_drop_their_oldest_exchanges(tiny):
+    from pocketlm.engine import fit_conversation
+
+    _, _, tokenizer = tiny
+    system = {"role": "system", "content": "be brief"}
+    turns = []
+    for i in range(6):
+        turns += [{"role": "user", "content": f"question {i} " + "the " * 10}, {"role": "assistant", "content": "ok " * 5}]
+    messages = [system] + turns + [{"role": "user", "content": "last question"}]
+    ids, kept = fit_conversation(tokenizer, messages, context=128, reserve=16)
+    assert len(ids) + 16 <= 128
+    assert kept[0] == system and kept[-1] == messages[-1]
+    assert len(kept) < len(messages) and kept[1]["role"] == "user"  # whole exchanges were dropped
+    assert kept == [system] + messages[len(messages) - len(kept) + 1:]  # only the oldest ones
+    with pytest.raises(ContextLengthError, match="does not fit the model's context of 128"):
+        fit_conversation(tokenizer, [{"role": "user", "content": "the " * 200}], context=128, reserve=16)
+
+
+def test_chat_command_survives_a_too_long_message(tmp_path):
+    import subprocess
+    import sys
+
+    d = tiny_model_dir(tmp_path / "m", max_position_embeddings=64)
+    result = subprocess.run([sys.executable, "-m", "pocketlm", "chat", str(d), "--max-tokens", "8"],
+                            input="hello\n" + "the " * 200 + "\n" + "hello again\n" * 6,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "does not fit the model's context of 64" in result.stderr
+    assert result.stdout.count("assistant> ") == 7  # every message that fits got an answer
