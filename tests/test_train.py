@@ -234,3 +234,25 @@ def test_init_from_a_model_directory_continues_training(reference_run, shared_da
     assert any(not torch.equal(before[k], after[k]) for k in before)
     first_loss = losses(tmp_path / "run")[1]
     assert first_loss < losses(reference_run[0])[1] - 0.5  # starts from the trained weights, not from scratch
+
+
+def test_two_machines_without_a_shared_file_system(shared_data, prepared, tmp_path):
+    """Two torchrun launchers with --nnodes 2, as on two machines: each has its own out_dir, so the second
+    prepares its own copy of the data; the losses equal one process with the same global batch."""
+    source = {"source": str(shared_data / "tinyshakespeare" / "input.txt"), "tokenizer": "char",
+              "dedupe": False, "scrub_pii": False}
+    single = tiny_recipe(tmp_path / "one", prepared, **{"train.max_steps": 10, "checkpoint.interval": 10})
+    train(load_recipe(single))
+    double = tiny_recipe(tmp_path / "two", prepared, **{"train.max_steps": 10, "checkpoint.interval": 10, "data": source})
+    port = str(29600 + random.Random().randint(0, 300))
+    launch = lambda rank, *extra: subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
+         "--master_addr", "127.0.0.1", "--master_port", port, "-m", "pocketlm", "train", str(double), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    nodes = [launch(0), launch(1, f"out_dir={tmp_path / 'machine-b'}")]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert (tmp_path / "machine-b" / "data" / "manifest.json").is_file()
+    one, two = losses(tmp_path / "one" / "run"), losses(tmp_path / "two" / "run")
+    assert sorted(one) == sorted(two) == list(range(1, 11))
+    assert max(abs(one[s] - two[s]) for s in one) <= 1e-5

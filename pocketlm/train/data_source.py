@@ -23,28 +23,41 @@ def _fingerprint(recipe: Recipe) -> dict:
     return {"data": spec, "files": files}
 
 
-def load_training_data(recipe: Recipe, is_main: bool, barrier: Callable[[], None] = lambda: None):
-    from ..data import load_shards, prepare
+def load_training_data(recipe: Recipe, is_main: bool, barrier: Callable[[], None] = lambda: None,
+                       is_local_main: bool | None = None):
+    """Shards for training. The global main process prepares them first; on other machines (no shared
+    file system), each machine's first process then prepares its own identical copy."""
+    from ..data import load_shards
 
     if recipe.data.prepared:
         return load_shards(recipe.data.prepared)
     out = Path(recipe.out_dir) / "data"
-    stamp = out / "recipe-data.json"
     fingerprint = _fingerprint(recipe)
     if is_main:
-        current = json.loads(stamp.read_text()) if stamp.is_file() else None
-        if current != fingerprint or not (out / "manifest.json").is_file():
-            d = recipe.data
-            report = prepare(d.sources(), out, tokenizer=d.tokenizer, vocab_size=d.vocab_size, field=d.field,
-                             doc_separator=d.doc_separator, dedupe=d.dedupe, scrub_pii=d.scrub_pii,
-                             min_chars=d.min_chars, val_fraction=d.val_fraction, progress=recipe.log.progress)
-            from rich.console import Console
-
-            console = Console(stderr=True)
-            for line in report.summary_lines():
-                console.print(line, highlight=False)
-            tmp = stamp.with_name(stamp.name + ".tmp")
-            tmp.write_text(json.dumps(fingerprint))
-            os.replace(tmp, stamp)
+        _prepare_if_stale(recipe, out, fingerprint)
+    barrier()
+    if (is_main if is_local_main is None else is_local_main) and not is_main:
+        _prepare_if_stale(recipe, out, fingerprint)
     barrier()
     return load_shards(out)
+
+
+def _prepare_if_stale(recipe: Recipe, out: Path, fingerprint: dict) -> None:
+    from ..data import prepare
+
+    stamp = out / "recipe-data.json"
+    current = json.loads(stamp.read_text()) if stamp.is_file() else None
+    if current == fingerprint and (out / "manifest.json").is_file():
+        return
+    d = recipe.data
+    report = prepare(d.sources(), out, tokenizer=d.tokenizer, vocab_size=d.vocab_size, field=d.field,
+                     doc_separator=d.doc_separator, dedupe=d.dedupe, scrub_pii=d.scrub_pii,
+                     min_chars=d.min_chars, val_fraction=d.val_fraction, progress=recipe.log.progress)
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    for line in report.summary_lines():
+        console.print(line, highlight=False)
+    tmp = stamp.with_name(stamp.name + ".tmp")
+    tmp.write_text(json.dumps(fingerprint))
+    os.replace(tmp, stamp)

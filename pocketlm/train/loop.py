@@ -209,7 +209,8 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
                               "continue it, or choose another out_dir")
     _barrier(runtime)
 
-    shards = load_training_data(recipe, runtime.main, barrier=lambda: _barrier(runtime))
+    shards = load_training_data(recipe, runtime.main, barrier=lambda: _barrier(runtime),
+                                is_local_main=int(os.environ.get("LOCAL_RANK", "0")) == 0)
     model = build_model(recipe, shards.tokenizer, runtime.device)
     optimizer = make_optimizer(model, recipe)
     state = TrainerState()
