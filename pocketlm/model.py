@@ -95,8 +95,8 @@ class Attention(nn.Module):
         if self.cache is not None:
             k, v = self.cache.update(start, k, v)
         gqa = self.n_kv_heads != self.n_heads
-        if x.device.type == "cpu" and torch.is_grad_enabled() and self.cache is None:
-            y = _explicit_causal_attention(q, k, v)
+        if mask is not None and mask.dtype != torch.bool:  # an additive causal bias: CPU training
+            y = _explicit_causal_attention(q, k, v, mask)
         elif mask is None:  # no cache, or a fresh prefill: plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
         else:
@@ -104,16 +104,14 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
-def _explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + causal mask) v, written out. Used for CPU training only: there PyTorch's
-    flash-attention backward is about 3x slower in bf16 than these plain matmuls at short block sizes."""
+def _explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v, written out, with `bias` the additive causal mask. Used for CPU
+    training only: there PyTorch's flash-attention backward is about 3x slower in bf16 than these plain
+    matmuls at short block sizes."""
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    t = q.shape[-2]
-    scores = (q @ k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5)
-    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~causal, float("-inf"))
+    scores = (q @ k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5) + bias
     return scores.softmax(-1).to(v.dtype) @ v
 
 
@@ -161,6 +159,7 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._bias_cache: torch.Tensor | None = None
 
     # ---- setup ------------------------------------------------------------------------------
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> "LlamaForCausalLM":
@@ -182,6 +181,14 @@ class LlamaForCausalLM(nn.Module):
             cos, sin = rope_tables(c.head_dim, c.max_position_embeddings, c.rope_theta)
             self._rope_cache = (cos.to(device), sin.to(device))
         return self._rope_cache
+
+    def causal_bias(self, t: int, device: torch.device) -> torch.Tensor:
+        """Additive causal mask (0 on and below the diagonal, -inf above), cached per length."""
+        cached = self._bias_cache
+        if cached is None or cached.shape[0] != t or cached.device != device:
+            cached = torch.full((t, t), float("-inf"), device=device).triu(1)
+            self._bias_cache = cached
+        return cached
 
     def setup_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
         """Allocate a static KV cache for `batch` sequences of up to `max_len` tokens."""
@@ -215,6 +222,8 @@ class LlamaForCausalLM(nn.Module):
         if start > 0 and t > 1:  # a chunk after cached tokens: query i sees keys 0..start+i
             q_pos = torch.arange(start, end, device=x.device)[:, None]
             mask = torch.arange(end, device=x.device)[None, :] <= q_pos
+        elif x.device.type == "cpu" and torch.is_grad_enabled() and t > 1:
+            mask = self.causal_bias(t, x.device)
         for layer in self.model.layers:
             x = layer(x, cos, sin, start, mask)
         x = self.model.norm(x)

@@ -227,8 +227,10 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
     wrapped = model
     if runtime.world > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-    forward = torch.compile(wrapped) if t.compile else wrapped
     loss_fn = OBJECTIVES[t.objective]
+    step_loss = lambda x, y: loss_fn(wrapped, x, y)  # noqa: E731
+    if t.compile:  # forward, loss and their backward in one compiled graph
+        step_loss = torch.compile(step_loss)
     amp = autocast_dtype(recipe, runtime.device)
     autocast = (lambda: torch.autocast(runtime.device.type, dtype=amp)) if amp else nullcontext
     logger = _Logger(log_path, out_dir, recipe, enabled=runtime.main)
@@ -251,7 +253,7 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
             x, y = windows(train_tokens, starts[first:first + per_micro], t.block_size, runtime.device)
             sync = micro == t.grad_accum - 1 or runtime.world == 1
             with (nullcontext() if sync else wrapped.no_sync()), autocast():
-                loss = loss_fn(forward, x, y) / t.grad_accum
+                loss = step_loss(x, y) / t.grad_accum
             loss.backward()
             total += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0 else None
