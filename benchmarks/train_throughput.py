@@ -3,7 +3,7 @@
 nanoGPT's CPU configuration (4 layers, 4 heads, 128 dims, block 64, batch 12, 2000 iterations, lr 1e-3
 cosine to 1e-4 with 100 warmup steps, AdamW betas (0.9, 0.99), weight decay 0.1, clip 1.0, no dropout,
 fp32, no compile). nanoGPT itself is not installable from a package registry, so the peer run here is
-Hugging Face transformers' GPT2LMHeadModel in exactly that shape and that loop, fed the same batches;
+nanoGPT's model and loop written out in this file (same architecture, init and optimizer), fed the same batches;
 nanoGPT's own figure on this machine class (shared/MEASUREMENTS.md) is printed beside it. The machine
 is shared and its speed drifts over minutes, so the two runs are interleaved step by step: after each
 pocketlm step the peer takes one step, and each is timed on its own.
@@ -33,18 +33,51 @@ RECIPE = REPO / "recipes" / "shakespeare-char.yaml"
 NANOGPT_MS, NANOGPT_VAL = 45.7, 1.8857  # shared/MEASUREMENTS.md
 
 
+class NanoGPT(torch.nn.Module):
+    """nanoGPT's model, written out here from its published design: learned positions, pre-LayerNorm
+    blocks without biases, causal SDPA attention, a 4x GELU MLP, the output head tied to the embedding,
+    normal(0, 0.02) init with residual projections scaled by 1/sqrt(2 * n_layer)."""
+
+    def __init__(self, vocab: int, block: int = 64, layers: int = 4, heads: int = 4, dim: int = 128):
+        super().__init__()
+        nn = torch.nn
+        self.heads = heads
+        self.wte, self.wpe = nn.Embedding(vocab, dim), nn.Embedding(block, dim)
+        self.blocks = nn.ModuleList()
+        for _ in range(layers):
+            self.blocks.append(nn.ModuleDict({
+                "ln_1": nn.LayerNorm(dim, bias=False), "c_attn": nn.Linear(dim, 3 * dim, bias=False),
+                "attn_proj": nn.Linear(dim, dim, bias=False), "ln_2": nn.LayerNorm(dim, bias=False),
+                "c_fc": nn.Linear(dim, 4 * dim, bias=False), "mlp_proj": nn.Linear(4 * dim, dim, bias=False)}))
+        self.ln_f = nn.LayerNorm(dim, bias=False)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                std = 0.02 / (2 * layers) ** 0.5 if name.endswith("proj.weight") else 0.02
+                torch.nn.init.normal_(p, mean=0.0, std=std)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        b, t = idx.shape
+        x = self.wte(idx) + self.wpe(torch.arange(t))
+        for blk in self.blocks:
+            q, k, v = blk["c_attn"](blk["ln_1"](x)).split(x.shape[-1], dim=2)
+            q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1)
+            x = x + blk["attn_proj"](y)
+            x = x + blk["mlp_proj"](F.gelu(blk["c_fc"](blk["ln_2"](x))))
+        return self.lm_head(self.ln_f(x))
+
+
 class NanoGPTShapedPeer:
-    """GPT-2 (transformers) in nanoGPT's shape and training loop, fed the batches pocketlm sees."""
+    """nanoGPT's model and training loop (fp32, eager, AdamW as nanoGPT sets it up on a CPU), fed the
+    batches pocketlm sees."""
 
     def __init__(self, recipe, shards):
-        from transformers import GPT2Config, GPT2LMHeadModel
-
         torch.manual_seed(1337)
         self.recipe, self.shards = recipe, shards
         self.vocab = int(shards.manifest["vocab_size"])
-        config = GPT2Config(vocab_size=self.vocab, n_positions=64, n_embd=128, n_layer=4, n_head=4, resid_pdrop=0.0,
-                            embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-        self.model = GPT2LMHeadModel(config).train()
+        self.model = NanoGPT(self.vocab).train()
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
@@ -59,7 +92,7 @@ class NanoGPTShapedPeer:
             group["lr"] = lr_at(self.step_count, self.recipe)
         starts = batch_starts(self.recipe.seed, self.step_count, 12, len(self.shards.train), 64)
         x, y = windows(self.shards.train, starts, 64, torch.device("cpu"))
-        loss = F.cross_entropy(self.model(x).logits.reshape(-1, self.vocab), y.reshape(-1))
+        loss = F.cross_entropy(self.model(x).reshape(-1, self.vocab), y.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
@@ -76,7 +109,7 @@ class NanoGPTShapedPeer:
         for i in range(self.recipe.eval.iters):
             starts = batch_starts(self.recipe.seed + 1, i, 12, len(self.shards.val), 64)
             x, y = windows(self.shards.val, starts, 64, torch.device("cpu"))
-            losses.append(float(F.cross_entropy(self.model(x).logits.reshape(-1, self.vocab), y.reshape(-1))))
+            losses.append(float(F.cross_entropy(self.model(x).reshape(-1, self.vocab), y.reshape(-1))))
         return float(np.mean(losses))
 
 
@@ -100,7 +133,7 @@ def run_interleaved(steps: int, workdir: Path) -> dict:
                      "setup": f"Llama (RoPE, SwiGLU, RMSNorm), {recipe.train.dtype} autocast, compile={recipe.train.compile}",
                      "val_curve": {r["step"]: r["val_loss"] for r in records if "val_loss" in r}},
         "nanoGPT-shaped peer": {"ms_per_iter": statistics.median(peer_ms), "val_loss": peer.val_loss(),
-                                "setup": "GPT-2 (transformers) in nanoGPT's shape, fp32 eager"},
+                                "setup": "nanoGPT's model and loop written out, fp32 eager"},
         "wall_s": wall,
     }
 
