@@ -124,6 +124,9 @@ def test_run_writes_model_logs_and_plot(reference_run):
     assert (run_dir / "loss.png").stat().st_size > 5000
     record = read_provenance(final)
     assert record["recipe"]["name"] == "tiny" and record["metrics"]["steps"] == STEPS
+    logged = [json.loads(l) for l in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert record["metrics"]["val_loss"] == [r["val_loss"] for r in logged if "val_loss" in r][-1]
+    assert record["metrics"]["best_val_loss"] == min(r["val_loss"] for r in logged if "val_loss" in r)
     model, tokenizer = load_model(final)
     assert len(generate(model, tokenizer, "ROMEO:", SamplingParams(max_new_tokens=10)).token_ids) == 10
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))

@@ -240,7 +240,7 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
     train_tokens, val_tokens = shards.train, shards.val
     model.train()
     tokens_per_step = t.batch_size * t.block_size
-    last_train_loss = None
+    last_train_loss = last_val_loss = None
     while state.step < t.max_steps:
         step_started = time.perf_counter()
         lr = lr_at(state.step, recipe)
@@ -275,7 +275,7 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
         is_best = False
         if is_eval:
             val_loss = evaluate(model, val_tokens, recipe, runtime.device, autocast)
-            record["val_loss"] = val_loss
+            record["val_loss"] = last_val_loss = val_loss
             is_best = state.best_val_loss is None or val_loss < state.best_val_loss
             if is_best:
                 state.best_val_loss = val_loss
@@ -298,7 +298,7 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
 
     final = out_dir / "model"
     if runtime.main:
-        final = _save_final(model, shards, recipe, state, last_train_loss, final)
+        final = _save_final(model, shards, recipe, state, last_train_loss, last_val_loss, final)
         logger.close()
         console.print(f"model saved to {final}")
     _barrier(runtime)
@@ -334,9 +334,11 @@ def _sample(model, tokenizer, recipe: Recipe) -> str:
     return text
 
 
-def _save_final(model, shards, recipe: Recipe, state: TrainerState, train_loss, out: Path) -> Path:
+def _save_final(model, shards, recipe: Recipe, state: TrainerState, train_loss, val_loss, out: Path) -> Path:
     weights = {k: v.detach().cpu().float() for k, v in model.state_dict().items()}
-    metrics = {"train_loss": train_loss, "val_loss": state.best_val_loss, "steps": state.step, "tokens_seen": state.tokens_seen}
+    # the saved weights are the last step's: their validation loss is the last evaluation's, not the best one
+    metrics = {"train_loss": train_loss, "val_loss": val_loss, "best_val_loss": state.best_val_loss,
+               "steps": state.step, "tokens_seen": state.tokens_seen}
     provenance = {
         "recipe": recipe.model_dump(mode="json"),
         "parent": recipe.init_from,
