@@ -4,10 +4,10 @@ into OUT_DIR/data and reused while the sources and options stay the same."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
+from ..checkpoint import atomic_write
 from .recipe import Recipe
 
 
@@ -58,6 +58,4 @@ def _prepare_if_stale(recipe: Recipe, out: Path, fingerprint: dict) -> None:
     console = Console(stderr=True)
     for line in report.summary_lines():
         console.print(line, highlight=False)
-    tmp = stamp.with_name(stamp.name + ".tmp")
-    tmp.write_text(json.dumps(fingerprint))
-    os.replace(tmp, stamp)
+    atomic_write(stamp, lambda f: f.write(json.dumps(fingerprint).encode()))
