@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .config import ModelConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, PocketLMError
 from .tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -88,14 +88,14 @@ def save_model_dir(
     out = Path(out)
     tensors = dict(tensors)
     if config.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
-    _check_tensors(tensors, config, source="tensors to save")
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("lm_head.")}
+    _check_tensors(tensors, config, source="tensors to save", scheme=_scheme((provenance or {}).get("quantization")))
     if config.bos_token_id is None and tokenizer.bos_token_id is not None:
         config.bos_token_id = tokenizer.bos_token_id
     if config.eos_token_id is None and tokenizer.eos_token_id is not None:
         config.eos_token_id = tokenizer.eos_token_id
     hf_config = config.to_hf_dict()
-    dtypes = {t.dtype for t in tensors.values()}
+    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     hf_config["torch_dtype"] = str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "float32"
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -244,7 +244,7 @@ def load_config(model_dir: str | Path) -> ModelConfig:
     return ModelConfig.from_dict(data, source=str(path))
 
 
-def load_tensors(path: str | Path, config: ModelConfig | None = None) -> dict[str, torch.Tensor]:
+def load_tensors(path: str | Path, config: ModelConfig | None = None, scheme=None) -> dict[str, torch.Tensor]:
     """Memory-map a safetensors file; validate names, shapes and dtypes against `config` if given."""
     path = Path(path)
     if not path.is_file():
@@ -258,7 +258,7 @@ def load_tensors(path: str | Path, config: ModelConfig | None = None) -> dict[st
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot be read as safetensors ({exc}); the file is corrupt, re-create it") from None
     if config is not None:
-        _check_tensors(tensors, config, source=str(path))
+        _check_tensors(tensors, config, source=str(path), scheme=scheme)
     return tensors
 
 
@@ -285,24 +285,45 @@ def _check_safetensors_file(path: Path) -> None:
         )
 
 
-def _check_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig, source: str) -> None:
-    expected = expected_shapes(config)
+def _scheme(record: dict[str, Any] | None):
+    if not record:
+        return None
+    from .quant import QuantScheme
+
+    try:
+        return QuantScheme.from_dict(record)
+    except (TypeError, PocketLMError) as exc:
+        raise CheckpointError(f"pocketlm.json: bad quantization record {record}: {exc}") from None
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig, source: str, scheme=None) -> None:
+    if scheme is None:
+        expected = {k: (shape, None) for k, shape in expected_shapes(config).items()}
+    else:
+        from .quant import expected_quantized_shapes
+
+        expected = expected_quantized_shapes(config, scheme)
     if config.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
+        for k in [k for k in tensors if k.startswith("lm_head.")]:
+            tensors.pop(k)
     missing = [k for k in expected if k not in tensors]
     if missing:
         raise CheckpointError(f"{source}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                              + "; the weights do not match config.json")
+                              + "; the weights do not match config.json" + (f" and the {scheme.describe()} scheme" if scheme else ""))
     extra = [k for k in tensors if k not in expected and not k.endswith("rotary_emb.inv_freq")]
     if extra:
         raise CheckpointError(f"{source}: unexpected tensor {extra[0]}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-                              + "; the weights do not match config.json")
-    for name, shape in expected.items():
+                              + "; the weights do not match config.json"
+                              + ("" if scheme else " (a quantized model needs its \"quantization\" record in pocketlm.json)"))
+    for name, (shape, dtype) in expected.items():
         t = tensors[name]
         if tuple(t.shape) != shape:
             raise CheckpointError(f"{source}: tensor {name} has shape {tuple(t.shape)}, config.json expects {shape}")
-        if t.dtype not in SAFETENSORS_DTYPES.values():
-            raise CheckpointError(f"{source}: tensor {name} has dtype {t.dtype}; expected float32, float16 or bfloat16")
+        if dtype in (None, torch.float32):
+            if t.dtype not in SAFETENSORS_DTYPES.values():
+                raise CheckpointError(f"{source}: tensor {name} has dtype {t.dtype}; expected float32, float16 or bfloat16")
+        elif t.dtype != dtype:
+            raise CheckpointError(f"{source}: tensor {name} has dtype {t.dtype}; the {scheme.describe()} scheme stores {dtype}")
     for name in [k for k in tensors if k.endswith("rotary_emb.inv_freq")]:
         tensors.pop(name)
 
@@ -317,17 +338,34 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
 
     model_dir = Path(model_dir)
     config = load_config(model_dir)
-    tensors = load_tensors(model_dir / WEIGHTS, config)
+    scheme = _scheme(read_provenance(model_dir).get("quantization"))
+    tensors = load_tensors(model_dir / WEIGHTS, config, scheme)
     tokenizer = Tokenizer.load(model_dir)
     if tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(f"{model_dir}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
                               f"{config.vocab_size}; the tokenizer does not belong to these weights")
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
+        if scheme is not None:
+            from .quant import build_quantized_skeleton
+
+            build_quantized_skeleton(model, scheme)
     if dtype is not None or str(device) != "cpu":
-        tensors = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in tensors.items()}
+        tensors = {k: v.to(device=device, dtype=(dtype or v.dtype) if v.is_floating_point() else v.dtype)
+                   for k, v in tensors.items()}
+    if scheme is not None:
+        tensors = {k: v.float() if v.is_floating_point() and dtype is None else v for k, v in tensors.items()}
     model.load_state_dict(tensors, strict=not config.tie_word_embeddings, assign=True)
     if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        if scheme is not None and scheme.head:
+            from .quant import tie_quantized_head
+
+            tie_quantized_head(model)
+        else:
+            model.lm_head.weight = model.model.embed_tokens.weight
+    if scheme is not None:
+        from .quant import prepare_kernels
+
+        prepare_kernels(model)
     model.eval()
     return model, tokenizer

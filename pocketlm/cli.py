@@ -23,11 +23,18 @@ out = Console()
 err = Console(stderr=True)
 
 
-def _load(model: str):
+def _load(model: str, compile: bool = False):
     from .checkpoint import load_model
+    from .engine import compile_decoder
     from .hub import resolve_model
 
-    return load_model(resolve_model(model))
+    lm, tokenizer = load_model(resolve_model(model))
+    if compile:
+        compile_decoder(lm)
+    return lm, tokenizer
+
+
+COMPILE_HELP = "compile the decode step with torch.compile (about a minute once, then 2-4x faster on the CPU)"
 
 
 def _params(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop):
@@ -57,7 +64,8 @@ def export_cmd(
     model: str = typer.Argument(..., help="model directory or name"),
     dest: Path = typer.Argument(..., help="file to write"),
     format: str = typer.Option("gguf", "--format", "-f", help="gguf or llama2c"),
-    outtype: str = typer.Option("f16", help="GGUF tensor type: f32, f16, q8_0 or q4_0"),
+    outtype: str = typer.Option("auto", help="GGUF tensor type: f32, f16, q8_0, q4_0, or auto (a quantized "
+                                             "model's own type: int8 -> q8_0, int4 -> q4_1 / q4_0; else f16)"),
 ):
     """Export a model directory to GGUF (llama.cpp) or llama2.c's .bin."""
     from .convert import export_model
@@ -89,24 +97,37 @@ def generate_cmd(
     seed: Optional[int] = typer.Option(None, "--seed"),
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="stop string (repeatable)"),
     chat_template: bool = typer.Option(False, "--chat", help="wrap the prompt in the model's chat template"),
+    compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
+    draft: Optional[str] = typer.Option(None, help="a smaller model with the same tokenizer for speculative decoding (greedy)"),
+    draft_tokens: int = typer.Option(4, help="tokens the draft proposes per step"),
 ):
     """Continue a prompt, streaming the text."""
     from .engine import chat_prompt, stream
 
     params = _params(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
-    lm, tokenizer = _load(model)
+    lm, tokenizer = _load(model, compile)
+    draft_lm = None
+    if draft is not None:
+        from .speculative import check_compatible
+
+        draft_lm, draft_tokenizer = _load(draft)
+        check_compatible(lm, draft_lm, tokenizer, draft_tokenizer)
     source = chat_prompt(tokenizer, [{"role": "user", "content": prompt}]) if chat_template else prompt
     if not chat_template:
         sys.stdout.write(prompt)
     info: dict = {}
     started = time.perf_counter()
-    for piece in stream(lm, tokenizer, source, params, result=info):
+    for piece in stream(lm, tokenizer, source, params, result=info, draft=draft_lm, draft_tokens=draft_tokens):
         sys.stdout.write(piece)
         sys.stdout.flush()
     elapsed = time.perf_counter() - started
     sys.stdout.write("\n")
     n = len(info["token_ids"])
-    err.print(f"[dim]{n} tokens in {elapsed:.2f} s ({n / max(elapsed, 1e-9):.1f} tokens/s), finish: {info['finish_reason']}[/dim]")
+    line = f"{n} tokens in {elapsed:.2f} s ({n / max(elapsed, 1e-9):.1f} tokens/s), finish: {info['finish_reason']}"
+    if "speculative" in info:
+        stats = info["speculative"]
+        line += f"; draft acceptance {stats.acceptance_rate:.0%}, {stats.tokens_per_pass:.2f} tokens per target pass"
+    err.print(f"[dim]{line}[/dim]")
 
 
 @app.command("chat")
@@ -117,6 +138,7 @@ def chat_cmd(
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 is greedy"),
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: Optional[int] = typer.Option(None, "--seed"),
+    compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
 ):
     """Chat with a model in the terminal (streams; /reset clears the conversation, /exit or Ctrl-D quits)."""
     from .engine import fit_conversation, stream
@@ -124,7 +146,7 @@ def chat_cmd(
 
     params = _params(max_tokens, temperature, 0, top_p, 1.0, seed, None)
     with err.status(f"loading {model} ..."):
-        lm, tokenizer = _load(model)
+        lm, tokenizer = _load(model, compile)
     if not tokenizer.chat_template:
         raise PocketLMError(f"{model} has no chat template; use `pocketlm generate` for plain text continuation")
     messages = [{"role": "system", "content": system}] if system else []
@@ -205,6 +227,83 @@ def train_cmd(
     final = train(loaded)
     if int(os.environ.get("RANK", "0")) == 0:
         out.print(str(final), highlight=False)
+
+
+@app.command("quantize")
+def quantize_cmd(
+    model: str = typer.Argument(..., help="model directory or name (float weights)"),
+    dest: Path = typer.Argument(..., help="model directory to write"),
+    to: str = typer.Option(..., "--to", help="int8 (per-channel) or int4 (group-wise)"),
+    group_size: int = typer.Option(32, help="int4 only: columns per group (32, 64 or 128)"),
+    symmetric: bool = typer.Option(False, help="int4 only: symmetric codes (exports as GGUF Q4_0 instead of Q4_1)"),
+    head: bool = typer.Option(True, help="also quantize the output head and the embedding (to int8)"),
+):
+    """Weight-only quantization of every linear layer; the result loads straight into its quantized form."""
+    from .hub import resolve_model
+    from .quant import QuantScheme, quantize_dir
+
+    scheme = QuantScheme(to, group_size if to == "int4" else None, symmetric=symmetric, head=head)
+    started = time.perf_counter()
+    source = resolve_model(model)
+    path = quantize_dir(source, dest, scheme)
+    before = (source / "model.safetensors").stat().st_size
+    after = (path / "model.safetensors").stat().st_size
+    err.print(f"{scheme.describe()}: {before / 2**20:.0f} MB -> {after / 2**20:.0f} MB "
+              f"({before / after:.1f}x smaller) in {time.perf_counter() - started:.1f} s")
+    out.print(str(path), highlight=False)
+
+
+@app.command("bench")
+def bench_cmd(
+    model: str = typer.Argument(..., help="model directory or name"),
+    vs: Optional[list[str]] = typer.Option(None, "--vs", help="peer to run in the same process: transformers or llama.cpp (repeatable)"),
+    new_tokens: int = typer.Option(128, "--tokens", "-n", help="new tokens per decode run"),
+    prompt_tokens: int = typer.Option(128, help="prompt length for prefill and time to first token"),
+    batch: Optional[list[int]] = typer.Option(None, "--batch", help="batch sizes for aggregate decode speed (repeatable; default 8)"),
+    repeats: int = typer.Option(3, help="runs per measurement (the median is reported)"),
+    threads: Optional[int] = typer.Option(None, help="torch and llama.cpp threads (default: all cores)"),
+    compile: bool = typer.Option(True, help=COMPILE_HELP),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON here"),
+):
+    """Measure prefill and decode speed, time to first token, memory and size; compare with peers."""
+    import json
+
+    import torch
+
+    from . import bench
+    from .checkpoint import read_provenance
+    from .errors import ConfigError
+    from .hub import resolve_model
+
+    peers = list(vs or [])
+    unknown = [p for p in peers if p not in ("transformers", "llama.cpp")]
+    if unknown:
+        raise ConfigError(f"unknown peer {unknown[0]!r} for --vs; choose transformers or llama.cpp")
+    if threads:
+        torch.set_num_threads(threads)
+    path = resolve_model(model)
+    results = []
+    with err.status(f"benchmarking {model} ..."):
+        results.append(bench.bench_pocketlm(path, new_tokens, prompt_tokens, tuple(batch or [8]), repeats, compile))
+    if "transformers" in peers:
+        record = read_provenance(path)
+        float_dir = Path(record["parent"]) if record.get("quantization") and record.get("parent") else path
+        with err.status("benchmarking transformers (float weights) ..."):
+            results.append(bench.bench_transformers(float_dir, new_tokens, prompt_tokens, repeats))
+    if "llama.cpp" in peers:
+        from .tokenizer import Tokenizer
+
+        with bench.temp_dir() as tmp, err.status("exporting to GGUF and benchmarking llama.cpp ..."):
+            gguf = bench.gguf_for(path, tmp)
+            results.append(bench.bench_llama_cpp(gguf, new_tokens, prompt_tokens, repeats, threads,
+                                                 tokenizer=Tokenizer.load(path)))
+    bandwidth = bench.read_bandwidth_gbs()
+    out.print(bench.format_table(results, bandwidth), highlight=False)
+    out.print(f"memory read bandwidth {bandwidth:.1f} GB/s; {results[0].threads} threads", highlight=False)
+    for line in bench.ratios(results[0], results[1:]):
+        out.print(line, highlight=False)
+    if json_out:
+        json_out.write_text(json.dumps({"bandwidth_gbs": bandwidth, "results": [r.to_dict() for r in results]}, indent=2))
 
 
 @app.command("info")

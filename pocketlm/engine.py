@@ -92,24 +92,62 @@ def eos_ids(model, tokenizer: Tokenizer) -> set[int]:
     return ids
 
 
-@torch.inference_mode()
-def generate_tokens(model, prompt_ids: list[int], params: SamplingParams, stop_ids: set[int] = frozenset()) -> Iterator[int]:
-    """Yield new token ids for one prompt until EOS (a `stop_ids` member, yielded last) or max_new_tokens."""
-    context = model.config.max_position_embeddings
+CACHE_BUCKET = 256  # cache lengths are rounded up to this, so a compiled step is reused across prompts
+
+
+def cache_length(tokens: int, context: int) -> int:
+    return min(context, -(-tokens // CACHE_BUCKET) * CACHE_BUCKET)
+
+
+def compile_decoder(model, enable: bool = True) -> None:
+    """Decode with a `torch.compile`d step from now on (compiles on first use, once per batch size and
+    cache bucket; about a minute for SmolLM2 on 2 cores, then 2-4x faster decoding on the CPU)."""
+    model._compiled_step = torch.compile(model.decode_step, fullgraph=True, dynamic=False) if enable else None
+
+
+def decode_fn(model):
+    return getattr(model, "_compiled_step", None) or model.decode_step
+
+
+def _device(model) -> torch.device:
+    return model.model.norm.weight.device
+
+
+def _check_prompt(prompt_ids: list[int], context: int) -> None:
     if not prompt_ids:
         raise ConfigError("the prompt is empty; give at least one token of text")
     if len(prompt_ids) >= context:
         raise ContextLengthError(f"the prompt has {len(prompt_ids)} tokens but the model's context is {context}; shorten it")
+
+
+def _prefill(model, step_fn, prompts: list[list[int]], device) -> torch.Tensor:
+    """Fill cache row b with prompt b and return the logits after each prompt (batch, vocab). The last
+    prompt tokens go through the decode step together, so the first new token is chosen by the same
+    computation as all later ones."""
+    for row, ids in enumerate(prompts):
+        if len(ids) > 1:
+            model(torch.tensor([ids[:-1]], device=device), start=0, last_only=True,
+                  cache_row=row if len(prompts) > 1 else None)
+    last = torch.tensor([[ids[-1]] for ids in prompts], device=device)
+    return step_fn(last, torch.tensor([len(ids) - 1 for ids in prompts], device=device))
+
+
+@torch.inference_mode()
+def generate_tokens(model, prompt_ids: list[int], params: SamplingParams, stop_ids: set[int] = frozenset()) -> Iterator[int]:
+    """Yield new token ids for one prompt until EOS (a `stop_ids` member, yielded last) or max_new_tokens."""
+    context = model.config.max_position_embeddings
+    _check_prompt(prompt_ids, context)
     max_new = min(params.max_new_tokens, context - len(prompt_ids))
     if max_new == 0:
         return
-    device = model.model.embed_tokens.weight.device
+    device = _device(model)
     generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
     tokens = torch.tensor([prompt_ids], device=device)
-    model.setup_cache(1, len(prompt_ids) + max_new)
+    model.setup_cache(1, cache_length(len(prompt_ids) + max_new, context))
+    step_fn = decode_fn(model)
     try:
-        logits = model(tokens, start=0, last_only=True)[:, -1]
-        pos = len(prompt_ids)
+        logits = _prefill(model, step_fn, [prompt_ids], device)
+        pos = torch.tensor([len(prompt_ids)], device=device)
         for step in range(max_new):
             if params.repetition_penalty != 1.0:
                 logits = apply_repetition_penalty(logits, tokens, params.repetition_penalty)
@@ -121,10 +159,51 @@ def generate_tokens(model, prompt_ids: list[int], params: SamplingParams, stop_i
             if step + 1 == max_new:
                 return
             tokens = torch.cat([tokens, next_id.view(1, 1)], dim=1)
-            logits = model(next_id.view(1, 1), start=pos)[:, -1]
-            pos += 1
+            logits = step_fn(next_id.view(1, 1), pos)
+            pos = pos + 1
     finally:
         model.clear_cache()
+
+
+@torch.inference_mode()
+def generate_batch(model, prompts: list[list[int]], params: SamplingParams,
+                   stop_ids: set[int] = frozenset()) -> list[list[int]]:
+    """Decode several prompts of different lengths together: each is prefilled into its own row of one
+    KV cache, then every step decodes all unfinished rows at their own positions in one batch."""
+    context = model.config.max_position_embeddings
+    for ids in prompts:
+        _check_prompt(ids, context)
+    max_new = min(params.max_new_tokens, context - max(len(p) for p in prompts))
+    n = len(prompts)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    if max_new <= 0 or n == 0:
+        return outputs
+    device = _device(model)
+    generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
+    model.setup_cache(n, cache_length(max(len(p) for p in prompts) + max_new, context))
+    step_fn = decode_fn(model)
+    try:
+        logits = _prefill(model, step_fn, prompts, device)
+        pos = torch.tensor([len(p) for p in prompts], device=device)
+        done = [False] * n
+        for step in range(max_new):
+            if params.repetition_penalty != 1.0:
+                for row in range(n):
+                    seen = torch.tensor([prompts[row] + outputs[row]], device=device)
+                    logits[row:row + 1] = apply_repetition_penalty(logits[row:row + 1], seen, params.repetition_penalty)
+            next_ids = sample_next(logits, params, generator)
+            for row, token in enumerate(next_ids.tolist()):
+                if not done[row]:
+                    outputs[row].append(token)
+                    done[row] = token in stop_ids and not params.ignore_eos
+            if all(done) or step + 1 == max_new:
+                break
+            # finished rows keep stepping (their output is ignored) so the batch shape stays fixed
+            logits = step_fn(next_ids.view(n, 1), pos)
+            pos = pos + 1
+    finally:
+        model.clear_cache()
+    return outputs
 
 
 class TextAssembler:
@@ -185,10 +264,11 @@ class StopStringFilter:
 
 
 def stream(model, tokenizer: Tokenizer, prompt: str | list[int], params: SamplingParams | None = None,
-           result: dict | None = None) -> Iterator[str]:
+           result: dict | None = None, draft=None, draft_tokens: int = 4) -> Iterator[str]:
     """Yield text pieces of the continuation of `prompt` (text or token ids).
 
-    If `result` is given it is filled with token_ids, prompt_tokens and finish_reason when the stream ends.
+    If `result` is given it is filled with token_ids, prompt_tokens and finish_reason when the stream
+    ends (and `speculative`, the draft's statistics, when a `draft` model proposes tokens; greedy only).
     """
     params = params or SamplingParams()
     prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -197,7 +277,19 @@ def stream(model, tokenizer: Tokenizer, prompt: str | list[int], params: Samplin
     stops = StopStringFilter(params.stop)
     generated: list[int] = []
     finish = "length"
-    for token in generate_tokens(model, prompt_ids, params, stop_ids):
+    if draft is not None:
+        from .speculative import SpeculativeStats, speculative_tokens
+
+        if params.temperature != 0 or params.repetition_penalty != 1.0:
+            raise ConfigError("speculative decoding is greedy; use temperature 0 and no repetition penalty with a draft model")
+        stats = SpeculativeStats()
+        if result is not None:
+            result["speculative"] = stats
+        tokens = speculative_tokens(model, draft, prompt_ids, params.max_new_tokens, draft_tokens,
+                                    set() if params.ignore_eos else stop_ids, stats)
+    else:
+        tokens = generate_tokens(model, prompt_ids, params, stop_ids)
+    for token in tokens:
         if token in stop_ids and not params.ignore_eos:
             finish = "stop"
             break

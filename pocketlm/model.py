@@ -66,11 +66,19 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor, row: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write positions start.. of all rows (or of one `row`); return the keys/values up to there."""
         end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        rows = slice(None) if row is None else slice(row, row + 1)
+        self.k[rows, :, start:end] = k
+        self.v[rows, :, start:end] = v
+        return self.k[rows, :, :end], self.v[rows, :, :end]
+
+    def write_at(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write one new position per row, row b at pos[b] (decoding sequences of different lengths)."""
+        rows = torch.arange(k.shape[0], device=k.device)
+        self.k[rows, :, pos] = k[:, :, 0]  # advanced indices around a slice: (batch, kv_heads, head_dim)
+        self.v[rows, :, pos] = v[:, :, 0]
 
 
 class Attention(nn.Module):
@@ -86,14 +94,29 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.n_heads * self.head_dim, d, bias=bias)
         self.cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, start: int, mask: torch.Tensor | None) -> torch.Tensor:
+    def _qkv(self, x, cos, sin):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def decode(self, x, cos, sin, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One new token per row at positions `pos`, attending over the whole static cache under
+        `mask` (batch, 1, 1, cache_len): fixed shapes, so a compiled step is reused at every position."""
+        b = x.shape[0]
+        q, k, v = self._qkv(x, cos, sin)
+        self.cache.write_at(pos, k, v)
+        y = F.scaled_dot_product_attention(q, self.cache.k, self.cache.v, attn_mask=mask,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(b, 1, -1))
+
+    def forward(self, x, cos, sin, start: int, mask: torch.Tensor | None, row: int | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self._qkv(x, cos, sin)
         if self.cache is not None:
-            k, v = self.cache.update(start, k, v)
+            k, v = self.cache.update(start, k, v, row)
         gqa = self.n_kv_heads != self.n_heads
         if mask is not None and mask.dtype != torch.bool:  # an additive causal bias: CPU training
             y = _explicit_causal_attention(q, k, v, mask)
@@ -135,8 +158,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, start, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, mask)
+    def forward(self, x, cos, sin, start, mask, row=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, mask, row)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def decode(self, x, cos, sin, pos, mask):
+        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, pos, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -158,6 +185,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.quant_scheme = None  # set by pocketlm.quant when the linear layers are quantized
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._bias_cache: torch.Tensor | None = None
 
@@ -174,6 +202,11 @@ class LlamaForCausalLM(nn.Module):
                 else:
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
         return self
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype activations flow in: the float weights' dtype (int8 storage computes in fp32)."""
+        return self.model.norm.weight.dtype
 
     def rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope_cache is None or self._rope_cache[0].device != device:
@@ -195,7 +228,7 @@ class LlamaForCausalLM(nn.Module):
         c = self.config
         max_len = max_len or c.max_position_embeddings
         weight = self.model.embed_tokens.weight
-        dtype = dtype or weight.dtype
+        dtype = dtype or self.compute_dtype
         for layer in self.model.layers:
             layer.self_attn.cache = KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, dtype, weight.device)
 
@@ -204,11 +237,13 @@ class LlamaForCausalLM(nn.Module):
             layer.self_attn.cache = None
 
     # ---- forward ----------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, start: int = 0, last_only: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, start: int = 0, last_only: bool = False,
+                cache_row: int | None = None) -> torch.Tensor:
         """Logits for `input_ids` (batch, seq) placed at positions start..start+seq-1.
 
         With a KV cache set up, earlier positions come from the cache; `last_only` skips the output
-        head for all but the final position (what decoding needs).
+        head for all but the final position (what decoding needs); `cache_row` prefills one row of a
+        batched cache with a single sequence.
         """
         b, t = input_ids.shape
         end = start + t
@@ -225,8 +260,22 @@ class LlamaForCausalLM(nn.Module):
         elif x.device.type == "cpu" and torch.is_grad_enabled() and t > 1:
             mask = self.causal_bias(t, x.device)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, start, mask)
+            x = layer(x, cos, sin, start, mask, cache_row)
         x = self.model.norm(x)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x)
+
+    def decode_step(self, input_ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits (batch, vocab) for one new token per row, row b at position pos[b], using and
+        extending the static KV cache. Shapes depend only on the batch and the cache length, so
+        `torch.compile` of this method compiles once per shape and serves every step."""
+        cache_len = self.model.layers[0].self_attn.cache.k.shape[2]
+        mask = (torch.arange(cache_len, device=pos.device)[None, :] <= pos[:, None])[:, None, None]
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope(x.device)
+        cos = cos[pos].to(x.dtype)[:, None, None]
+        sin = sin[pos].to(x.dtype)[:, None, None]
+        for layer in self.model.layers:
+            x = layer.decode(x, cos, sin, pos, mask)
+        return self.lm_head(self.model.norm(x))[:, -1].float()

@@ -121,3 +121,47 @@ def test_prepare_reports_skipped_files_and_strict_stops(tmp_path):
     strict = pocketlm("prepare", corpus, "--out", tmp_path / "strict", "--tokenizer", "char", "--strict")
     assert_clean_error(strict, "b.txt")
     assert not (tmp_path / "strict").exists()
+
+
+def test_quantize_export_and_bench_commands(model_dir, tmp_path):
+    import json
+
+    q = pocketlm("quantize", model_dir, tmp_path / "q4", "--to", "int4", "--group-size", "32")
+    assert q.returncode == 0, q.stderr
+    assert "int4 group 32 asymmetric" in q.stderr and "smaller" in q.stderr
+    assert json.loads((tmp_path / "q4" / "pocketlm.json").read_text())["quantization"]["method"] == "int4"
+
+    e = pocketlm("export", tmp_path / "q4", tmp_path / "q4.gguf")
+    assert e.returncode == 0, e.stderr
+    from gguf import GGUFReader
+
+    assert {t.tensor_type.name for t in GGUFReader(tmp_path / "q4.gguf").tensors} == {"Q4_1", "Q8_0", "F32"}
+
+    g = pocketlm("generate", tmp_path / "q4", "the theory", "-n", "5")
+    assert g.returncode == 0, g.stderr and "5 tokens" in g.stderr
+
+    b = pocketlm("bench", tmp_path / "q4", "-n", "6", "--prompt-tokens", "10", "--batch", "3", "--repeats", "1",
+                 "--no-compile", "--vs", "transformers", "--json", tmp_path / "bench.json")
+    assert b.returncode == 0, b.stderr
+    assert "decode tok/s" in b.stdout and "pocketlm / transformers: decode" in b.stdout
+    results = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert [r["name"] for r in results] == ["pocketlm", "transformers"]
+    assert results[0]["weights"] == "int4 group 32 asymmetric" and results[0]["decode_tokens_per_s"] > 0
+    assert set(results[0]["batch_tokens_per_s"]) == {"3"}
+
+
+def test_quantize_and_bench_bad_input(model_dir, tmp_path):
+    assert_clean_error(pocketlm("quantize", model_dir, tmp_path / "x", "--to", "int3"), "unknown quantization 'int3'")
+    assert_clean_error(pocketlm("quantize", model_dir, tmp_path / "x", "--to", "int4", "--group-size", "48"),
+                       "group size")
+    assert_clean_error(pocketlm("bench", model_dir, "--vs", "vllm"), "unknown peer 'vllm'")
+    assert not (tmp_path / "x").exists()
+
+
+def test_generate_with_a_draft_model(model_dir, tmp_path):
+    plain = pocketlm("generate", model_dir, "the theory", "-n", "12")
+    spec = pocketlm("generate", model_dir, "the theory", "-n", "12", "--draft", model_dir, "--draft-tokens", "3")
+    assert spec.returncode == 0, spec.stderr
+    assert spec.stdout == plain.stdout
+    assert "draft acceptance 100%" in spec.stderr
+    assert_clean_error(pocketlm("generate", model_dir, "x", "--draft", model_dir, "-t", "0.7"), "greedy")

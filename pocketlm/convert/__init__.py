@@ -48,7 +48,7 @@ def import_model(src: str | Path, out: str | Path, tokenizer: str | Path | None 
     return import_llama2c(src, out, tokenizer)
 
 
-def export_model(model_dir: str | Path, out: str | Path, fmt: str, outtype: str = "f16") -> Path:
+def export_model(model_dir: str | Path, out: str | Path, fmt: str, outtype: str = "auto") -> Path:
     if fmt == "gguf":
         from .gguf import export_gguf
 

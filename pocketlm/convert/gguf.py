@@ -582,19 +582,31 @@ def _spm_scores(tokens: list[str], merges: list[tuple[str, str]]) -> list[float]
 
 def write_gguf(out_path: str | Path, config: ModelConfig, tokenizer: Tokenizer,
                tensors: Iterable[tuple[str, torch.Tensor]], outtype: str = "f16", name: str = "pocketlm") -> Path:
-    """Write a llama GGUF file from a config, a tokenizer and (HF name, tensor) pairs; atomically."""
+    """Write a llama GGUF file from a config, a tokenizer and (HF name, float tensor) pairs; atomically."""
     if outtype not in OUTTYPES:
         raise UnsupportedModelError(f"outtype '{outtype}' is not supported; choose one of {', '.join(OUTTYPES)}")
+
+    def encoded():
+        for gname, values in export_tensors(config, tensors):
+            qtype = tensor_type_for(gname, values.shape, outtype, config.tie_word_embeddings)
+            yield gname, encode_tensor(values, qtype), qtype
+
+    return write_gguf_arrays(out_path, config, tokenizer, encoded(), OUTTYPES[outtype][1], name)
+
+
+def write_gguf_arrays(out_path: str | Path, config: ModelConfig, tokenizer: Tokenizer,
+                      arrays: Iterable[tuple[str, np.ndarray, GGMLQuantizationType]], file_type: LlamaFileType,
+                      name: str = "pocketlm") -> Path:
+    """Write a llama GGUF file from (GGUF name, stored array, GGML type) triples, atomically."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     writer = GGUFWriter(tmp, "llama")
     try:
-        _write_llama_metadata(writer, config, name, OUTTYPES[outtype][1])
+        _write_llama_metadata(writer, config, name, file_type)
         _write_tokenizer(writer, tokenizer, config.vocab_size)
-        for gname, values in export_tensors(config, tensors):
-            qtype = tensor_type_for(gname, values.shape, outtype, config.tie_word_embeddings)
-            writer.add_tensor(gname, encode_tensor(values, qtype), raw_dtype=qtype)
+        for gname, values, qtype in arrays:
+            writer.add_tensor(gname, values, raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -609,10 +621,32 @@ def write_gguf(out_path: str | Path, config: ModelConfig, tokenizer: Tokenizer,
     return out_path
 
 
-def export_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16") -> Path:
-    """Convert a model directory to a GGUF file llama.cpp runs; outtype is f32, f16, q8_0 or q4_0."""
+def export_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "auto") -> Path:
+    """Convert a model directory to a GGUF file llama.cpp runs.
+
+    outtype: f32, f16, q8_0, q4_0, or auto. A quantized model (pocketlm quantize) exports exactly as its
+    own type with auto (int8 -> Q8_0, int4 -> Q4_1, symmetric int4 -> Q4_0); a float model as F16.
+    """
+    from ..checkpoint import _scheme, read_provenance
+
     model_dir = Path(model_dir)
     config = load_config(model_dir)
-    tensors = load_tensors(model_dir / WEIGHTS, config)
+    scheme = _scheme(read_provenance(model_dir).get("quantization"))
     tokenizer = Tokenizer.load(model_dir)
-    return write_gguf(out_path, config, tokenizer, tensors.items(), outtype, name=model_dir.name)
+    if scheme is not None:
+        from . import gguf_quantized
+
+        native = gguf_quantized.outtype_name(scheme)
+        if outtype in ("auto", native):
+            return gguf_quantized.export_quantized_gguf(model_dir, out_path)
+        if outtype not in ("f32", "f16"):
+            raise UnsupportedModelError(f"{model_dir} is {scheme.describe()}; it exports as {native} (--outtype auto) "
+                                        "or dequantized as f16/f32; quantize its float parent for other types")
+        from ..checkpoint import load_model
+        from ..quant import dense_tensors
+
+        model, _ = load_model(model_dir)
+        return write_gguf(out_path, config, tokenizer, dense_tensors(model), outtype, name=model_dir.name)
+    tensors = load_tensors(model_dir / WEIGHTS, config)
+    return write_gguf(out_path, config, tokenizer, tensors.items(), "f16" if outtype == "auto" else outtype,
+                      name=model_dir.name)

@@ -1,0 +1,110 @@
+"""Decode speed of SmolLM2-135M-Instruct: pocketlm's variants against llama.cpp and transformers.
+
+Each contender runs in a fresh Python process with the same thread count, prompt (128 tokens) and
+number of new tokens (128, greedy, EOS ignored). Reported per contender: prefill tokens/s, time to
+first token, batch-1 decode tokens/s, aggregate tokens/s at batch 8 and 32 (pocketlm), peak memory,
+file size, and the decode speed as a fraction of the memory-bandwidth limit (weight bytes read per
+token against the read bandwidth measured in the same run).
+
+    .venv/bin/python benchmarks/decode.py [--threads 2] [--tokens 128] [--only int8,llama.cpp-q4_1] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CONTENDERS = ["fp32", "fp32-compiled", "int8-compiled", "int4-compiled", "llama.cpp-q4_1", "llama.cpp-q8_0",
+              "transformers-fp32"]
+
+
+def worker(name: str, args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from pocketlm import bench
+    from pocketlm.hub import fetch_gguf, pull
+    from pocketlm.quant import QuantScheme, quantize_dir
+    from pocketlm.tokenizer import Tokenizer
+
+    base = pull("smollm2-135m-instruct")
+    common = dict(new_tokens=args.tokens, prompt_tokens=args.prompt_tokens, repeats=args.repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        if name in ("fp32", "fp32-compiled"):
+            r = bench.bench_pocketlm(base, batches=tuple(args.batch), compile=name.endswith("compiled"), name=name, **common)
+        elif name in ("int8-compiled", "int4-compiled"):
+            scheme = QuantScheme("int8") if name.startswith("int8") else QuantScheme("int4", 32)
+            path = quantize_dir(base, Path(tmp) / name, scheme)
+            r = bench.bench_pocketlm(path, batches=tuple(args.batch), compile=True, name=name, **common)
+        elif name == "llama.cpp-q4_1":
+            r = bench.bench_llama_cpp(fetch_gguf("smollm2-135m-instruct"), threads=args.threads,
+                                      tokenizer=Tokenizer.load(base), **common)
+        elif name == "llama.cpp-q8_0":
+            path = quantize_dir(base, Path(tmp) / "int8", QuantScheme("int8"))
+            r = bench.bench_llama_cpp(bench.gguf_for(path, tmp), threads=args.threads, tokenizer=Tokenizer.load(base), **common)
+        elif name == "transformers-fp32":
+            r = bench.bench_transformers(base, **common)
+        else:
+            raise SystemExit(f"unknown contender {name}")
+    r.name = name
+    return r.to_dict()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", type=int, action="append", default=None)
+    ap.add_argument("--only", default=",".join(CONTENDERS))
+    ap.add_argument("--json")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.batch = args.batch or [8, 32]
+    if args.worker:
+        print(json.dumps(worker(args.worker, args)))
+        return
+
+    from benchmarks.load_and_decode import machine
+    from pocketlm.bench import BenchResult, format_table, ratios, read_bandwidth_gbs
+
+    results = []
+    for name in args.only.split(","):
+        cmd = [sys.executable, __file__, "--worker", name, "--threads", str(args.threads), "--tokens", str(args.tokens),
+               "--prompt-tokens", str(args.prompt_tokens), "--repeats", str(args.repeats)]
+        for b in args.batch:
+            cmd += ["--batch", str(b)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"{name}: failed\n{done.stderr[-3000:]}", file=sys.stderr)
+            continue
+        data = json.loads(done.stdout.strip().splitlines()[-1])
+        data["batch_tokens_per_s"] = {int(k): v for k, v in data["batch_tokens_per_s"].items()}
+        results.append(BenchResult(**data))
+        print(f"{name}: {results[-1].decode_tokens_per_s:.1f} tokens/s", file=sys.stderr, flush=True)
+    bandwidth = read_bandwidth_gbs()
+    print(f"machine: {machine()}; {args.threads} threads; memory read bandwidth {bandwidth:.1f} GB/s")
+    print(f"SmolLM2-135M-Instruct, prompt {args.prompt_tokens} tokens, {args.tokens} new tokens, greedy, "
+          f"median of {args.repeats}\n")
+    print(format_table(results, bandwidth))
+    ours = [r for r in results if not r.name.startswith(("llama.cpp", "transformers"))]
+    peers = [r for r in results if r not in ours]
+    if ours and peers:
+        best = max(ours, key=lambda r: r.decode_tokens_per_s)
+        print()
+        for line in ratios(best, peers):
+            print(line)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "bandwidth_gbs": bandwidth,
+                                               "results": [r.to_dict() for r in results]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

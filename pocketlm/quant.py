@@ -1,0 +1,387 @@
+"""Weight-only quantization: int8 per output channel, int4 per group of input columns.
+
+Storage (safetensors, Hugging Face names; the scheme is recorded in pocketlm.json under "quantization"):
+
+    int8   X.weight  int8  (out, in)        w = weight * scales[:, None]            (symmetric)
+           X.scales  fp32  (out,)
+    int4   X.weight  uint8 (out, in / 2)    two 4-bit codes per byte, llama.cpp's block layout:
+                                            byte j of a group holds code j (low nibble) and j + g/2 (high)
+           X.scales  fp32  (out, in / g)    w = code * scale + min                  (asymmetric, codes 0..15)
+           X.mins    fp32  (out, in / g)
+
+Scales and mins are rounded to fp16 values so the GGUF export (Q8_0, Q4_1 / Q4_0 blocks with fp16
+scales) is exact: the exported file holds the same numbers the model computes with.
+
+The output head (and the embedding, which it is often tied to) is quantized to int8 in both schemes
+when `head` is on: it is a fifth of a small model's weights and the one matrix read in full per token.
+
+Speed. At batch 1 a decode step reads every weight once, so the matmuls are memory-bound. Under
+`torch.compile` an int8 layer with one input row is written as a dequantizing dot product, which
+inductor turns into one vectorized loop per layer that runs near the machine's read bandwidth
+(about 3x PyTorch's bf16 GEMV here). Other row counts use PyTorch's packed kernels
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) or dequantize to the activation dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+METHODS = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    method: str  # "int8" or "int4"
+    group_size: int | None = None  # int4 only
+    symmetric: bool = False  # int4 only: codes centred on 8 with no min (exports as Q4_0 instead of Q4_1)
+    head: bool = True  # also quantize the output head and the embedding (to int8)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown quantization {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method == "int4" and self.group_size not in GROUP_SIZES:
+            raise ConfigError(f"int4 needs a group size of {', '.join(map(str, GROUP_SIZES))}; got {self.group_size}")
+        if self.method == "int8" and (self.group_size is not None or self.symmetric):
+            raise ConfigError("int8 is per-channel and symmetric; --group-size and --symmetric apply to int4 only")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantScheme":
+        known = {"method", "group_size", "symmetric", "head"}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown field {sorted(unknown)[0]!r} in the quantization record; expected {sorted(known)}")
+        return cls(**data)
+
+    def describe(self) -> str:
+        if self.method == "int8":
+            return "int8 per-channel"
+        return f"int4 group {self.group_size} {'symmetric' if self.symmetric else 'asymmetric'}"
+
+
+def _fp16_exact(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float16).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# quantizers (tensor -> stored form) and their inverses
+# ---------------------------------------------------------------------------------------------
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: codes in [-127, 127] and one scale per output row."""
+    w = w.float()
+    scales = _fp16_exact(w.abs().amax(dim=1) / 127.0)
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return codes, scales
+
+
+def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return codes.float() * scales[:, None]
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group-wise 4-bit codes 0..15 with w = code * scale + min per group of `group_size` columns.
+
+    Asymmetric: scale = (max - min) / 15 (llama.cpp's Q4_1). Symmetric: the value of largest magnitude
+    maps to code 0 with scale = -that / 8 and min = -8 * scale (llama.cpp's Q4_0).
+    """
+    out_f, in_f = w.shape
+    if in_f % group_size:
+        raise ConfigError(f"a weight with {in_f} columns cannot be split into groups of {group_size}")
+    g = w.float().reshape(out_f, in_f // group_size, group_size)
+    if symmetric:
+        idx = g.abs().argmax(dim=-1, keepdim=True)
+        extreme = g.gather(-1, idx).squeeze(-1)
+        scales = _fp16_exact(-extreme / 8.0)
+        scales = torch.where(scales != 0, scales, torch.ones_like(scales))
+        mins = -8.0 * scales
+    else:
+        lo, hi = g.amin(-1), g.amax(-1)
+        scales = _fp16_exact((hi - lo) / 15.0)
+        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+        mins = _fp16_exact(lo)
+    codes = torch.round((g - mins[..., None]) / scales[..., None]).clamp_(0, 15).to(torch.uint8)
+    return pack_int4(codes.reshape(out_f, in_f), group_size), scales, mins
+
+
+def pack_int4(codes: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(out, in) codes 0..15 -> (out, in/2) bytes; in each group, byte j = code j | code (j + g/2) << 4."""
+    out_f, in_f = codes.shape
+    g = codes.reshape(out_f, in_f // group_size, 2, group_size // 2)
+    return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(out_f, in_f // 2).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor, group_size: int) -> torch.Tensor:
+    out_f, half = packed.shape
+    g = packed.reshape(out_f, half * 2 // group_size, group_size // 2)
+    return torch.stack((g & 15, g >> 4), dim=2).reshape(out_f, half * 2)
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int) -> torch.Tensor:
+    codes = unpack_int4(packed, group_size).float()
+    out_f, in_f = codes.shape
+    g = codes.reshape(out_f, in_f // group_size, group_size) * scales[..., None] + mins[..., None]
+    return g.reshape(out_f, in_f)
+
+
+# ---------------------------------------------------------------------------------------------
+# modules
+# ---------------------------------------------------------------------------------------------
+EXACT_ROWS = 16  # from this many rows on, CPU matmuls dequantize to fp32 (exact) instead of using bf16 kernels
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(out_features))
+        self.register_buffer("bias", torch.empty(out_features) if bias else None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> "Int8Linear":
+        m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        m.weight, m.scales = quantize_int8(linear.weight.detach())
+        if linear.bias is not None:
+            m.bias = linear.bias.detach().float().clone()
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if x.device.type != "cpu":
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        elif rows == 1 and _compiling():
+            # one row: a dequantizing dot product that inductor fuses into one bandwidth-bound loop (exact fp32)
+            y = (x.reshape(1, 1, -1).float() * self.weight.float()).sum(-1).reshape(*x.shape[:-1], -1) * self.scales
+        elif rows >= EXACT_ROWS and not _compiling():
+            # prefill and scoring: dequantizing costs little next to the matmul, and keeps fp32 accuracy
+            y = F.linear(x.float(), self.weight.float()) * self.scales
+        else:
+            # a few rows (eager or batched decoding): PyTorch's int8 kernel, fast with bf16 activations
+            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.weight,
+                                          self.scales.to(torch.bfloat16)).float().reshape(*x.shape[:-1], -1)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        return dequantize_int8(self.weight, self.scales)
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table stored in int8 with a scale per row; can share its storage with the head."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(num_embeddings))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids].float() * self.scales[ids].unsqueeze(-1)
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales", torch.empty(out_features, groups))
+        self.register_buffer("mins", torch.empty(out_features, groups))
+        self.register_buffer("bias", torch.empty(out_features) if bias else None)
+        self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None  # packed for PyTorch's int4 kernel
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, group_size: int, symmetric: bool = False) -> "Int4Linear":
+        m = cls(linear.in_features, linear.out_features, group_size, bias=linear.bias is not None)
+        m.weight, m.scales, m.mins = quantize_int4(linear.weight.detach(), group_size, symmetric)
+        if linear.bias is not None:
+            m.bias = linear.bias.detach().float().clone()
+        return m
+
+    def prepare_kernel(self) -> None:
+        """Repack into the layout of `torch._weight_int4pack_mm_for_cpu` (done once, after loading)."""
+        if self.weight.device.type != "cpu" or self.weight.is_meta:
+            return
+        codes = unpack_int4(self.weight, self.group_size).to(torch.int32)
+        packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+        # the kernel computes (code - 8) * scale + zero, so zero = min + 8 * scale; (groups, out, 2)
+        zeros = self.mins + 8 * self.scales
+        scales_and_zeros = torch.stack((self.scales, zeros), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        self._kernel = (packed, scales_and_zeros)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if x.device.type == "cpu" and (flat.shape[0] < EXACT_ROWS or _compiling()):
+            if self._kernel is None:
+                self.prepare_kernel()
+            packed, scales_and_zeros = self._kernel
+            y = torch._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), packed, self.group_size, scales_and_zeros)
+        else:
+            y = F.linear(flat.float() if x.device.type == "cpu" else flat, self.dequantized().to(
+                torch.float32 if x.device.type == "cpu" else x.dtype))
+        y = y.float().reshape(*x.shape[:-1], -1)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        return dequantize_int4(self.weight, self.scales, self.mins, self.group_size)
+
+
+QUANTIZED_LINEARS = (Int8Linear, Int4Linear)
+
+
+# ---------------------------------------------------------------------------------------------
+# whole models
+# ---------------------------------------------------------------------------------------------
+def _block_linears(model) -> list[tuple[nn.Module, str]]:
+    found = []
+    for layer in model.model.layers:
+        for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                              (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+            found += [(parent, n) for n in names]
+    return found
+
+
+def quantize_model(model, scheme: QuantScheme):
+    """Replace the float linear layers of a loaded LlamaForCausalLM with quantized ones, in place."""
+    for parent, name in _block_linears(model):
+        linear = getattr(parent, name)
+        if scheme.method == "int8":
+            setattr(parent, name, Int8Linear.from_float(linear))
+        else:
+            setattr(parent, name, Int4Linear.from_float(linear, scheme.group_size, scheme.symmetric))
+    if scheme.head:
+        tied = model.config.tie_word_embeddings
+        head = Int8Linear.from_float(model.lm_head)
+        embed = Int8Embedding(*model.model.embed_tokens.weight.shape)
+        if tied:
+            embed.weight, embed.scales = head.weight, head.scales
+        else:
+            embed.weight, embed.scales = quantize_int8(model.model.embed_tokens.weight.detach())
+        model.lm_head, model.model.embed_tokens = head, embed
+    model.quant_scheme = scheme
+    return model
+
+
+def build_quantized_skeleton(model, scheme: QuantScheme):
+    """Swap in empty quantized modules (on the model's device, usually meta) so a quantized state dict
+    can be assigned straight into them without ever making float weights."""
+    for parent, name in _block_linears(model):
+        linear = getattr(parent, name)
+        bias = linear.bias is not None
+        if scheme.method == "int8":
+            setattr(parent, name, Int8Linear(linear.in_features, linear.out_features, bias))
+        else:
+            setattr(parent, name, Int4Linear(linear.in_features, linear.out_features, scheme.group_size, bias))
+    if scheme.head:
+        model.lm_head = Int8Linear(model.lm_head.in_features, model.lm_head.out_features)
+        model.model.embed_tokens = Int8Embedding(*model.model.embed_tokens.weight.shape)
+    model.quant_scheme = scheme
+    return model
+
+
+def tie_quantized_head(model) -> None:
+    """After loading a tied model, point the head at the embedding's int8 storage."""
+    if isinstance(model.lm_head, Int8Linear) and model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+        model.lm_head.scales = model.model.embed_tokens.scales
+
+
+def expected_quantized_shapes(config, scheme: QuantScheme) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Names, shapes and dtypes of a quantized state dict (float tensors may be any float dtype)."""
+    from .checkpoint import expected_shapes
+
+    out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for name, shape in expected_shapes(config).items():
+        is_head = name in ("lm_head.weight", "model.embed_tokens.weight")
+        is_block_linear = name.endswith("_proj.weight")
+        if is_block_linear and scheme.method == "int4":
+            rows, cols = shape
+            groups = cols // scheme.group_size
+            out[name] = ((rows, cols // 2), torch.uint8)
+            out[name[:-len("weight")] + "scales"] = ((rows, groups), torch.float32)
+            out[name[:-len("weight")] + "mins"] = ((rows, groups), torch.float32)
+        elif is_block_linear or (is_head and scheme.head):
+            out[name] = (shape, torch.int8)
+            out[name[:-len("weight")] + "scales"] = ((shape[0],), torch.float32)
+        else:
+            out[name] = (shape, torch.float32)
+    return out
+
+
+def quantized_state_dict(model) -> dict[str, torch.Tensor]:
+    """The tensors to save: quantized buffers and float parameters, HF names, a tied head left out."""
+    state = {k: v for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
+    return state
+
+
+def dense_tensors(model):
+    """(HF name, float tensor) for every weight of a (possibly quantized) model, one at a time:
+    what an exporter to a dense format needs, without materialising the whole model in fp32."""
+    for name, module in model.named_modules():
+        if isinstance(module, QUANTIZED_LINEARS):
+            if name == "lm_head" and model.config.tie_word_embeddings:
+                continue
+            yield f"{name}.weight", module.dequantized()
+            if module.bias is not None:
+                yield f"{name}.bias", module.bias
+        elif isinstance(module, Int8Embedding):
+            yield f"{name}.weight", dequantize_int8(module.weight, module.scales)
+    for name, p in model.named_parameters():
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        yield name, p.detach()
+
+
+def prepare_kernels(model) -> None:
+    """Ready a loaded quantized model for its kernels: int4 weights are repacked, and int8 weights that
+    the memory-mapped file left unaligned are copied (PyTorch's int8 kernel crashes on odd addresses)."""
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            module.prepare_kernel()
+        elif isinstance(module, (Int8Linear, Int8Embedding)) and module.weight.data_ptr() % 64:
+            module.weight = module.weight.clone()
+    tie_quantized_head(model)
+
+def quantize_dir(model_dir, out, scheme: QuantScheme):
+    """Quantize a model directory into a new one; pocketlm.json records the scheme and the parent."""
+    from pathlib import Path
+
+    from .checkpoint import load_config, load_model, read_provenance, save_model_dir
+
+    config = load_config(model_dir)
+    if scheme.method == "int4":
+        widths = {config.hidden_size, config.num_attention_heads * config.head_dim, config.intermediate_size}
+        bad = sorted(w for w in widths if w % scheme.group_size)
+        if bad:
+            fits = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths)]
+            raise ConfigError(f"{model_dir}: layers with {bad[0]} input columns cannot be split into int4 groups of "
+                              f"{scheme.group_size}; use --group-size {' or '.join(map(str, fits)) or '(none fits)'}")
+    model, tokenizer = load_model(model_dir)
+    if model.quant_scheme is not None:
+        raise ConfigError(f"{model_dir} is already quantized ({model.quant_scheme.describe()}); quantize its float parent")
+    quantize_model(model, scheme)
+    parent = read_provenance(model_dir)
+    provenance = {
+        "source": parent.get("source"), "parent": str(Path(model_dir).resolve()),
+        "recipe": parent.get("recipe"), "data_hashes": parent.get("data_hashes", {}),
+        "quantization": scheme.to_dict(), "metrics": {},
+    }
+    return save_model_dir(out, model.config, quantized_state_dict(model), tokenizer, provenance=provenance)

@@ -1,0 +1,102 @@
+"""Speculative decoding (greedy): a cheap draft model proposes k tokens, the target checks them all in
+one forward pass and keeps the longest prefix it agrees with, plus its own next token.
+
+The output is the target's greedy output token for token (the target decides every token); the gain
+is that one target pass can yield up to k + 1 tokens. The draft must share the target's tokenizer,
+for example a quantized copy of the target or a small model distilled from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .engine import _check_prompt, _device, cache_length
+from .errors import ConfigError
+
+
+@dataclass
+class SpeculativeStats:
+    drafted: int = 0  # draft tokens proposed
+    accepted: int = 0  # of those, accepted by the target
+    target_passes: int = 0  # target forward passes after the prompt
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return (self.accepted + self.target_passes) / self.target_passes if self.target_passes else 0.0
+
+
+def check_compatible(target, draft, target_tokenizer=None, draft_tokenizer=None) -> None:
+    if target.config.vocab_size != draft.config.vocab_size:
+        raise ConfigError(f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "
+                          f"({target.config.vocab_size}); speculative decoding needs a draft with the same tokenizer")
+    if target_tokenizer is not None and draft_tokenizer is not None:
+        probe = "The quick brown fox, 1234 ünïcödé!\n"
+        if target_tokenizer.encode(probe) != draft_tokenizer.encode(probe):
+            raise ConfigError("the draft model's tokenizer splits text differently from the target's; "
+                              "speculative decoding needs a draft with the same tokenizer")
+
+
+def speculative_generate(target, draft, prompt_ids: list[int], max_new_tokens: int, k: int = 4,
+                         stop_ids: set[int] = frozenset()) -> tuple[list[int], SpeculativeStats]:
+    """Greedy continuation of `prompt_ids` by `target`, drafted `k` tokens at a time by `draft`."""
+    stats = SpeculativeStats()
+    return list(speculative_tokens(target, draft, prompt_ids, max_new_tokens, k, stop_ids, stats)), stats
+
+
+@torch.inference_mode()
+def speculative_tokens(target, draft, prompt_ids: list[int], max_new_tokens: int, k: int = 4,
+                       stop_ids: set[int] = frozenset(), stats: SpeculativeStats | None = None) -> Iterator[int]:
+    """Yield the target's greedy tokens as they are accepted; `stats` (if given) is updated as it goes."""
+    if k < 1:
+        raise ConfigError(f"the number of draft tokens k must be >= 1; got {k}")
+    check_compatible(target, draft)
+    context = min(target.config.max_position_embeddings, draft.config.max_position_embeddings)
+    _check_prompt(prompt_ids, context)
+    max_new = min(max_new_tokens, context - len(prompt_ids) - k - 1)
+    stats = stats if stats is not None else SpeculativeStats()
+    if max_new <= 0:
+        return
+    t_dev, d_dev = _device(target), _device(draft)
+    length = cache_length(len(prompt_ids) + max_new + k + 1, context)
+    target.setup_cache(1, length)
+    draft.setup_cache(1, length)
+    try:
+        seq = list(prompt_ids)
+        out = [int(target(torch.tensor([seq], device=t_dev), last_only=True)[0, -1].argmax())]
+        yield out[0]
+        draft_fed = 0  # positions of `seq` already in the draft's cache
+        while len(out) < max_new and out[-1] not in stop_ids:
+            full = seq + out
+            # draft: catch up on tokens it has not seen, then propose k tokens one at a time
+            pending = full[draft_fed:]
+            logits = draft(torch.tensor([pending], device=d_dev), start=draft_fed, last_only=True)[0, -1]
+            proposals = [int(logits.argmax())]
+            for i in range(k - 1):
+                logits = draft(torch.tensor([[proposals[-1]]], device=d_dev), start=len(full) + i)[0, -1]
+                proposals.append(int(logits.argmax()))
+            # target: one pass over the last accepted token and the k proposals
+            chunk = torch.tensor([[full[-1]] + proposals], device=t_dev)
+            preds = target(chunk, start=len(full) - 1)[0].argmax(-1).tolist()
+            n = 0
+            while n < k and proposals[n] == preds[n]:
+                n += 1
+            stats.drafted += k
+            stats.accepted += n
+            stats.target_passes += 1
+            new = proposals[:n] + [preds[n]]
+            for token in new:
+                out.append(token)
+                yield token
+                if token in stop_ids or len(out) >= max_new:
+                    return
+            draft_fed = min(len(full) + k - 1, len(full) + n)
+    finally:
+        target.clear_cache()
+        draft.clear_cache()
