@@ -50,7 +50,7 @@ def main() -> None:
             print(f"{name}: {r.token_perplexity:.4f} ({r.tokens} tokens, {r.seconds:.0f} s)", file=sys.stderr, flush=True)
     ref = rows[0][1].token_perplexity
     print(f"\nmachine: {machine()}\n")
-    print(f"| variant | token ppl | vs fp32 | word ppl | bits/byte | tokens | seconds |")
+    print("| variant | token ppl | vs fp32 | word ppl | bits/byte | tokens | seconds |")
     print("|---|---|---|---|---|---|---|")
     for name, r in rows:
         print(f"| {name} | {r.token_perplexity:.3f} | {100 * (r.token_perplexity / ref - 1):+.2f}% | "

@@ -266,12 +266,17 @@ class LlamaForCausalLM(nn.Module):
             x = x[:, -1:]
         return self.lm_head(x)
 
-    def decode_step(self, input_ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Logits (batch, vocab) for one new token per row, row b at position pos[b], using and
-        extending the static KV cache. Shapes depend only on the batch and the cache length, so
-        `torch.compile` of this method compiles once per shape and serves every step."""
+    def decode_mask(self, pos: torch.Tensor) -> torch.Tensor:
+        """(batch, 1, 1, cache_len) bool: row b sees cache positions 0..pos[b]."""
         cache_len = self.model.layers[0].self_attn.cache.k.shape[2]
-        mask = (torch.arange(cache_len, device=pos.device)[None, :] <= pos[:, None])[:, None, None]
+        return (torch.arange(cache_len, device=pos.device)[None, :] <= pos[:, None])[:, None, None]
+
+    def decode_step(self, input_ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (batch, vocab) for one new token per row, row b at position pos[b], using and
+        extending the static KV cache; `mask` is `decode_mask(pos)`. Shapes depend only on the batch
+        and the cache length, so a compiled step is built once per shape and serves every position."""
+        if mask is None:
+            mask = self.decode_mask(pos)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(x.device)
         cos = cos[pos].to(x.dtype)[:, None, None]

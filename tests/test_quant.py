@@ -240,15 +240,21 @@ def test_batched_decoding_stops_each_row_at_eos(tiny):
     assert stopped[0][-1] in stop
 
 
-def test_compiled_decoding_equals_eager(tiny_int8):
-    model, tokenizer = tiny_int8
-    prompts = [tokenizer.encode(p) for p in PROMPTS[:2]]
-    eager = [_greedy(model, ids) for ids in prompts]
-    compile_decoder(model)
-    try:
-        assert [_greedy(model, ids) for ids in prompts] == eager
-    finally:
-        compile_decoder(model, enable=False)
+def test_compiled_decoding_equals_eager_for_several_models_and_cache_lengths(tmp_path):
+    """Compiled steps skip dynamo's module guards; each model must still get its own graphs, and a new
+    cache length a new graph: three models of one shape compiled side by side, two cache buckets each."""
+    src = [tiny_model_dir(tmp_path / f"m{seed}", seed=seed, max_position_embeddings=1024)
+           for seed in range(3)]
+    models = [load_model(quantize_dir(src[0], tmp_path / "int8", QuantScheme("int8")))[0],
+              load_model(quantize_dir(src[1], tmp_path / "int4", QuantScheme("int4", 32)))[0],
+              load_model(src[2])[0]]
+    _, tokenizer = load_model(src[0])
+    ids = tokenizer.encode("the theory of")
+    eager = [(_greedy(m, ids, 20), _greedy(m, ids, 300)) for m in models]
+    assert len({tuple(e[0]) for e in eager}) > 1  # the three really differ
+    for m in models:
+        compile_decoder(m)
+    assert [(_greedy(m, ids, 20), _greedy(m, ids, 300)) for m in models] == eager
 
 
 def test_speculative_decoding_gives_exactly_the_greedy_tokens(tiny, tmp_path):
