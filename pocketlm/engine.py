@@ -113,8 +113,10 @@ def compile_decoder(model, enable: bool = True) -> None:
         model._compiled_step = None
         return
     own = _own_copy(type(model).decode_step)
-    compiled = torch.compile(own, fullgraph=True, dynamic=False,
-                             options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    if _device(model).type == "cuda":
+        options["triton.cudagraphs"] = True  # one graph launch per step: batch-1 decoding is launch-bound on a GPU
+    compiled = torch.compile(own, fullgraph=True, dynamic=False, options=options)
     model._compiled_step = lambda ids, pos: compiled(model, ids, pos, model.decode_mask(pos))
 
 
