@@ -112,6 +112,9 @@ def compile_decoder(model, enable: bool = True) -> None:
     if not enable:
         model._compiled_step = None
         return
+    for module in model.modules():  # tensors the compiled graph must find stored, not compute
+        if hasattr(module, "prepare_decode"):
+            module.prepare_decode()
     own = _own_copy(type(model).decode_step)
     options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
     if _device(model).type == "cuda":

@@ -172,10 +172,22 @@ class Int8Linear(nn.Module):
         else:
             # a few rows (eager or batched decoding): PyTorch's int8 kernel, fast with bf16 activations
             y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.weight,
-                                          self.scales.to(torch.bfloat16)).float().reshape(*x.shape[:-1], -1)
+                                          self.bf16_scales()).float().reshape(*x.shape[:-1], -1)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype)
+
+    def bf16_scales(self) -> torch.Tensor:
+        """The scales in bf16 for PyTorch's int8 kernel, kept (inductor's lowering of that kernel needs
+        them as a stored tensor, not computed in the graph); `prepare_decode` makes them ahead of compiling."""
+        cached = self.__dict__.get("_bf16_scales")
+        if cached is None or cached.device != self.scales.device or cached.shape != self.scales.shape:
+            cached = self.scales.to(torch.bfloat16)
+            self.__dict__["_bf16_scales"] = cached
+        return cached
+
+    def prepare_decode(self) -> None:
+        self.bf16_scales()
 
     def dequantized(self) -> torch.Tensor:
         return dequantize_int8(self.weight, self.scales)

@@ -252,9 +252,13 @@ def test_compiled_decoding_equals_eager_for_several_models_and_cache_lengths(tmp
     ids = tokenizer.encode("the theory of")
     eager = [(_greedy(m, ids, 20), _greedy(m, ids, 300)) for m in models]
     assert len({tuple(e[0]) for e in eager}) > 1  # the three really differ
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    batched = [generate_batch(m, prompts, SamplingParams(max_new_tokens=12, ignore_eos=True)) for m in models]
     for m in models:
         compile_decoder(m)
     assert [(_greedy(m, ids, 20), _greedy(m, ids, 300)) for m in models] == eager
+    # batched decoding of different lengths goes through the compiled step too
+    assert [generate_batch(m, prompts, SamplingParams(max_new_tokens=12, ignore_eos=True)) for m in models] == batched
 
 
 def test_speculative_decoding_gives_exactly_the_greedy_tokens(tiny, tmp_path):
