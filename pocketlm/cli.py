@@ -298,10 +298,9 @@ def bench_cmd(
             results.append(bench.bench_llama_cpp(gguf, new_tokens, prompt_tokens, repeats, threads,
                                                  tokenizer=Tokenizer.load(path)))
     bandwidth = bench.read_bandwidth_gbs()
-    out.print(bench.format_table(results, bandwidth), highlight=False)
-    out.print(f"memory read bandwidth {bandwidth:.1f} GB/s; {results[0].threads} threads", highlight=False)
-    for line in bench.ratios(results[0], results[1:]):
-        out.print(line, highlight=False)
+    lines = [bench.format_table(results, bandwidth), f"memory read bandwidth {bandwidth:.1f} GB/s; {results[0].threads} threads"]
+    lines += bench.ratios(results[0], results[1:])
+    sys.stdout.write("\n".join(lines) + "\n")  # plain: a Markdown table must not be wrapped to the terminal
     if json_out:
         json_out.write_text(json.dumps({"bandwidth_gbs": bandwidth, "results": [r.to_dict() for r in results]}, indent=2))
 
