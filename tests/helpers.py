@@ -50,3 +50,21 @@ def tiny_model_dir(path: Path, seed: int = 0, **overrides) -> Path:
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     return save_model_dir(path, config, hf.state_dict(), byte_level_tokenizer())
+
+
+def llama_cpp_agreement(llm, model, prompts: list[list[int]], n: int) -> float:
+    """Fraction of positions along pocketlm's greedy continuation (n tokens per prompt) at which
+    llama.cpp (a llama_cpp.Llama made with logits_all=True) picks the same next token."""
+    import numpy as np
+
+    from pocketlm.engine import SamplingParams, generate_tokens
+
+    agree = total = 0
+    for ids in prompts:
+        ours = list(generate_tokens(model, ids, SamplingParams(max_new_tokens=n, ignore_eos=True)))
+        llm.reset()
+        llm.eval(ids + ours[:-1])
+        theirs = np.array(llm.scores[len(ids) - 1: len(ids) + len(ours) - 1]).argmax(-1).tolist()
+        agree += sum(a == b for a, b in zip(theirs, ours))
+        total += len(ours)
+    return agree / total

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import llama_cpp_agreement
 
 from pocketlm.checkpoint import load_config, load_model, read_provenance
 from pocketlm.convert.gguf import export_gguf, import_gguf
@@ -115,15 +116,8 @@ def test_q8_0_export_in_llama_cpp(ours, smollm2_dir, llama_cpp, tmp_path):
     path = export_gguf(smollm2_dir, tmp_path / "smollm2-q8_0.gguf", "q8_0")
     model, _ = load_model(import_gguf(path, tmp_path / "q8_0-weights"))
     llm = llama_cpp.Llama(model_path=str(path), n_threads=2, n_ctx=512, logits_all=True, verbose=False)
-    agree = total = 0
-    for ids in [chat_prompt(tokenizer, m) for m in CHATS] + [tokenizer.encode(p) for p in PLAIN]:
-        continuation = greedy(model, ids, 32)
-        llm.reset()
-        llm.eval(ids + continuation[:-1])
-        choices = np.array(llm.scores[len(ids) - 1: len(ids) + 31]).argmax(-1).tolist()
-        agree += sum(a == b for a, b in zip(choices, continuation))
-        total += len(continuation)
-    assert agree / total >= 0.90
+    prompts = [chat_prompt(tokenizer, m) for m in CHATS] + [tokenizer.encode(p) for p in PLAIN]
+    assert llama_cpp_agreement(llm, model, prompts, 32) >= 0.90
 
 
 @pytest.mark.parametrize("outtype,ftype", [("q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0"), ("q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0")])

@@ -7,8 +7,8 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
+from helpers import llama_cpp_agreement
 
 from pocketlm.checkpoint import load_model
 from pocketlm.convert.gguf import export_gguf
@@ -71,16 +71,8 @@ def test_quantized_gguf_export_runs_in_llama_cpp(quantized, kind, qtype, tmp_pat
     path = export_gguf(quantized[kind], tmp_path / f"{kind}.gguf")
     assert qtype in {t.tensor_type.name for t in GGUFReader(path).tensors}
     llm = llama_cpp.Llama(model_path=str(path), n_threads=2, n_ctx=512, logits_all=True, verbose=False)
-    agree = total = 0
-    for question in QUESTIONS:
-        ids = chat_prompt(tokenizer, [{"role": "user", "content": question}])
-        ours = list(generate_tokens(model, ids, SamplingParams(max_new_tokens=16, ignore_eos=True)))
-        llm.reset()
-        llm.eval(ids + ours[:-1])
-        theirs = np.array(llm.scores[len(ids) - 1: len(ids) + 15]).argmax(-1).tolist()
-        agree += sum(a == b for a, b in zip(theirs, ours))
-        total += len(ours)
-    assert agree / total >= 0.90
+    prompts = [chat_prompt(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
+    assert llama_cpp_agreement(llm, model, prompts, 16) >= 0.90
 
 
 def test_bench_command_against_llama_cpp(quantized, tmp_path):
