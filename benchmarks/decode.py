@@ -29,6 +29,7 @@ def worker(name: str, args) -> dict:
 
     torch.set_num_threads(args.threads)
     from pocketlm import bench
+    from pocketlm.convert.gguf import export_gguf
     from pocketlm.hub import fetch_gguf, pull
     from pocketlm.quant import QuantScheme, quantize_dir
     from pocketlm.tokenizer import Tokenizer
@@ -47,7 +48,7 @@ def worker(name: str, args) -> dict:
                                       tokenizer=Tokenizer.load(base), **common)
         elif name == "llama.cpp-q8_0":
             path = quantize_dir(base, Path(tmp) / "int8", QuantScheme("int8"))
-            r = bench.bench_llama_cpp(bench.gguf_for(path, tmp), threads=args.threads, tokenizer=Tokenizer.load(base), **common)
+            r = bench.bench_llama_cpp(export_gguf(path, Path(tmp) / "int8.gguf"), threads=args.threads, tokenizer=Tokenizer.load(base), **common)
         elif name == "transformers-fp32":
             r = bench.bench_transformers(base, **common)
         else:

@@ -48,12 +48,13 @@ def main() -> None:
             r = perplexity(model, tok, text, window=args.window, stride=args.stride, max_tokens=args.max_tokens)
             rows.append((name, r))
             print(f"{name}: {r.token_perplexity:.4f} ({r.tokens} tokens, {r.seconds:.0f} s)", file=sys.stderr, flush=True)
-    ref = rows[0][1].token_perplexity
+    ref = dict(rows)["fp32"].token_perplexity if "fp32" in dict(rows) else None  # the change needs the fp32 row
     print(f"\nmachine: {machine()}\n")
     print("| variant | token ppl | vs fp32 | word ppl | bits/byte | tokens | seconds |")
     print("|---|---|---|---|---|---|---|")
     for name, r in rows:
-        print(f"| {name} | {r.token_perplexity:.3f} | {100 * (r.token_perplexity / ref - 1):+.2f}% | "
+        change = f"{100 * (r.token_perplexity / ref - 1):+.2f}%" if ref else "-"
+        print(f"| {name} | {r.token_perplexity:.3f} | {change} | "
               f"{r.word_perplexity:.2f} | {r.bits_per_byte:.4f} | {r.tokens} | {r.seconds:.0f} |")
     print(json.dumps({name: r.to_dict() for name, r in rows}))
 

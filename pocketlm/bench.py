@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -93,7 +92,7 @@ def weight_bytes_per_token(model) -> int:
     embedding row."""
     seen, total = set(), 0
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t is None or t.data_ptr() in seen or name.startswith("model.layers.") and ".cache." in name:
+        if t.data_ptr() in seen or ".cache." in name:  # a tied head counted once; no KV cache
             continue
         seen.add(t.data_ptr())
         if name.startswith("model.embed_tokens.") and not model.config.tie_word_embeddings:
@@ -110,7 +109,7 @@ def _prompt_ids(tokenizer, tokens: int) -> list[int]:
 
 def bench_pocketlm(model_dir: str | Path, new_tokens: int = 128, prompt_tokens: int = 128, batches=(8,),
                    repeats: int = 3, compile: bool = True, name: str = "pocketlm") -> BenchResult:
-    from .checkpoint import WEIGHTS, load_model, read_provenance
+    from .checkpoint import WEIGHTS, load_model, read_quant_scheme
     from .engine import SamplingParams, compile_decoder, generate_batch, generate_tokens
 
     model_dir = Path(model_dir)
@@ -149,12 +148,8 @@ def bench_pocketlm(model_dir: str | Path, new_tokens: int = 128, prompt_tokens: 
             started = time.perf_counter()
             outs = generate_batch(model, prompts, params)
             batch_speed[b] = sum(len(o) for o in outs) / (time.perf_counter() - started)
-    scheme = read_provenance(model_dir).get("quantization")
-    weights = ("fp32" if model.compute_dtype == torch.float32 else str(model.compute_dtype).removeprefix("torch."))
-    if scheme:
-        from .quant import QuantScheme
-
-        weights = QuantScheme.from_dict(scheme).describe()
+    scheme = read_quant_scheme(model_dir)
+    weights = scheme.describe() if scheme else str(model.compute_dtype).removeprefix("torch.").replace("float32", "fp32")
     return BenchResult(
         name=name, weights=weights + (" compiled" if compile else ""),
         file_mb=(model_dir / WEIGHTS).stat().st_size / 2**20, load_s=load_s,
@@ -206,16 +201,6 @@ def bench_transformers(model_dir: str | Path, new_tokens: int = 128, prompt_toke
 
 def _dir_weights_mb(model_dir: Path) -> float:
     return sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 2**20
-
-
-def gguf_for(model_dir: str | Path, out_dir: str | Path) -> Path:
-    """The model exported to GGUF in the type that matches its weights (int8 -> Q8_0, int4 -> Q4_x, float -> F16)."""
-    from .checkpoint import read_provenance
-    from .convert.gguf import export_gguf
-
-    scheme = read_provenance(model_dir).get("quantization")
-    outtype = "auto" if scheme else "f16"
-    return export_gguf(model_dir, Path(out_dir) / "model.gguf", outtype=outtype)
 
 
 def bench_llama_cpp(gguf_path: str | Path, new_tokens: int = 128, prompt_tokens: int = 128, repeats: int = 3,
@@ -304,7 +289,3 @@ def ratios(ours: BenchResult, peers: list[BenchResult]) -> list[str]:
     return [f"{ours.name} / {p.name}: decode {ours.decode_tokens_per_s / p.decode_tokens_per_s:.2f}x, "
             f"prefill {ours.prefill_tokens_per_s / p.prefill_tokens_per_s:.2f}x, "
             f"time to first token {ours.ttft_ms / p.ttft_ms:.2f}x" for p in peers]
-
-
-def temp_dir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="pocketlm-bench-")

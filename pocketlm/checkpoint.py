@@ -89,7 +89,7 @@ def save_model_dir(
     tensors = dict(tensors)
     if config.tie_word_embeddings:
         tensors = {k: v for k, v in tensors.items() if not k.startswith("lm_head.")}
-    _check_tensors(tensors, config, source="tensors to save", scheme=_scheme((provenance or {}).get("quantization")))
+    _check_tensors(tensors, config, source="tensors to save", scheme=quant_scheme_from_record((provenance or {}).get("quantization")))
     if config.bos_token_id is None and tokenizer.bos_token_id is not None:
         config.bos_token_id = tokenizer.bos_token_id
     if config.eos_token_id is None and tokenizer.eos_token_id is not None:
@@ -285,7 +285,8 @@ def _check_safetensors_file(path: Path) -> None:
         )
 
 
-def _scheme(record: dict[str, Any] | None):
+def quant_scheme_from_record(record: dict[str, Any] | None):
+    """The QuantScheme a pocketlm.json "quantization" record describes (None: float weights)."""
     if not record:
         return None
     from .quant import QuantScheme
@@ -294,6 +295,11 @@ def _scheme(record: dict[str, Any] | None):
         return QuantScheme.from_dict(record)
     except (TypeError, PocketLMError) as exc:
         raise CheckpointError(f"pocketlm.json: bad quantization record {record}: {exc}") from None
+
+
+def read_quant_scheme(model_dir: str | Path):
+    """The quantization scheme of a model directory, or None for float weights."""
+    return quant_scheme_from_record(read_provenance(model_dir).get("quantization"))
 
 
 def _check_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig, source: str, scheme=None) -> None:
@@ -338,7 +344,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
 
     model_dir = Path(model_dir)
     config = load_config(model_dir)
-    scheme = _scheme(read_provenance(model_dir).get("quantization"))
+    scheme = read_quant_scheme(model_dir)
     tensors = load_tensors(model_dir / WEIGHTS, config, scheme)
     tokenizer = Tokenizer.load(model_dir)
     if tokenizer.vocab_size > config.vocab_size:
@@ -356,16 +362,11 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
     if scheme is not None:
         tensors = {k: v.float() if v.is_floating_point() and dtype is None else v for k, v in tensors.items()}
     model.load_state_dict(tensors, strict=not config.tie_word_embeddings, assign=True)
-    if config.tie_word_embeddings:
-        if scheme is not None and scheme.head:
-            from .quant import tie_quantized_head
-
-            tie_quantized_head(model)
-        else:
-            model.lm_head.weight = model.model.embed_tokens.weight
+    if config.tie_word_embeddings and not (scheme is not None and scheme.head):
+        model.lm_head.weight = model.model.embed_tokens.weight
     if scheme is not None:
         from .quant import prepare_kernels
 
-        prepare_kernels(model)
+        prepare_kernels(model)  # also ties a quantized head to the embedding's int8 storage
     model.eval()
     return model, tokenizer

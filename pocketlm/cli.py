@@ -239,6 +239,7 @@ def quantize_cmd(
     head: bool = typer.Option(True, help="also quantize the output head and the embedding (to int8)"),
 ):
     """Weight-only quantization of every linear layer; the result loads straight into its quantized form."""
+    from .checkpoint import WEIGHTS
     from .hub import resolve_model
     from .quant import QuantScheme, quantize_dir
 
@@ -246,8 +247,8 @@ def quantize_cmd(
     started = time.perf_counter()
     source = resolve_model(model)
     path = quantize_dir(source, dest, scheme)
-    before = (source / "model.safetensors").stat().st_size
-    after = (path / "model.safetensors").stat().st_size
+    before = (source / WEIGHTS).stat().st_size
+    after = (path / WEIGHTS).stat().st_size
     err.print(f"{scheme.describe()}: {before / 2**20:.0f} MB -> {after / 2**20:.0f} MB "
               f"({before / after:.1f}x smaller) in {time.perf_counter() - started:.1f} s")
     out.print(str(path), highlight=False)
@@ -267,11 +268,13 @@ def bench_cmd(
 ):
     """Measure prefill and decode speed, time to first token, memory and size; compare with peers."""
     import json
+    import tempfile
 
     import torch
 
     from . import bench
     from .checkpoint import read_provenance
+    from .convert.gguf import export_gguf
     from .errors import ConfigError
     from .hub import resolve_model
 
@@ -293,8 +296,9 @@ def bench_cmd(
     if "llama.cpp" in peers:
         from .tokenizer import Tokenizer
 
-        with bench.temp_dir() as tmp, err.status("exporting to GGUF and benchmarking llama.cpp ..."):
-            gguf = bench.gguf_for(path, tmp)
+        with tempfile.TemporaryDirectory(prefix="pocketlm-bench-") as tmp, \
+                err.status("exporting to GGUF and benchmarking llama.cpp ..."):
+            gguf = export_gguf(path, Path(tmp) / "model.gguf")  # the model's own type (int8 -> Q8_0, ...)
             results.append(bench.bench_llama_cpp(gguf, new_tokens, prompt_tokens, repeats, threads,
                                                  tokenizer=Tokenizer.load(path)))
     bandwidth = bench.read_bandwidth_gbs()

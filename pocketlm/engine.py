@@ -117,7 +117,7 @@ def compile_decoder(model, enable: bool = True) -> None:
             module.prepare_decode()
     own = _own_copy(type(model).decode_step)
     options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-    if _device(model).type == "cuda":
+    if model.device.type == "cuda":
         options["triton.cudagraphs"] = True  # one graph launch per step: batch-1 decoding is launch-bound on a GPU
     compiled = torch.compile(own, fullgraph=True, dynamic=False, options=options)
     model._compiled_step = lambda ids, pos: compiled(model, ids, pos, model.decode_mask(pos))
@@ -132,11 +132,7 @@ def decode_fn(model):
     return getattr(model, "_compiled_step", None) or model.decode_step
 
 
-def _device(model) -> torch.device:
-    return model.model.norm.weight.device
-
-
-def _check_prompt(prompt_ids: list[int], context: int) -> None:
+def check_prompt(prompt_ids: list[int], context: int) -> None:
     if not prompt_ids:
         raise ConfigError("the prompt is empty; give at least one token of text")
     if len(prompt_ids) >= context:
@@ -159,11 +155,11 @@ def _prefill(model, step_fn, prompts: list[list[int]], device) -> torch.Tensor:
 def generate_tokens(model, prompt_ids: list[int], params: SamplingParams, stop_ids: set[int] = frozenset()) -> Iterator[int]:
     """Yield new token ids for one prompt until EOS (a `stop_ids` member, yielded last) or max_new_tokens."""
     context = model.config.max_position_embeddings
-    _check_prompt(prompt_ids, context)
+    check_prompt(prompt_ids, context)
     max_new = min(params.max_new_tokens, context - len(prompt_ids))
     if max_new == 0:
         return
-    device = _device(model)
+    device = model.device
     generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
     tokens = torch.tensor([prompt_ids], device=device)
     model.setup_cache(1, cache_length(len(prompt_ids) + max_new, context))
@@ -195,13 +191,13 @@ def generate_batch(model, prompts: list[list[int]], params: SamplingParams,
     KV cache, then every step decodes all unfinished rows at their own positions in one batch."""
     context = model.config.max_position_embeddings
     for ids in prompts:
-        _check_prompt(ids, context)
+        check_prompt(ids, context)
     max_new = min(params.max_new_tokens, context - max(len(p) for p in prompts))
     n = len(prompts)
     outputs: list[list[int]] = [[] for _ in prompts]
     if max_new <= 0 or n == 0:
         return outputs
-    device = _device(model)
+    device = model.device
     generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
     model.setup_cache(n, cache_length(max(len(p) for p in prompts) + max_new, context))
     step_fn = decode_fn(model)

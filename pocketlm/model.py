@@ -204,6 +204,10 @@ class LlamaForCausalLM(nn.Module):
         return self
 
     @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
+    @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype activations flow in: the float weights' dtype (int8 storage computes in fp32)."""
         return self.model.norm.weight.dtype

@@ -56,9 +56,7 @@ def perplexity(model, tokenizer, text: str, window: int = 1024, stride: int | No
         text = tokenizer.decode(ids[1:] if tokenizer.bos_token_id is not None else ids)
     if len(ids) < 2:
         raise ConfigError("the text is a single token; nothing to score")
-    device = next(iter(model.buffers()), None)
-    device = device.device if device is not None else torch.device("cpu")
-    all_ids = torch.tensor(ids, device=device)
+    all_ids = torch.tensor(ids, device=model.device)
     total_nll, scored, started = 0.0, 0, time.perf_counter()
     # windows: [begin, end); score targets from max(prev_end, begin + 1) to end - 1
     prev_end, begin = 1, 0
@@ -73,8 +71,7 @@ def perplexity(model, tokenizer, text: str, window: int = 1024, stride: int | No
         total_nll -= logprobs.gather(-1, targets[:, None]).sum().item()
         scored += targets.numel()
         prev_end = end
-        begin = max(end - window + stride, begin + stride) if end < n else end
-        begin = min(begin, end - 1)
+        begin = min(begin + stride, end - 1)  # keep one token of context even when stride == window
         if progress:
             progress(scored, n - 1)
     words = max(len(text.split()), 1)

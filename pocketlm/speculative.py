@@ -13,7 +13,7 @@ from typing import Iterator
 
 import torch
 
-from .engine import _check_prompt, _device, cache_length
+from .engine import cache_length, check_prompt
 from .errors import ConfigError
 
 
@@ -58,12 +58,12 @@ def speculative_tokens(target, draft, prompt_ids: list[int], max_new_tokens: int
         raise ConfigError(f"the number of draft tokens k must be >= 1; got {k}")
     check_compatible(target, draft)
     context = min(target.config.max_position_embeddings, draft.config.max_position_embeddings)
-    _check_prompt(prompt_ids, context)
+    check_prompt(prompt_ids, context)
     max_new = min(max_new_tokens, context - len(prompt_ids) - k - 1)
     stats = stats if stats is not None else SpeculativeStats()
     if max_new <= 0:
         return
-    t_dev, d_dev = _device(target), _device(draft)
+    t_dev, d_dev = target.device, draft.device
     length = cache_length(len(prompt_ids) + max_new + k + 1, context)
     target.setup_cache(1, length)
     draft.setup_cache(1, length)

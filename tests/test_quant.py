@@ -160,16 +160,15 @@ def test_quantized_weights_without_their_record_are_refused(tiny, tmp_path):
         load_model(out)
 
 
-def test_quantized_model_saves_back_through_save_model_dir(tiny, tmp_path):
+def test_saving_a_quantized_tensor_of_the_wrong_shape_is_refused(tiny, tmp_path):
     model, tokenizer = load_model(tiny)
     scheme = QuantScheme("int4", 32)
     quantize_model(model, scheme)
-    from pocketlm.quant import quantized_state_dict
-
-    state = quantized_state_dict(model)
+    state = model.state_dict()
     state["model.layers.0.mlp.up_proj.scales"] = state["model.layers.0.mlp.up_proj.scales"][:, :1]
     with pytest.raises(CheckpointError, match="up_proj.scales has shape"):
         save_model_dir(tmp_path / "bad", model.config, state, tokenizer, provenance={"quantization": scheme.to_dict()})
+    assert not (tmp_path / "bad").exists()
 
 
 # ---- GGUF export -------------------------------------------------------------------------------

@@ -584,7 +584,7 @@ def write_gguf(out_path: str | Path, config: ModelConfig, tokenizer: Tokenizer,
                tensors: Iterable[tuple[str, torch.Tensor]], outtype: str = "f16", name: str = "pocketlm") -> Path:
     """Write a llama GGUF file from a config, a tokenizer and (HF name, float tensor) pairs; atomically."""
     if outtype not in OUTTYPES:
-        raise UnsupportedModelError(f"outtype '{outtype}' is not supported; choose one of {', '.join(OUTTYPES)}")
+        raise UnsupportedModelError(f"outtype '{outtype}' is not supported; choose one of {', '.join(OUTTYPES)} or auto")
 
     def encoded():
         for gname, values in export_tensors(config, tensors):
@@ -627,11 +627,11 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "aut
     outtype: f32, f16, q8_0, q4_0, or auto. A quantized model (pocketlm quantize) exports exactly as its
     own type with auto (int8 -> Q8_0, int4 -> Q4_1, symmetric int4 -> Q4_0); a float model as F16.
     """
-    from ..checkpoint import _scheme, read_provenance
+    from ..checkpoint import read_quant_scheme
 
     model_dir = Path(model_dir)
     config = load_config(model_dir)
-    scheme = _scheme(read_provenance(model_dir).get("quantization"))
+    scheme = read_quant_scheme(model_dir)
     tokenizer = Tokenizer.load(model_dir)
     if scheme is not None:
         from . import gguf_quantized
