@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.load_and_decode import machine  # noqa: E402
 from pocketlm.checkpoint import load_model  # noqa: E402
 from pocketlm.hub import resolve_model  # noqa: E402
-from pocketlm.perplexity import perplexity  # noqa: E402
+from pocketlm.evaluate.perplexity import perplexity  # noqa: E402
 from pocketlm.quant import QuantScheme, quantize_dir  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "test.txt"

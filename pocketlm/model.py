@@ -249,6 +249,14 @@ class LlamaForCausalLM(nn.Module):
         head for all but the final position (what decoding needs); `cache_row` prefills one row of a
         batched cache with a single sequence.
         """
+        x = self.hidden_states(input_ids, start, cache_row)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)
+
+    def hidden_states(self, input_ids: torch.Tensor, start: int = 0, cache_row: int | None = None) -> torch.Tensor:
+        """The final normed hidden states (batch, seq, hidden): scoring applies the output head only
+        at the positions it needs, instead of materialising logits for every position."""
         b, t = input_ids.shape
         end = start + t
         if end > self.config.max_position_embeddings:
@@ -265,10 +273,7 @@ class LlamaForCausalLM(nn.Module):
             mask = self.causal_bias(t, x.device)
         for layer in self.model.layers:
             x = layer(x, cos, sin, start, mask, cache_row)
-        x = self.model.norm(x)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(x)
+        return self.model.norm(x)
 
     def decode_mask(self, pos: torch.Tensor) -> torch.Tensor:
         """(batch, 1, 1, cache_len) bool: row b sees cache positions 0..pos[b]."""

@@ -8,7 +8,6 @@ the value and what was expected.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import ConfigError
+from ..validation import validation_message
 
 
 class Section(BaseModel):
@@ -169,37 +169,7 @@ def validate_recipe(data: dict, source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_describe(exc.errors()[0], data)}") from None
-
-
-def _describe(error: dict, data: dict) -> str:
-    loc = [str(p) for p in error["loc"]]
-    key = ".".join(loc) or "(recipe)"
-    if error["type"] == "extra_forbidden":
-        model = _section_model(loc[:-1])
-        allowed = sorted(model.model_fields) if model else []
-        typo = loc[-1]
-        close = [k for k in allowed if typo.startswith(k) or k.startswith(typo)] or difflib.get_close_matches(typo, allowed, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        return f"{key}: unknown key{hint} (expected one of: {', '.join(allowed)})"
-    if error["type"] == "missing":
-        return f"{key}: missing (required)"
-    value = error.get("input")
-    return f"{key}: {error['msg']} (got {value!r})"
-
-
-def _section_model(loc: list[str]):
-    model = Recipe
-    for part in loc:
-        field = model.model_fields.get(part)
-        if field is None:
-            return None
-        annotation = field.annotation
-        candidates = getattr(annotation, "__args__", (annotation,))
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if model is None:
-            return None
-    return model
+        raise ConfigError(f"{source}: {validation_message(exc, Recipe)}") from None
 
 
 def check_recipe_paths(recipe: Recipe, source: str = "recipe") -> None:

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from .scoring import rolling_nll
 
 
 @dataclass
@@ -44,8 +44,6 @@ def perplexity(model, tokenizer, text: str, window: int = 1024, stride: int | No
     word and byte counts are then taken from the text those tokens cover)."""
     stride = stride or window
     window = min(window, model.config.max_position_embeddings)
-    if not 0 < stride <= window:
-        raise ConfigError(f"stride must be in 1..window ({window}); got {stride}")
     if not text.strip():
         raise ConfigError("the text to score is empty")
     ids = tokenizer.encode(text, add_special_tokens=False)
@@ -54,26 +52,8 @@ def perplexity(model, tokenizer, text: str, window: int = 1024, stride: int | No
     if max_tokens is not None and max_tokens + 1 < len(ids):
         ids = ids[: max_tokens + 1]
         text = tokenizer.decode(ids[1:] if tokenizer.bos_token_id is not None else ids)
-    if len(ids) < 2:
-        raise ConfigError("the text is a single token; nothing to score")
-    all_ids = torch.tensor(ids, device=model.device)
-    total_nll, scored, started = 0.0, 0, time.perf_counter()
-    # windows: [begin, end); score targets from max(prev_end, begin + 1) to end - 1
-    prev_end, begin = 1, 0
-    n = len(ids)
-    while prev_end < n:
-        end = min(begin + window, n)
-        chunk = all_ids[begin:end][None]
-        logits = model(chunk).float()[0]
-        first = prev_end - begin  # first target position within the chunk
-        targets = chunk[0, first:]
-        logprobs = F.log_softmax(logits[first - 1:end - begin - 1], dim=-1)
-        total_nll -= logprobs.gather(-1, targets[:, None]).sum().item()
-        scored += targets.numel()
-        prev_end = end
-        begin = min(begin + stride, end - 1)  # keep one token of context even when stride == window
-        if progress:
-            progress(scored, n - 1)
+    started = time.perf_counter()
+    total_nll, scored = rolling_nll(model, ids, window, stride, progress)
     words = max(len(text.split()), 1)
     n_bytes = max(len(text.encode("utf-8")), 1)
     return PerplexityResult(
