@@ -309,6 +309,54 @@ def bench_cmd(
         json_out.write_text(json.dumps({"bandwidth_gbs": bandwidth, "results": [r.to_dict() for r in results]}, indent=2))
 
 
+@app.command("eval")
+def eval_cmd(
+    model: Optional[str] = typer.Argument(None, help="model directory or name"),
+    tasks: Optional[str] = typer.Option(None, "--tasks", "-t", help="comma-separated: names, NAME=PATH, mmlu_SUBJECT, task.yaml"),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="demonstrations per question (default: the task's, mostly 0)"),
+    limit: Optional[int] = typer.Option(None, help="only the first N examples of each task"),
+    max_tokens: Optional[int] = typer.Option(None, help="perplexity tasks: score only the first N tokens"),
+    dtype: Optional[str] = typer.Option(None, help="float32 or bfloat16 (about 2x faster, slightly different scores)"),
+    batch_tokens: int = typer.Option(4096, help="tokens per scoring batch (padding included)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write the results JSON here"),
+    log_samples: bool = typer.Option(False, help="include every example's scores and prediction in the JSON"),
+    list_tasks: bool = typer.Option(False, "--list-tasks", help="list the built-in tasks and exit"),
+):
+    """Evaluate a model: multiple choice (acc, acc_norm), generation (exact match), perplexity."""
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .errors import ConfigError
+    from .evaluate.loaders import BUILTIN
+    from .evaluate.report import results_table
+    from .evaluate.runner import evaluate_dir
+    from .hub import resolve_model
+
+    if list_tasks:
+        sys.stdout.write("".join(f"{name:14} {about}\n" for name, (_, about) in BUILTIN.items()))
+        return
+    if not model or not tasks:
+        raise ConfigError("give a model and --tasks (see --list-tasks)")
+    specs = [t.strip() for t in tasks.split(",") if t.strip()]
+    path = resolve_model(model)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        bars: dict[str, int] = {}
+
+        def progress(name: str, done: int, total: int) -> None:
+            if name not in bars:
+                bars[name] = bar.add_task(name, total=total)
+            bar.update(bars[name], completed=done, total=total)
+
+        document = evaluate_dir(path, specs, dtype=dtype, num_fewshot=num_fewshot, limit=limit, max_tokens=max_tokens,
+                                batch_tokens=batch_tokens, progress=progress, log_samples=log_samples)
+    sys.stdout.write(results_table(document) + "\n")
+    if output:
+        output.write_text(json.dumps(document, indent=2))
+        err.print(f"results written to {output}", highlight=False)
+
+
 @app.command("info")
 def info_cmd(model: str = typer.Argument(..., help="model directory or name")):
     """Show a model directory's shape and provenance."""

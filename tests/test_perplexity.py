@@ -10,7 +10,7 @@ import torch
 from helpers import tiny_model_dir
 from pocketlm.checkpoint import load_model
 from pocketlm.errors import ConfigError
-from pocketlm.perplexity import perplexity
+from pocketlm.evaluate.perplexity import perplexity
 
 TEXT = "the theory of the thing is that the thing he said was the theory. " * 6
 

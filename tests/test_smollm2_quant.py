@@ -13,7 +13,7 @@ from helpers import llama_cpp_agreement
 from pocketlm.checkpoint import load_model
 from pocketlm.convert.gguf import export_gguf
 from pocketlm.engine import SamplingParams, chat_prompt, generate_tokens
-from pocketlm.perplexity import perplexity
+from pocketlm.evaluate.perplexity import perplexity
 from pocketlm.quant import QuantScheme, quantize_dir
 from pocketlm.speculative import speculative_generate
 

@@ -14,6 +14,7 @@ Scoring goes through the same code as `pocketlm eval`, so both give the same num
 
 from __future__ import annotations
 
+import lm_eval.models  # noqa: F401  (registers lm-eval's own models first: it skips that once the registry is not empty)
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import model_registry

@@ -9,6 +9,7 @@ Prompt formats are lm-evaluation-harness's for the same tasks, so the figures co
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import os
 import re
@@ -321,5 +322,7 @@ def resolve_tasks(specs: list[str]) -> list[Task]:
             root = Path(path) if path else _default("mmlu")
             tasks.append(mmlu_task(_existing(root, "mmlu"), name[len("mmlu_"):]))
         else:
-            raise ConfigError(f"unknown task {name!r}; known: {', '.join(BUILTIN)}, mmlu_SUBJECT, or a task file (.yaml)")
+            close = difflib.get_close_matches(name, list(BUILTIN), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"unknown task {name!r}; {hint}known: {', '.join(BUILTIN)}, mmlu_SUBJECT, or a task file (.yaml)")
     return tasks

@@ -111,6 +111,8 @@ def run_task(model, tokenizer, task: Task, num_fewshot: int | None = None, limit
             raise ConfigError(f"task {task.name}: unknown kind {task.kind!r}")
         metrics.update(n=len(examples), num_fewshot=shots)
     metrics.update(seconds=round(time.perf_counter() - started, 2), source=task.source)
+    if task.group:
+        metrics["group"] = task.group
     return metrics, samples
 
 
@@ -173,9 +175,21 @@ def evaluate(model, tokenizer, tasks: list[str] | list[Task], num_fewshot: int |
     return document
 
 
-def evaluate_dir(model_dir: str | Path, tasks: list[str], **kwargs) -> dict:
-    """Load a model directory and evaluate it (see `evaluate`)."""
+DTYPES = ("float32", "bfloat16")
+
+
+def evaluate_dir(model_dir: str | Path, tasks: list[str], dtype: str | None = None, **kwargs) -> dict:
+    """Load a model directory (optionally in bfloat16, about 2x faster on CPUs with AVX512-BF16, with
+    slightly different scores) and evaluate it (see `evaluate`)."""
+    import torch
+
     from ..checkpoint import load_model
 
-    model, tokenizer = load_model(model_dir)
-    return evaluate(model, tokenizer, tasks, model_dir=Path(model_dir), **kwargs)
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if isinstance(tasks, list) and tasks and isinstance(tasks[0], str):
+        tasks = resolve_tasks(tasks)  # task errors before the model loads
+    model, tokenizer = load_model(model_dir, dtype=getattr(torch, dtype) if dtype else None)
+    document = evaluate(model, tokenizer, tasks, model_dir=Path(model_dir), **kwargs)
+    document["settings"]["dtype"] = str(model.compute_dtype).removeprefix("torch.")
+    return document
