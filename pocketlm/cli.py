@@ -357,6 +357,28 @@ def eval_cmd(
         err.print(f"results written to {output}", highlight=False)
 
 
+@app.command("compare")
+def compare_cmd(
+    models: list[str] = typer.Argument(..., help="two or more model directories or names"),
+    tasks: str = typer.Option(..., "--tasks", "-t", help="comma-separated tasks, as for `pocketlm eval`"),
+    out_dir: Path = typer.Option(Path("compare-report"), "--out", "-o", help="folder for report.md, plots and JSON"),
+    limit: Optional[int] = typer.Option(None, help="only the first N examples of each task"),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="prompt for the side-by-side generations (repeatable)"),
+    new_tokens: int = typer.Option(32, help="tokens per side-by-side generation"),
+    compile: bool = typer.Option(False, help="compile the decode step before measuring speed"),
+    leaderboard: Optional[Path] = typer.Option(None, help="leaderboard JSON to append to (default: OUT/leaderboard.json)"),
+):
+    """Compare models: task scores, size, load time, speed, memory, and generations, with plots."""
+    from .evaluate.compare import compare
+
+    specs = [t.strip() for t in tasks.split(",") if t.strip()]
+    with err.status("comparing ...") as status:
+        report = compare(models, specs, out_dir, limit=limit, prompts=prompt, new_tokens=new_tokens, compile=compile,
+                         leaderboard=leaderboard, progress=lambda m: status.update(f"measuring {m} ..."))
+    sys.stdout.write(report.read_text())
+    err.print(f"report: {report}", highlight=False)
+
+
 @app.command("info")
 def info_cmd(model: str = typer.Argument(..., help="model directory or name")):
     """Show a model directory's shape and provenance."""

@@ -345,3 +345,43 @@ def test_lm_eval_adapter_and_hf_agree_with_pocketlm_eval(tiny, tmp_path, monkeyp
         assert metrics["acc,none"] == pytest.approx(ours["results"]["piqa"]["acc"]), model
         assert metrics["acc_norm,none"] == pytest.approx(ours["results"]["piqa"]["acc_norm"]), model
         assert torch.allclose(torch.tensor(lls), torch.tensor(our_lls), atol=1e-4), model
+
+
+# ---- compare -----------------------------------------------------------------------------------
+def test_pareto_front():
+    from pocketlm.evaluate.compare import pareto_front
+
+    points = [(100.0, 30.0), (50.0, 29.0), (60.0, 25.0), (25.0, 20.0)]
+    assert pareto_front(points, lower_x_better=True) == [0, 1, 3]  # (60, 25) is beaten by (50, 29)
+    assert pareto_front(points, lower_x_better=False) == [0]
+
+
+def test_cli_compare_writes_report_plots_and_an_accumulating_leaderboard(tiny, tmp_path):
+    from pocketlm.quant import QuantScheme, quantize_dir
+
+    int8 = quantize_dir(tiny, tmp_path / "tiny-int8", QuantScheme("int8"))
+    task = write_task(tmp_path)
+    out = tmp_path / "report"
+    for _ in range(2):
+        proc = run_cli("compare", str(tiny), str(int8), "--tasks", str(task), "--out", str(out), "--prompt", "hello",
+                       "--new-tokens", "4")
+        assert proc.returncode == 0, proc.stderr
+    report = (out / "report.md").read_text()
+    assert "| model | capitals | mean |" in report and "| tiny-int8 | int8 per-channel |" in report
+    assert results_params(out) == 2 * [results_params(out)[0]]  # quantized: the same parameters
+    assert "**hello**" in report
+    for png in ("accuracy_vs_size.png", "accuracy_vs_speed.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    results = json.loads((out / "results.json").read_text())
+    assert results[0]["file_mb"] > results[1]["file_mb"] > 0 and all(r["decode_tokens_per_s"] > 0 for r in results)
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert len(board) == 4 and {b["path"] for b in board} == {str(tiny), str(int8)}
+
+
+def results_params(out: Path) -> list[int]:
+    return [r["parameters"] for r in json.loads((out / "results.json").read_text())]
+
+
+def test_cli_compare_bad_task_fails_before_measuring(tiny):
+    proc = run_cli("compare", str(tiny), str(tiny), "--tasks", "arc_chalenge")
+    assert proc.returncode == 1 and "did you mean 'arc_challenge'" in proc.stderr and "Traceback" not in proc.stderr

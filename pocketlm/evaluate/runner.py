@@ -139,9 +139,12 @@ def group_results(tasks: list[Task], results: dict[str, dict]) -> dict[str, dict
 
 def model_facts(model, model_dir: Path | None) -> dict:
     """What identifies the evaluated model: its directory, size and provenance."""
-    from ..checkpoint import read_provenance
+    import math
 
-    facts: dict = {"parameters": sum(p.numel() for p in model.parameters()),
+    from ..checkpoint import expected_shapes, read_provenance
+
+    # counted from the shapes, so a quantized model (int8 buffers, not parameters) counts the same
+    facts: dict = {"parameters": sum(math.prod(s) for s in expected_shapes(model.config).values()),
                    "quantization": asdict(model.quant_scheme) if getattr(model, "quant_scheme", None) else None}
     if model_dir is not None:
         files = [p for p in Path(model_dir).glob("*.safetensors")]
