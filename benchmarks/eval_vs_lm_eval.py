@@ -30,7 +30,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pocketlm.evaluate.loaders import instruction_piqa, shared_data_dir  # noqa: E402
+from pocketlm.evaluate.loaders import instruction_piqa, shared_data_dir
 
 ARC_YAML = """task: {name}
 dataset_path: json

@@ -12,14 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import tiny_model_dir
+
 from pocketlm.checkpoint import load_model
 from pocketlm.errors import ConfigError
 from pocketlm.evaluate import loaders
 from pocketlm.evaluate.runner import evaluate, evaluate_dir
 from pocketlm.evaluate.scoring import encode_pair, loglikelihoods
-from pocketlm.evaluate.tasks import Example, Task, choose, extract_answer, normalize_number
+from pocketlm.evaluate.tasks import (
+    Example,
+    Task,
+    choose,
+    extract_answer,
+    normalize_number,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -385,3 +391,18 @@ def results_params(out: Path) -> list[int]:
 def test_cli_compare_bad_task_fails_before_measuring(tiny):
     proc = run_cli("compare", str(tiny), str(tiny), "--tasks", "arc_chalenge")
     assert proc.returncode == 1 and "did you mean 'arc_challenge'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_lm_eval_command_line_with_the_pocketlm_model(tiny, tmp_path):
+    data = write_jsonl(tmp_path / "piqa.jsonl", [{"goal": "g", "sol1": "a spoon", "sol2": "a fork", "label": 1}] * 3)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny_piqa.yaml").write_text(LM_EVAL_PIQA.format(data=data))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "pocketlm.evaluate.harness", "run", "--model", "pocketlm",
+                           "--model_args", f"path={tiny}", "--tasks", "tiny_piqa", "--include_path", str(tmp_path / "tasks"),
+                           "--device", "cpu"], capture_output=True, text=True, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ours = evaluate_dir(tiny, [f"piqa={data}"])["results"]["piqa"]
+    rows = {cells[5]: float(cells[7]) for line in proc.stdout.splitlines()
+            if len(cells := [c.strip() for c in line.split("|")]) > 8 and cells[5] in ("acc", "acc_norm")}
+    assert rows == {"acc": pytest.approx(ours["acc"]), "acc_norm": pytest.approx(ours["acc_norm"])}

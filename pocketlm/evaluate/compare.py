@@ -129,7 +129,7 @@ def update_leaderboard(path: Path, entries: list[dict], tasks: list[str], limit:
     board = json.loads(path.read_text()) if path.exists() else []
     if not isinstance(board, list):
         raise ConfigError(f"{path}: not a pocketlm leaderboard (expected a JSON list)")
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     for e in entries:
         board.append({"date": stamp, "model": e["label"], "path": e["path"], "weights": e["weights"], "tasks": tasks,
                       "limit": limit, "scores": headline(e), "mean_accuracy": mean_accuracy(e),

@@ -13,8 +13,8 @@ import difflib
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..errors import ConfigError
 from .tasks import GENERATE, MULTIPLE_CHOICE, PERPLEXITY, Example, Task
@@ -71,10 +71,10 @@ def _field(record: dict, key: str, path: Path, index: int):
 
 
 # ---- the instruction/answer form of ../shared/data/commonsense_llm_adapters -------------------
-ANSWER_FORM = re.compile(r"^Please choose the correct answer to the question: (.*)\n\n(Answer1: .*)\n\nAnswer format: (\S+)$", re.S)
-PIQA_FORM = re.compile(r"^Please choose the correct solution to the question: (.*?)\n\nSolution1: (.*)\n\nSolution2: (.*)\n\nAnswer format: solution1/solution2$", re.S)
-BOOLQ_FORM = re.compile(r"^Please answer the following question with true or false, question: (.*)\n\nAnswer format: true/false$", re.S)
-WINOGRANDE_FORM = re.compile(r"^Please choose the correct answer to fill in the blank to complete the given sentence: (.*)\n\nOption1: (.*) Option2: (.*) Answer format: option1/option2$", re.S)
+ANSWER_FORM = re.compile(r"^Please choose the correct answer to the question: (.*)\n\n(Answer1: .*)\n\nAnswer format: (\S+)$", re.DOTALL)
+PIQA_FORM = re.compile(r"^Please choose the correct solution to the question: (.*?)\n\nSolution1: (.*)\n\nSolution2: (.*)\n\nAnswer format: solution1/solution2$", re.DOTALL)
+BOOLQ_FORM = re.compile(r"^Please answer the following question with true or false, question: (.*)\n\nAnswer format: true/false$", re.DOTALL)
+WINOGRANDE_FORM = re.compile(r"^Please choose the correct answer to fill in the blank to complete the given sentence: (.*)\n\nOption1: (.*) Option2: (.*) Answer format: option1/option2$", re.DOTALL)
 
 
 def _instruction_records(path: Path, form: re.Pattern) -> list[tuple[re.Match, str]]:

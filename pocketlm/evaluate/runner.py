@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import datetime
-from dataclasses import asdict
 import time
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 from .. import __version__
 from ..errors import ConfigError
 from .loaders import resolve_tasks
 from .perplexity import perplexity
 from .scoring import encode_pair, loglikelihoods
-from .tasks import GENERATE, MULTIPLE_CHOICE, Example, Task, choose, extract_answer, mean_and_stderr, normalize_number
+from .tasks import (
+    GENERATE,
+    MULTIPLE_CHOICE,
+    Example,
+    Task,
+    choose,
+    extract_answer,
+    mean_and_stderr,
+    normalize_number,
+)
 
 # progress(task name, done, total)
 TaskProgress = Callable[[str, int, int], None]
@@ -167,7 +176,7 @@ def evaluate(model, tokenizer, tasks: list[str] | list[Task], num_fewshot: int |
                                                           batch_tokens, progress)
     document = {
         "pocketlm_version": __version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "model": model_facts(model, model_dir),
         "settings": {"num_fewshot": num_fewshot, "limit": limit, "max_tokens": max_tokens, "batch_tokens": batch_tokens},
         "results": results,
