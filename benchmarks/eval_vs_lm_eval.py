@@ -18,6 +18,7 @@ then reads that same jsonl through its published-form loader.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import sys
@@ -63,7 +64,7 @@ metric_list:
 """
 
 MMLU_YAML = """task: {name}
-dataset_path: csv
+dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
@@ -81,6 +82,14 @@ metric_list:
   - metric: acc
   - metric: acc_norm
 """
+
+
+def csv_to_jsonl(source: Path, target: Path) -> Path:
+    """MMLU's CSV as jsonl of strings (a CSV loader would read choices such as '0.50' as numbers)."""
+    with open(source, newline="", encoding="utf-8") as f, open(target, "w") as out:
+        for row in csv.DictReader(f):
+            out.write(json.dumps(dict(row, answer=int(row["answer"]))) + "\n")
+    return target
 
 
 def write_local_tasks(out_dir: Path, tasks: list[str], data: Path | None = None) -> dict[str, tuple[str, str]]:
@@ -102,7 +111,8 @@ def write_local_tasks(out_dir: Path, tasks: list[str], data: Path | None = None)
             text, spec = PIQA_YAML.format(name=name, data=path), f"piqa={path}"
         elif task.startswith("mmlu_"):
             subject = task[len("mmlu_"):]
-            test, dev = data / "mmlu" / "test" / f"{subject}_test.csv", data / "mmlu" / "dev" / f"{subject}_dev.csv"
+            test = csv_to_jsonl(data / "mmlu" / "test" / f"{subject}_test.csv", out_dir / f"{subject}_test.jsonl")
+            dev = csv_to_jsonl(data / "mmlu" / "dev" / f"{subject}_dev.csv", out_dir / f"{subject}_dev.jsonl")
             text = MMLU_YAML.format(name=name, data=test, dev=dev, subject_words=subject.replace("_", " "))
             spec = f"{task}={data / 'mmlu'}"
         else:

@@ -233,6 +233,7 @@ def test_winogrande_style_partial_scoring(tiny):
     lls = doc["samples"]["w"][0]["loglikelihoods"]
     expected = loglikelihoods(model, [encode_pair(tok, "Tom is", " was kind."), encode_pair(tok, "Bob is", " was kind.")])
     assert lls == [s for s, _ in expected]
+    assert "acc" in doc["results"]["w"] and "acc_norm" not in doc["results"]["w"]  # lengths of contexts mean nothing
 
 
 # ---- task files --------------------------------------------------------------------------------

@@ -61,6 +61,8 @@ def run_multiple_choice(model, tokenizer, task: Task, examples: list[Example], n
         samples.append({"query": example.query, "choices": example.choices, "gold": example.gold,
                         "loglikelihoods": lls, "prediction": by_ll, "prediction_norm": by_norm})
     (a, a_err), (n, n_err) = mean_and_stderr(acc), mean_and_stderr(acc_norm)
+    if any(e.partial for e in examples):  # choices are contexts there: their length means nothing (acc only, as lm-eval)
+        return {"acc": a, "acc_stderr": a_err}, samples
     return {"acc": a, "acc_stderr": a_err, "acc_norm": n, "acc_norm_stderr": n_err}, samples
 
 
