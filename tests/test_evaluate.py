@@ -407,3 +407,20 @@ def test_lm_eval_command_line_with_the_pocketlm_model(tiny, tmp_path):
     rows = {cells[5]: float(cells[7]) for line in proc.stdout.splitlines()
             if len(cells := [c.strip() for c in line.split("|")]) > 8 and cells[5] in ("acc", "acc_norm")}
     assert rows == {"acc": pytest.approx(ours["acc"]), "acc_norm": pytest.approx(ours["acc_norm"])}
+
+
+def test_generation_task_decodes_greedily_until_a_stop_string_and_scores_exact_match(tiny, tmp_path):
+    from pocketlm.engine import SamplingParams, generate
+
+    write_jsonl(tmp_path / "sums.jsonl", [{"q": "1+1", "a": "#### 2"}, {"q": "2+2", "a": "#### 4"}])
+    (tmp_path / "sums.yaml").write_text('task: sums\ntype: generate\ndata: sums.jsonl\nprompt: "Q: {{q}}\\nA:"\n'
+                                        'target: "{{a}}"\nuntil: ["\\n"]\nmax_new_tokens: 12\n')
+    model, tok = load_model(tiny)
+    doc = evaluate(model, tok, [str(tmp_path / "sums.yaml")], log_samples=True)
+    result, samples = doc["results"]["sums"], doc["samples"]["sums"]
+    for sample, question in zip(samples, ("1+1", "2+2")):
+        expected = generate(model, tok, tok.encode(f"Q: {question}\nA:"), SamplingParams(max_new_tokens=12, stop=["\n"])).text
+        assert sample["completion"] == expected and "\n" not in sample["completion"]
+        assert (sample["strict"], sample["flexible"]) == extract_answer(expected)
+    assert result["exact_match_flexible"] == sum(normalize_number(s["flexible"]) == s["gold"] for s in samples) / 2
+    assert {s["gold"] for s in samples} == {"2", "4"}
