@@ -14,10 +14,15 @@ Scoring goes through the same code as `pocketlm eval`, so both give the same num
 
 from __future__ import annotations
 
-import lm_eval.models  # noqa: F401  (registers lm-eval's own models first: it skips that once the registry is not empty)
 import torch
-from lm_eval.api.model import LM
-from lm_eval.api.registry import model_registry
+
+try:
+    import lm_eval.models  # noqa: F401  (registers lm-eval's own models first: it skips that once the registry is not empty)
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import model_registry
+except ImportError as exc:
+    raise ImportError("the lm-eval adapter needs lm-evaluation-harness: pip install 'pocketlm[eval]' "
+                      "(or lm_eval==0.4.13)") from exc
 
 from ..checkpoint import load_model
 from ..hub import resolve_model
