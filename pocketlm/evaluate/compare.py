@@ -47,8 +47,9 @@ def measure_one(model_dir: Path, tasks: list[str], limit: int | None, prompts: l
 
 def headline(entry: dict) -> dict[str, float]:
     """One accuracy per task (acc; groups replace their members), for tables and plots."""
-    scores = {name: r["acc"] for name, r in entry["results"].items() if "acc" in r and not r.get("group")}
-    scores.update({name: g["acc"] for name, g in entry["groups"].items()})
+    groups = {name for name, g in entry["groups"].items() if g["tasks"] > 1}  # one MMLU subject stays itself
+    scores = {name: r["acc"] for name, r in entry["results"].items() if "acc" in r and r.get("group") not in groups}
+    scores.update({name: entry["groups"][name]["acc"] for name in groups})
     return scores
 
 
