@@ -15,7 +15,8 @@ def format_value(metric: str, value: float) -> str:
 def results_table(document: dict, show_members: bool = False) -> str:
     """A Markdown table: task, metric, value (± standard error), examples, seconds. Group members
     (the 57 MMLU subjects) are folded into their group's row unless `show_members`."""
-    grouped = {name for name, r in document["results"].items() if r.get("group")}
+    groups = {name for name, g in document["groups"].items() if g["tasks"] > 1}  # one MMLU subject stays itself
+    grouped = {name for name, r in document["results"].items() if r.get("group") in groups}
     lines = ["| task | metric | value | ± | n | s |", "|---|---|---|---|---|---|"]
     for name, r in document["results"].items():
         if name in grouped and not show_members:
@@ -26,7 +27,8 @@ def results_table(document: dict, show_members: bool = False) -> str:
                 err_text = format_value(metric, err) if err is not None else ""
                 lines.append(f"| {name} | {metric} | {format_value(metric, r[metric])} | {err_text} | "
                              f"{r.get('n', r.get('tokens', ''))} | {r['seconds']:.0f} |")
-    for name, g in document["groups"].items():
+    for name in groups:
+        g = document["groups"][name]
         for metric in ("acc", "acc_norm", "acc_subject_mean"):
             lines.append(f"| {name} ({g['tasks']} tasks) | {metric} | {format_value(metric, g[metric])} | | {g['n']} | "
                          f"{g['seconds']:.0f} |")
