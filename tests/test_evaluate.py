@@ -14,6 +14,9 @@ import pytest
 import torch
 from helpers import tiny_model_dir
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.eval_vs_lm_eval import PIQA_YAML  # noqa: E402  (lm-eval's PIQA task, written for local files)
+
 from pocketlm.checkpoint import load_model
 from pocketlm.errors import ConfigError
 from pocketlm.evaluate import loaders
@@ -309,20 +312,6 @@ def test_cli_eval_bad_task_file_is_one_error_line(tiny, tmp_path):
 
 
 # ---- lm-evaluation-harness ---------------------------------------------------------------------
-LM_EVAL_PIQA = """task: tiny_piqa
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-output_type: multiple_choice
-test_split: test
-doc_to_text: "Question: {{{{goal}}}}\\nAnswer:"
-doc_to_target: label
-doc_to_choice: "{{{{[sol1, sol2]}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
 
 
 def test_lm_eval_adapter_and_hf_agree_with_pocketlm_eval(tiny, tmp_path, monkeypatch):
@@ -338,7 +327,7 @@ def test_lm_eval_adapter_and_hf_agree_with_pocketlm_eval(tiny, tmp_path, monkeyp
                for i in range(12)]
     data = write_jsonl(tmp_path / "piqa.jsonl", records)
     (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "tiny_piqa.yaml").write_text(LM_EVAL_PIQA.format(data=data))
+    (tmp_path / "tasks" / "tiny_piqa.yaml").write_text(PIQA_YAML.format(name="tiny_piqa", data=data))
     manager = TaskManager(include_path=str(tmp_path / "tasks"))
     runs = {}
     for model, args in (("hf", f"pretrained={tiny},dtype=float32"), ("pocketlm", f"path={tiny}")):
@@ -397,7 +386,7 @@ def test_cli_compare_bad_task_fails_before_measuring(tiny):
 def test_lm_eval_command_line_with_the_pocketlm_model(tiny, tmp_path):
     data = write_jsonl(tmp_path / "piqa.jsonl", [{"goal": "g", "sol1": "a spoon", "sol2": "a fork", "label": 1}] * 3)
     (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "tiny_piqa.yaml").write_text(LM_EVAL_PIQA.format(data=data))
+    (tmp_path / "tasks" / "tiny_piqa.yaml").write_text(PIQA_YAML.format(name="tiny_piqa", data=data))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     proc = subprocess.run([sys.executable, "-m", "pocketlm.evaluate.harness", "run", "--model", "pocketlm",
                            "--model_args", f"path={tiny}", "--tasks", "tiny_piqa", "--include_path", str(tmp_path / "tasks"),
