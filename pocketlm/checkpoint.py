@@ -336,6 +336,7 @@ def _check_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig, source
 
 def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """Load a model directory as (LlamaForCausalLM, Tokenizer) without an fp32 copy in between.
+    A PEFT adapter directory loads as its base model with the adapter applied.
 
     The module is built on the meta device and the memory-mapped tensors are assigned into it,
     so loading costs about one read of the file.
@@ -343,6 +344,10 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
     from .model import LlamaForCausalLM  # local import: the model is only needed when loading weights
 
     model_dir = Path(model_dir)
+    if (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
+        from .adapt.adapters import load_adapted  # a PEFT adapter directory: its base model with the adapter
+
+        return load_adapted(model_dir, dtype=dtype, device=device)
     config = load_config(model_dir)
     scheme = read_quant_scheme(model_dir)
     tensors = load_tensors(model_dir / WEIGHTS, config, scheme)

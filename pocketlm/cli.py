@@ -357,6 +357,45 @@ def eval_cmd(
         err.print(f"results written to {output}", highlight=False)
 
 
+@app.command("merge")
+def merge_cmd(
+    adapter: Path = typer.Argument(..., help="a PEFT LoRA adapter directory (adapter_config.json naming its base model)"),
+    destination: Path = typer.Argument(..., help="the merged model directory to write"),
+) -> None:
+    """Fold a LoRA adapter into its base model's weights: a plain model directory to export or quantize."""
+    from .adapt.adapters import is_adapter_dir, load_adapted, read_adapter_config
+    from .checkpoint import save_model_dir
+    from .errors import ConfigError
+
+    if not is_adapter_dir(adapter):
+        raise ConfigError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
+    config = read_adapter_config(adapter)
+    if config.peft_type != "LORA":
+        raise ConfigError(f"{adapter}: a {config.peft_type} adapter has nothing to fold into the weights; only LoRA merges")
+    model, tokenizer = load_adapted(adapter, merge=True)
+    weights = {k: v.detach().float() for k, v in model.state_dict().items()}
+    provenance = {"source": str(adapter), "parent": config.base_model_name_or_path,
+                  "adapter": {"path": str(adapter.resolve()), "type": "lora", "r": config.r,
+                              "alpha": config.lora_alpha, "merged": True}}
+    path = save_model_dir(destination, model.config, weights, tokenizer, provenance=provenance)
+    out.print(str(path), highlight=False)
+
+
+@app.command("split-task")
+def split_task_cmd(
+    task: str = typer.Argument(..., help="a multiple-choice task: a built-in name (arc_easy), NAME=PATH, or a task file"),
+    directory: Path = typer.Argument(..., help="where train.jsonl, test.jsonl, test.yaml and split.json go"),
+    test_fraction: float = typer.Option(0.2, help="share of the examples held out for testing"),
+    seed: int = typer.Option(0, help="shuffle seed"),
+) -> None:
+    """Split a task into SFT training data and a held-out test task (never trained on)."""
+    from .evaluate.split import split_task
+
+    record = split_task(task, directory, test_fraction, seed)
+    out.print(f"{record['task']}: {record['train']} training examples -> {directory / 'train.jsonl'}, "
+              f"{record['test']} held out -> {directory / 'test.yaml'}", highlight=False)
+
+
 @app.command("compare")
 def compare_cmd(
     models: list[str] = typer.Argument(..., help="two or more model directories or names"),

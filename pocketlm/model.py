@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .errors import ConfigError
 
 
 class Linear(nn.Linear):
@@ -112,11 +113,14 @@ class Attention(nn.Module):
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(b, 1, -1))
 
-    def forward(self, x, cos, sin, start: int, mask: torch.Tensor | None, row: int | None = None) -> torch.Tensor:
+    def forward(self, x, cos, sin, start: int, mask: torch.Tensor | None, row: int | None = None,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self._qkv(x, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(start, k, v, row)
+        if prefix is not None:  # prefix tuning: learned keys/values (not rotated) before the text's
+            k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
         gqa = self.n_kv_heads != self.n_heads
         if mask is not None and mask.dtype != torch.bool:  # an additive causal bias: CPU training
             y = _explicit_causal_attention(q, k, v, mask)
@@ -158,8 +162,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, start, mask, row=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, mask, row)
+    def forward(self, x, cos, sin, start, mask, row=None, prefix=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, mask, row, prefix)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def decode(self, x, cos, sin, pos, mask):
@@ -186,6 +190,7 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.quant_scheme = None  # set by pocketlm.quant when the linear layers are quantized
+        self.prefix: nn.Module | None = None  # prefix tuning (pocketlm.adapt.adapters.PrefixKV)
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._bias_cache: torch.Tensor | None = None
 
@@ -242,22 +247,33 @@ class LlamaForCausalLM(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, start: int = 0, last_only: bool = False,
-                cache_row: int | None = None) -> torch.Tensor:
+                cache_row: int | None = None, select: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for `input_ids` (batch, seq) placed at positions start..start+seq-1.
 
         With a KV cache set up, earlier positions come from the cache; `last_only` skips the output
         head for all but the final position (what decoding needs); `cache_row` prefills one row of a
-        batched cache with a single sequence.
+        batched cache with a single sequence. `select`, a (batch, seq) bool mask, runs the head only
+        at those positions and returns (selected, vocab): fine-tuning scores only the reply tokens,
+        and the head over a 49k vocabulary is a large share of a small model's work.
         """
         x = self.hidden_states(input_ids, start, cache_row)
         if last_only:
             x = x[:, -1:]
+        elif select is not None:
+            x = x[select]
         return self.lm_head(x)
 
     def hidden_states(self, input_ids: torch.Tensor, start: int = 0, cache_row: int | None = None) -> torch.Tensor:
         """The final normed hidden states (batch, seq, hidden): scoring applies the output head only
         at the positions it needs, instead of materialising logits for every position."""
         b, t = input_ids.shape
+        prefix = None
+        if self.prefix is not None:
+            if self.model.layers[0].self_attn.cache is not None:
+                raise ConfigError("a prefix-tuning adapter works for training and scoring (pocketlm eval), not for "
+                                  "generation with a KV cache; use a LoRA adapter to generate")
+            prefix = self.prefix.key_values(b, self.compute_dtype)
+            start = self.prefix.num_tokens  # the prefix holds positions 0..tokens-1
         end = start + t
         if end > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {end} tokens exceeds the context of {self.config.max_position_embeddings}")
@@ -266,13 +282,15 @@ class LlamaForCausalLM(nn.Module):
         cos = cos[start:end].to(x.dtype)[None, None]
         sin = sin[start:end].to(x.dtype)[None, None]
         mask = None
-        if start > 0 and t > 1:  # a chunk after cached tokens: query i sees keys 0..start+i
+        if start > 0 and (t > 1 or prefix is not None):  # after cached or prefix tokens: query i sees keys 0..start+i
             q_pos = torch.arange(start, end, device=x.device)[:, None]
             mask = torch.arange(end, device=x.device)[None, :] <= q_pos
+            if x.device.type == "cpu" and torch.is_grad_enabled():
+                mask = torch.zeros(mask.shape, device=x.device).masked_fill(~mask, float("-inf"))
         elif x.device.type == "cpu" and torch.is_grad_enabled() and t > 1:
             mask = self.causal_bias(t, x.device)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, start, mask, cache_row)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, start, mask, cache_row, None if prefix is None else prefix[i])
         return self.model.norm(x)
 
     def decode_mask(self, pos: torch.Tensor) -> torch.Tensor:

@@ -147,9 +147,9 @@ def test_sigkill_and_resume_reproduce_losses_exactly(reference_run, prepared, tm
     driver = tmp_path / "driver.py"
     driver.write_text(textwrap.dedent(f"""
         import time
-        import pocketlm.train.loop as loop
-        real = loop.batch_starts
-        loop.batch_starts = lambda *a: (time.sleep(0.05), real(*a))[1]
+        import pocketlm.train.batches as batches
+        real = batches.batch_starts
+        batches.batch_starts = lambda *a: (time.sleep(0.05), real(*a))[1]
         from pocketlm.train import load_recipe, train
         train(load_recipe({str(path)!r}))
     """))

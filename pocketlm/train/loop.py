@@ -1,6 +1,6 @@
 """One training loop for every objective: batches -> loss -> AdamW step, with evaluation, atomic
-checkpoints, exact resume, JSONL logs and DDP. Objectives (pretrain now; distill, SFT, DPO later)
-only supply the loss.
+checkpoints, exact resume, JSONL logs and DDP. Objectives (pretrain, sft, distill, dpo; see
+objectives.py) only supply the loss, and data (training_data.py) only supplies batches.
 
 Batches are drawn from a generator seeded by (seed, step), so the data position is the step number:
 a resumed run, or a run spread over several processes, sees exactly the batches of the original.
@@ -21,13 +21,13 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from rich.console import Console
 
 from ..checkpoint import save_model_dir
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ..model import LlamaForCausalLM
+from .objectives import LANGUAGE_MODELLING, SFT, Objective, distillation, dpo
 from .recipe import Recipe
 from .state import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -88,34 +88,8 @@ def cpu_has_bf16() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# data
+# optimizer, schedule
 # ---------------------------------------------------------------------------------------------
-def batch_starts(seed: int, step: int, count: int, n_tokens: int, block: int) -> np.ndarray:
-    """Start offsets of the `count` windows of optimizer step `step` (same in every process)."""
-    if n_tokens <= block + 1:
-        raise ConfigError(f"the data has {n_tokens} tokens, fewer than train.block_size + 2 = {block + 2}; "
-                          "use more data or a smaller block_size")
-    rng = np.random.default_rng([seed, step])
-    return rng.integers(0, n_tokens - block - 1, size=count)
-
-
-def windows(tokens: np.ndarray, starts: np.ndarray, block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = np.stack([tokens[s:s + block + 1] for s in starts]).astype(np.int64)
-    batch = torch.from_numpy(rows).to(device)
-    return batch[:, :-1], batch[:, 1:]
-
-
-# ---------------------------------------------------------------------------------------------
-# objective, optimizer, schedule
-# ---------------------------------------------------------------------------------------------
-def pretrain_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = model(inputs)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
-
-
-OBJECTIVES: dict[str, Callable] = {"pretrain": pretrain_loss}
-
-
 def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (not norms, biases), fused where PyTorch offers it."""
     o = recipe.optim
@@ -146,16 +120,13 @@ def lr_at(step: int, recipe: Recipe) -> float:
 # ---------------------------------------------------------------------------------------------
 # model
 # ---------------------------------------------------------------------------------------------
-def build_model(recipe: Recipe, tokenizer, device: torch.device) -> LlamaForCausalLM:
+def build_model(recipe: Recipe, tokenizer, device: torch.device, base_model=None) -> LlamaForCausalLM:
+    """A new model of the recipe's shape, or `base_model` (init_from, loaded by load_init_model)."""
     if recipe.init_from:
-        from ..checkpoint import load_model
-        from ..hub import resolve_model
-
-        model, _ = load_model(resolve_model(recipe.init_from))
+        model = base_model if base_model is not None else load_init_model(recipe)[0]
         if model.config.vocab_size < tokenizer.vocab_size:
             raise ConfigError(f"init_from: the model has {model.config.vocab_size} tokens but the data's tokenizer "
                               f"{tokenizer.vocab_size}; prepare the data with data.tokenizer set to the model directory")
-        model = model.float()
     else:
         shape = recipe.model.model_dump(exclude={"init_std"}, exclude_none=True)
         shape.setdefault("vocab_size", tokenizer.vocab_size)
@@ -183,11 +154,12 @@ def _swiglu_hidden(hidden: int) -> int:
 # the loop
 # ---------------------------------------------------------------------------------------------
 def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict], None] | None = None) -> Path:
-    """Run a recipe to the end (or resume it) and return the final model directory.
+    """Run a recipe to the end (or resume it) and return the final model directory (or, for an
+    adapter without a merged copy, the adapter directory).
 
     `on_step`, if given, is called in the main process with each step's record (step, loss, lr, ms, ...).
     """
-    from .data_source import load_training_data
+    from .data_source import load_data
 
     runtime = setup_runtime(recipe)
     out_dir = Path(recipe.out_dir)
@@ -201,6 +173,8 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
     if rem or per_micro == 0:
         raise ConfigError(f"train.batch_size {t.batch_size} must be a multiple of train.grad_accum ({t.grad_accum}) "
                           f"x processes ({runtime.world})")
+    if recipe.distill is not None and not recipe.distill_sequence:
+        _check_teacher_vocabulary(recipe)  # before any data is prepared
     if runtime.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         existing = latest_checkpoint(ckpt_root)
@@ -209,9 +183,29 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
                               "continue it, or choose another out_dir")
     _barrier(runtime)
 
-    shards = load_training_data(recipe, runtime.main, barrier=lambda: _barrier(runtime),
-                                is_local_main=int(os.environ.get("LOCAL_RANK", "0")) == 0)
-    model = build_model(recipe, shards.tokenizer, runtime.device)
+    corpus = None
+    if recipe.distill_sequence:
+        from ..adapt.distill import write_corpus
+
+        if runtime.main:
+            write_corpus(recipe.distill, out_dir / "teacher-corpus", runtime.device, recipe.seed,
+                         progress=recipe.log.progress if progress is None else progress)
+        _barrier(runtime)
+        corpus = out_dir / "teacher-corpus" / "corpus.jsonl"
+
+    base_model, base_tokenizer = load_init_model(recipe)
+    data = load_data(recipe, runtime.main, lambda: _barrier(runtime), int(os.environ.get("LOCAL_RANK", "0")) == 0,
+                     per_step=t.batch_size, model_tokenizer=base_tokenizer, corpus=corpus)
+    model = build_model(recipe, data.tokenizer, runtime.device, base_model)
+    amp = autocast_dtype(recipe, runtime.device)
+    autocast = (lambda: torch.autocast(runtime.device.type, dtype=amp)) if amp else nullcontext
+    objective = make_objective(recipe, model, data, runtime, autocast, progress)
+    if recipe.adapter is not None:
+        from ..adapt.adapters import attach, config_from_spec, trainable_summary
+
+        attach(model, config_from_spec(model, recipe.adapter))
+        if runtime.main:
+            console.print(f"{recipe.adapter.type} adapter: {trainable_summary(model)}", highlight=False)
     optimizer = make_optimizer(model, recipe)
     state = TrainerState()
     log_path = out_dir / "log.jsonl"
@@ -223,50 +217,59 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
             console.print(f"resumed from {checkpoint} (step {state.step})")
     elif runtime.main and log_path.exists():
         log_path.unlink()
+    cache = _teacher_cache(recipe, data, model.config.vocab_size, runtime, autocast, state.step, progress)
 
     wrapped = model
     if runtime.world > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-    loss_fn = OBJECTIVES[t.objective]
-    step_loss = lambda x, y: loss_fn(wrapped, x, y)  # noqa: E731
+    step_loss = lambda batch: objective.loss(wrapped, batch)  # noqa: E731
     if t.compile:  # forward, loss and their backward in one compiled graph
         step_loss = torch.compile(step_loss)
-    amp = autocast_dtype(recipe, runtime.device)
-    autocast = (lambda: torch.autocast(runtime.device.type, dtype=amp)) if amp else nullcontext
     logger = _Logger(log_path, out_dir, recipe, enabled=runtime.main)
     show = (recipe.log.progress if progress is None else progress) and runtime.main
     bar = _Progress(recipe.train.max_steps, state.step, enabled=show)
 
-    train_tokens, val_tokens = shards.train, shards.val
+    def make_batch(picks, source=data.train):
+        batch = source.batch(picks, runtime.device)
+        if cache is not None:
+            batch.update(cache.lookup(picks, runtime.device))
+        return batch
+
     model.train()
-    tokens_per_step = t.batch_size * t.block_size
+    tokens_per_step = t.batch_size * data.train.tokens_per_row
     last_train_loss = last_val_loss = None
     while state.step < t.max_steps:
         step_started = time.perf_counter()
         lr = lr_at(state.step, recipe)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        starts = batch_starts(recipe.seed, state.step, t.batch_size, len(train_tokens), t.block_size)
+        picks = data.train.picks(recipe.seed, state.step, t.batch_size)
         total = torch.zeros((), device=runtime.device)
+        sums: dict[str, torch.Tensor] = {}
         for micro in range(t.grad_accum):
             first = (micro * runtime.world + runtime.rank) * per_micro
-            x, y = windows(train_tokens, starts[first:first + per_micro], t.block_size, runtime.device)
+            batch = make_batch(picks[first:first + per_micro])
             sync = micro == t.grad_accum - 1 or runtime.world == 1
             with (nullcontext() if sync else wrapped.no_sync()), autocast():
-                loss = step_loss(x, y) / t.grad_accum
+                loss, metrics = step_loss(batch)
+                loss = loss / t.grad_accum
             loss.backward()
             total += loss.detach()
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0) + value.float() / t.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0 else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if runtime.world > 1:
             dist.all_reduce(total, op=dist.ReduceOp.AVG)
+            for value in sums.values():
+                dist.all_reduce(value, op=dist.ReduceOp.AVG)
         state.step += 1
         state.tokens_seen += tokens_per_step
         last_train_loss = float(total)
         elapsed_ms = (time.perf_counter() - step_started) * 1000
         record = {"step": state.step, "loss": last_train_loss, "lr": lr, "ms": round(elapsed_ms, 3),
-                  "tokens": state.tokens_seen}
+                  "tokens": state.tokens_seen, **{k: float(v) for k, v in sums.items()}}
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         bar.update(state.step, last_train_loss, elapsed_ms)
@@ -274,16 +277,18 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
         is_eval = state.step % recipe.eval.interval == 0 or state.step == t.max_steps
         is_best = False
         if is_eval:
-            val_loss = evaluate(model, val_tokens, recipe, runtime.device, autocast)
+            val_loss, val_metrics = evaluate(model, data.val, objective, recipe, runtime.device, autocast)
             record["val_loss"] = last_val_loss = val_loss
+            record.update({f"val_{k}": v for k, v in val_metrics.items()})
             is_best = state.best_val_loss is None or val_loss < state.best_val_loss
             if is_best:
                 state.best_val_loss = val_loss
             if runtime.main:
-                sample = _sample(model, shards.tokenizer, recipe) if recipe.eval.sample_prompt else None
+                sample = _sample(model, data.tokenizer, recipe)
                 if sample is not None:
                     record["sample"] = sample
-                bar.note(f"step {state.step}: train loss {last_train_loss:.4f}, val loss {val_loss:.4f}"
+                extra = "".join(f", val {k} {v:.4f}" for k, v in val_metrics.items())
+                bar.note(f"step {state.step}: train loss {last_train_loss:.4f}, val loss {val_loss:.4f}{extra}"
                          + (f", sample: {sample!r}" if sample else ""))
         if runtime.main and (state.step % recipe.log.interval == 0 or is_eval):
             logger.write(record)
@@ -298,32 +303,109 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
 
     final = out_dir / "model"
     if runtime.main:
-        final = _save_final(model, shards, recipe, state, last_train_loss, last_val_loss, final)
+        final = _save_final(model, data, recipe, state, last_train_loss, last_val_loss, out_dir)
         logger.close()
-        console.print(f"model saved to {final}")
+        console.print(f"saved to {final}")
     _barrier(runtime)
     if runtime.world > 1 and dist.is_initialized():
         dist.destroy_process_group()
     return final
 
 
+def load_init_model(recipe: Recipe):
+    """(model, tokenizer) of init_from, or (None, None) for a model trained from scratch."""
+    if not recipe.init_from:
+        return None, None
+    from ..checkpoint import load_model
+    from ..hub import resolve_model
+
+    model, tokenizer = load_model(resolve_model(recipe.init_from))
+    return model.float(), tokenizer
+
+
+def _check_teacher_vocabulary(recipe: Recipe) -> None:
+    from ..adapt.distill import check_same_vocabulary
+    from ..checkpoint import load_config
+    from ..hub import resolve_model
+    from ..tokenizer import Tokenizer
+
+    teacher_dir = resolve_model(recipe.distill.teacher)
+    check_same_vocabulary(Tokenizer.load(teacher_dir), load_config(teacher_dir).vocab_size,
+                          recipe.distill.teacher, recipe)
+
+
+def make_objective(recipe: Recipe, model, data, runtime: Runtime, autocast, progress) -> Objective:
+    """The recipe's objective. DPO's reference log-probs are computed here, before any adapter or
+    update touches the model, and cached in OUT_DIR for a resumed run."""
+    objective = recipe.train.objective
+    if objective == "pretrain":
+        return LANGUAGE_MODELLING
+    if objective == "sft":
+        return SFT
+    if objective == "distill":
+        if recipe.distill_sequence:  # the corpus is the teacher's text: plain language modelling on it
+            return LANGUAGE_MODELLING
+        d = recipe.distill
+        teacher = None
+        if d.cache_top_k is None:
+            from ..adapt.distill import load_teacher, teacher_logits
+
+            loaded, _, _ = load_teacher(d.teacher, d.teacher_quantize, runtime.device)
+            vocab = model.config.vocab_size
+            teacher = lambda ids: teacher_logits(loaded, vocab, ids)  # noqa: E731
+        return distillation(teacher, d.alpha, d.temperature)
+    from ..adapt.preference import attach_reference_logprobs
+
+    attach_reference_logprobs(recipe, model, data, runtime, autocast)
+    return dpo(recipe.dpo.beta)
+
+
+def _teacher_cache(recipe: Recipe, data, vocab: int, runtime: Runtime, autocast, from_step: int, progress):
+    """Fill the teacher's top-k cache for every chunk the remaining steps read (cached distillation)."""
+    d = recipe.distill
+    if d is None or d.mode != "logits" or d.cache_top_k is None:
+        return None
+    from ..adapt.distill import TeacherCache, cache_key, load_teacher
+    from ..hub import resolve_model
+
+    cache = TeacherCache(Path(recipe.out_dir) / "teacher-cache", data.train.tokens, recipe.train.block_size,
+                         d.cache_top_k, cache_key(resolve_model(d.teacher), data.shards))
+    needed = np.concatenate([data.train.picks(recipe.seed, s, recipe.train.batch_size)
+                             for s in range(from_step, recipe.train.max_steps)] or [np.zeros(0, dtype=np.int64)])
+    if len(cache.missing(needed)):
+        teacher, _, _ = load_teacher(d.teacher, d.teacher_quantize, runtime.device)
+        per = max(1, recipe.train.batch_size // recipe.train.grad_accum)
+        show = (recipe.log.progress if progress is None else progress) and runtime.main
+        cache.fill(teacher, vocab, needed, per, runtime.device, autocast, progress=show)
+        del teacher
+    return cache
+
+
 @torch.no_grad()
-def evaluate(model, tokens: np.ndarray, recipe: Recipe, device: torch.device, autocast=nullcontext) -> float:
-    """Mean loss over eval.iters fixed validation batches (the same batches at every evaluation)."""
+def evaluate(model, val, objective: Objective, recipe: Recipe, device: torch.device,
+             autocast=nullcontext) -> tuple[float, dict[str, float]]:
+    """Mean validation loss (and the objective's metrics) over eval.iters fixed batches, the same at
+    every evaluation; row data (SFT, DPO) is read in order, at most once."""
     model.eval()
     t = recipe.train
     per = max(1, t.batch_size // t.grad_accum)
-    losses = []
+    losses, metrics = [], {}
     for i in range(recipe.eval.iters):
-        starts = batch_starts(recipe.seed + 1, i, per, len(tokens), t.block_size)
-        x, y = windows(tokens, starts, t.block_size, device)
+        picks = val.eval_picks(recipe.seed, i, per)
+        if picks is None or len(picks) == 0:
+            break
         with autocast():
-            losses.append(float(pretrain_loss(model, x, y)))
+            loss, found = objective.eval_loss(model, val.batch(picks, device))
+        losses.append(float(loss))
+        for key, value in found.items():
+            metrics.setdefault(key, []).append(float(value))
     model.train()
-    return float(np.mean(losses))
+    return float(np.mean(losses)), {k: float(np.mean(v)) for k, v in metrics.items()}
 
 
-def _sample(model, tokenizer, recipe: Recipe) -> str:
+def _sample(model, tokenizer, recipe: Recipe) -> str | None:
+    if not recipe.eval.sample_prompt or getattr(model, "prefix", None) is not None:
+        return None
     from ..engine import SamplingParams, generate
 
     model.eval()
@@ -334,18 +416,27 @@ def _sample(model, tokenizer, recipe: Recipe) -> str:
     return text
 
 
-def _save_final(model, shards, recipe: Recipe, state: TrainerState, train_loss, val_loss, out: Path) -> Path:
-    weights = {k: v.detach().cpu().float() for k, v in model.state_dict().items()}
+def _save_final(model, data, recipe: Recipe, state: TrainerState, train_loss, val_loss, out_dir: Path) -> Path:
+    """The trained model as a model directory (OUT_DIR/model); with an adapter, the adapter in PEFT's
+    format (OUT_DIR/adapter) and, for LoRA with adapter.merge, the merged model as OUT_DIR/model."""
     # the saved weights are the last step's: their validation loss is the last evaluation's, not the best one
     metrics = {"train_loss": train_loss, "val_loss": val_loss, "best_val_loss": state.best_val_loss,
                "steps": state.step, "tokens_seen": state.tokens_seen}
-    provenance = {
-        "recipe": recipe.model_dump(mode="json"),
-        "parent": recipe.init_from,
-        "data_hashes": {s["path"]: s.get("sha256") for s in shards.manifest.get("sources", []) if "path" in s},
-        "metrics": metrics,
-    }
-    return save_model_dir(out, model.config, weights, shards.tokenizer, provenance=provenance)
+    provenance = {"recipe": recipe.model_dump(mode="json"), "parent": recipe.init_from, **data.provenance,
+                  "metrics": metrics}
+    if recipe.adapter is None:
+        weights = {k: v.detach().cpu().float() for k, v in model.state_dict().items()}
+        return save_model_dir(out_dir / "model", model.config, weights, data.tokenizer, provenance=provenance)
+    from ..adapt.adapters import merged_weights, save_adapter
+    from ..hub import resolve_model
+
+    adapter_dir = save_adapter(model, out_dir / "adapter", resolve_model(recipe.init_from))
+    (adapter_dir / "pocketlm.json").write_text(json.dumps(provenance, indent=2))
+    if recipe.adapter.type != "lora" or not recipe.adapter.merge:
+        return adapter_dir
+    provenance["adapter"] = {"path": str(adapter_dir.resolve()), "type": "lora", "r": recipe.adapter.r,
+                             "alpha": recipe.adapter.alpha, "merged": True}
+    return save_model_dir(out_dir / "model", model.config, merged_weights(model), data.tokenizer, provenance=provenance)
 
 
 def _barrier(runtime: Runtime) -> None:

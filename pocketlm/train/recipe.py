@@ -52,8 +52,8 @@ class DataSpec(Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSpec":
-        if (self.source is None) == (self.prepared is None):
-            raise ValueError("give exactly one of data.source (raw files) or data.prepared (a prepared directory)")
+        if self.source is not None and self.prepared is not None:
+            raise ValueError("give only one of data.source (raw files) or data.prepared (a prepared directory)")
         return self
 
     def sources(self) -> list[str]:
@@ -61,7 +61,7 @@ class DataSpec(Section):
 
 
 class TrainSpec(Section):
-    objective: Literal["pretrain"] = "pretrain"
+    objective: Literal["pretrain", "sft", "distill", "dpo"] = "pretrain"
     max_steps: int = Field(gt=0)
     batch_size: int = Field(gt=0)  # sequences per optimizer step, across all processes and accumulation steps
     block_size: int = Field(gt=1)
@@ -103,6 +103,49 @@ class LogSpec(Section):
     progress: bool = True
 
 
+class AdapterSpec(Section):
+    """Train an adapter (through peft) instead of every weight; saved in PEFT's format as OUT_DIR/adapter."""
+
+    type: Literal["lora", "prefix"] = "lora"
+    r: int = Field(default=8, gt=0)  # LoRA rank
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    num_virtual_tokens: int = Field(default=16, gt=0)  # prefix tuning
+    prefix_projection: bool = False  # prefix tuning through a two-layer MLP (PEFT's option)
+    merge: bool = True  # also write OUT_DIR/model: the base with the adapter merged in (LoRA)
+
+
+class SFTSpec(Section):
+    """Instruction data: Alpaca-style json(l) (instruction, input, output) or chat messages jsonl."""
+
+    prompt_format: Literal["auto", "chat", "alpaca"] = "auto"  # auto: the chat template when the model has one
+    system: str | None = None  # a system message put before every conversation
+    packing: bool = True  # several examples per block_size row
+
+
+class DistillSpec(Section):
+    teacher: str  # a model directory or a name `pocketlm pull` knows
+    mode: Literal["logits", "sequence"] = "logits"
+    alpha: float = Field(default=0.5, ge=0, le=1)  # weight of the teacher term; 1 - alpha on cross-entropy
+    temperature: float = Field(default=2.0, gt=0)
+    teacher_quantize: Literal["int8", "int4"] | None = None  # run the teacher quantized (logits mode)
+    cache_top_k: int | None = Field(default=None, gt=0)  # cache the teacher's top-k logits on disk (logits mode)
+    # sequence mode: the teacher writes a corpus that the student then learns with its own tokenizer
+    prompts: str | None = None  # a text file, one prompt per line
+    seed_openings: list[str] = []  # or these openings, cycled
+    num_sequences: int = Field(default=1000, gt=0)
+    max_new_tokens: int = Field(default=200, gt=0)
+    sample_temperature: float = Field(default=0.8, ge=0)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    generate_batch: int = Field(default=16, gt=0)
+
+
+class DPOSpec(Section):
+    beta: float = Field(default=0.1, gt=0)
+    reference: str | None = None  # the frozen reference model; defaults to init_from
+
+
 class Recipe(Section):
     name: str
     out_dir: str
@@ -116,12 +159,33 @@ class Recipe(Section):
     eval: EvalSpec = EvalSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
     log: LogSpec = LogSpec()
+    adapter: AdapterSpec | None = None
+    sft: SFTSpec = SFTSpec()
+    distill: DistillSpec | None = None
+    dpo: DPOSpec = DPOSpec()
 
     @model_validator(mode="after")
     def _model_source(self) -> "Recipe":
         if (self.model is None) == (self.init_from is None):
             raise ValueError("give exactly one of `model` (a new model's shape) or `init_from` (a model directory)")
+        objective = self.train.objective
+        if objective in ("sft", "dpo") and self.init_from is None:
+            raise ValueError(f"train.objective {objective} fine-tunes an existing model: set init_from to a model directory")
+        if (objective == "distill") != (self.distill is not None):
+            raise ValueError("train.objective distill needs a `distill` section (teacher, ...), and a `distill` "
+                             "section needs train.objective: distill")
+        if self.adapter is not None and self.init_from is None:
+            raise ValueError("an adapter trains on top of an existing model: set init_from")
+        sequence = self.distill is not None and self.distill.mode == "sequence"
+        if sequence and not (self.distill.prompts or self.distill.seed_openings):
+            raise ValueError("distill.mode sequence needs distill.prompts (a file) or distill.seed_openings")
+        if self.data.source is None and self.data.prepared is None and not sequence:
+            raise ValueError("give exactly one of data.source (raw files) or data.prepared (a prepared directory)")
         return self
+
+    @property
+    def distill_sequence(self) -> bool:
+        return self.distill is not None and self.distill.mode == "sequence"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,8 +247,38 @@ def check_recipe_paths(recipe: Recipe, source: str = "recipe") -> None:
     if recipe.data.prepared and not (Path(recipe.data.prepared) / "manifest.json").is_file():
         raise ConfigError(f"{source}: data.prepared: {recipe.data.prepared}: not a prepared data directory "
                           "(no manifest.json); run `pocketlm prepare` first or use data.source")
-    if recipe.data.tokenizer not in ("bpe", "char") and not (Path(recipe.data.tokenizer) / "tokenizer.json").is_file():
-        raise ConfigError(f"{source}: data.tokenizer: {recipe.data.tokenizer!r}: expected 'bpe', 'char' or a model "
-                          "directory with tokenizer.json")
-    if recipe.init_from and not (Path(recipe.init_from) / "config.json").is_file():
-        raise ConfigError(f"{source}: init_from: {recipe.init_from}: not a model directory (no config.json)")
+    tok = recipe.data.tokenizer
+    if tok not in ("bpe", "char") and not (Path(tok) / "tokenizer.json").is_file() and not _is_model_name(tok):
+        raise ConfigError(f"{source}: data.tokenizer: {tok!r}: expected 'bpe', 'char', a model directory with "
+                          "tokenizer.json, or a known model name")
+    if recipe.init_from:
+        _check_model_ref(recipe.init_from, "init_from", source)
+    if recipe.distill is not None:
+        _check_model_ref(recipe.distill.teacher, "distill.teacher", source)
+        if recipe.distill.prompts and not Path(recipe.distill.prompts).is_file():
+            raise ConfigError(f"{source}: distill.prompts: {recipe.distill.prompts}: no such file")
+    if recipe.train.objective == "dpo" and recipe.dpo.reference:
+        _check_model_ref(recipe.dpo.reference, "dpo.reference", source)
+
+
+def _is_model_name(ref: str) -> bool:
+    from ..hub import REGISTRY
+
+    return ref.lower() in REGISTRY or ref.startswith("hf:")
+
+
+def tokenizer_source(ref: str) -> str:
+    """data.tokenizer as `prepare` takes it: bpe, char or a directory (a model name becomes its directory)."""
+    if ref in ("bpe", "char") or (Path(ref) / "tokenizer.json").is_file() or not _is_model_name(ref):
+        return ref
+    from ..hub import resolve_model
+
+    return str(resolve_model(ref))
+
+
+def _check_model_ref(ref: str, key: str, source: str) -> None:
+    from ..hub import REGISTRY
+
+    if not ((Path(ref) / "config.json").is_file() or _is_model_name(ref)):
+        raise ConfigError(f"{source}: {key}: {ref}: not a model directory (no config.json), nor a known model name "
+                          f"({', '.join(sorted(REGISTRY))}, or hf:ORG/NAME)")

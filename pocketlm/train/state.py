@@ -44,9 +44,7 @@ def save_checkpoint(root: Path, model: torch.nn.Module, optimizer: torch.optim.O
     target = _step_dir(root, state.step)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
-        weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        _drop_tied(model, weights)
-        save_file(weights, str(tmp / "model.safetensors"))
+        save_file(_trained_weights(model), str(tmp / "model.safetensors"))
         tensors, scalars = _flatten_optimizer(model, optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         trainer = {
@@ -101,7 +99,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     except Exception as exc:
         raise CheckpointError(f"{path}: training checkpoint cannot be read ({exc}); delete it to resume from an earlier one") from None
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not _is_tied(model, k)]
+    frozen = _frozen_names(model)  # an adapter's base: it comes from init_from, not the checkpoint
+    missing = [k for k in missing if not _is_tied(model, k) and k not in frozen]
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the recipe's model (missing {missing[:2]}, unexpected {unexpected[:2]})")
     _restore_optimizer(model, optimizer, tensors, trainer["optimizer"])
@@ -119,6 +118,19 @@ def _prune(root: Path, index: dict[str, Any], keep_last: int, keep_best: bool) -
     for path in steps:
         if path.name not in keep:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _frozen_names(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if not p.requires_grad}
+
+
+def _trained_weights(model) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps: every weight, or only an adapter's when the base is frozen."""
+    if _frozen_names(model):
+        return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    _drop_tied(model, weights)
+    return weights
 
 
 def _is_tied(model, name: str) -> bool:

@@ -1,0 +1,109 @@
+"""Training objectives: each turns a batch into (loss, metrics). The loop does the rest.
+
+    pretrain, sft   cross-entropy on labels (SFT's prompt positions are labelled IGNORE)
+    distill         (1 - alpha) * cross-entropy + alpha * T^2 * KL(teacher_T || student_T)
+    dpo             -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))  over summed reply log-probs
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..adapt.instruct import IGNORE
+
+Metrics = dict[str, torch.Tensor]
+
+
+@dataclass
+class Objective:
+    loss: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, Metrics]]
+    # validation: the figure that stays comparable across objectives (plain cross-entropy for distillation)
+    eval_loss: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, Metrics]]
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
+
+
+def lm_loss(model, batch: dict) -> tuple[torch.Tensor, Metrics]:
+    return cross_entropy(model(batch["input_ids"]), batch["labels"]), {}
+
+
+def masked_lm_loss(model, batch: dict) -> tuple[torch.Tensor, Metrics]:
+    """Cross-entropy on the labelled positions only, with the output head run only there (SFT)."""
+    keep = batch["labels"] != IGNORE
+    return cross_entropy(model(batch["input_ids"], select=keep), batch["labels"][keep]), {}
+
+
+LANGUAGE_MODELLING = Objective(loss=lm_loss, eval_loss=lm_loss)
+SFT = Objective(loss=masked_lm_loss, eval_loss=masked_lm_loss)
+
+
+# ---- distillation -----------------------------------------------------------------------------
+def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                  labels: torch.Tensor, teacher_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over trained positions of KL(softmax(teacher / T) || softmax(student / T)).
+
+    With `teacher_ids` (batch, seq, k), `teacher_logits` are the teacher's top-k logits at those ids:
+    the teacher distribution is renormalised over its top k and the student is read at the same ids."""
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    if teacher_ids is not None:
+        log_q = log_q.gather(-1, teacher_ids)
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    per_position = (log_p.exp() * (log_p - log_q)).sum(-1)
+    keep = (labels != IGNORE).float()
+    return (per_position * keep).sum() / keep.sum().clamp(min=1)
+
+
+def distillation(teacher, alpha: float, temperature: float) -> Objective:
+    """`teacher` is a module (run here without gradients) or None when the batch carries cached
+    teacher top-k logits (teacher_ids, teacher_logits)."""
+
+    def loss(model, batch):
+        logits = model(batch["input_ids"])
+        ce = cross_entropy(logits, batch["labels"])
+        if teacher is None:
+            t_logits, t_ids = batch["teacher_logits"], batch["teacher_ids"]
+        else:
+            with torch.no_grad():
+                t_logits, t_ids = teacher(batch["input_ids"]), None
+        kl = kd_divergence(logits, t_logits, temperature, batch["labels"], t_ids)
+        return (1 - alpha) * ce + alpha * temperature ** 2 * kl, {"ce": ce.detach(), "kl": kl.detach()}
+
+    return Objective(loss=loss, eval_loss=lm_loss)
+
+
+# ---- DPO --------------------------------------------------------------------------------------
+def reply_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability of each row's labelled tokens (the reply), (batch,)."""
+    keep = labels != IGNORE
+    logits = model(input_ids, select=keep).float()  # (labelled positions, vocab)
+    picked = torch.log_softmax(logits, dim=-1).gather(-1, labels[keep].unsqueeze(-1)).squeeze(-1)
+    rows = keep.nonzero()[:, 0]
+    return torch.zeros(input_ids.shape[0], device=picked.device, dtype=picked.dtype).index_add(0, rows, picked)
+
+
+def dpo_terms(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float) -> tuple[torch.Tensor, Metrics]:
+    chosen_reward = beta * (policy_chosen - ref_chosen)
+    rejected_reward = beta * (policy_rejected - ref_rejected)
+    margin = chosen_reward - rejected_reward
+    loss = -F.logsigmoid(margin).mean()
+    return loss, {"reward_chosen": chosen_reward.mean().detach(), "reward_rejected": rejected_reward.mean().detach(),
+                  "reward_margin": margin.mean().detach(), "preference_accuracy": (margin > 0).float().mean()}
+
+
+def dpo(beta: float) -> Objective:
+    """Reference log-probs come with the batch (ref_chosen, ref_rejected): the reference is frozen, so
+    they are computed once before training (see pocketlm.adapt.preference)."""
+
+    def loss(model, batch):
+        n = batch["chosen_input_ids"].shape[0]
+        both = reply_logprobs(model, torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]),
+                              torch.cat([batch["chosen_labels"], batch["rejected_labels"]]))
+        return dpo_terms(both[:n], both[n:], batch["ref_chosen"], batch["ref_rejected"], beta)
+
+    return Objective(loss=loss, eval_loss=loss)
