@@ -254,14 +254,16 @@ def test_dpo_raises_preference_accuracy_on_its_pairs(base, tmp_path):
     from pocketlm.train.batches import Rows
     from pocketlm.train.objectives import reply_logprobs
 
-    pairs = [{"prompt": f"Name a {w}", "chosen": f"a good {w}", "rejected": f"no {w} here"} for w in WORDS] * 2
+    # one rule to learn: four-letter words over three-letter ones; the base prefers the shorter (fewer tokens)
+    pairs = [{"prompt": f"Pick a word {i}", "chosen": WORDS[4 + i % 4], "rejected": WORDS[(3 * i) % 4]}
+             for i in range(16)]
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     path = write_recipe(tmp_path, init_from=str(base), data={"source": str(data), "val_fraction": 0.2},
-                        train={"objective": "dpo", "max_steps": 30, "batch_size": 4},
-                        optim={"lr": 5e-3, "warmup_steps": 0, "weight_decay": 0.0},
+                        train={"objective": "dpo", "max_steps": 80, "batch_size": 4},
+                        optim={"lr": 1e-2, "warmup_steps": 0, "weight_decay": 0.0},
                         adapter={"r": 8, "alpha": 16, "dropout": 0.0}, dpo={"beta": 0.1},
-                        eval={"interval": 30, "iters": 4})
+                        eval={"interval": 40, "iters": 4})
     final = train(load_recipe(path))
 
     def accuracy(model_dir):
@@ -275,10 +277,13 @@ def test_dpo_raises_preference_accuracy_on_its_pairs(base, tmp_path):
 
     c0, r0 = accuracy(base)
     c1, r1 = accuracy(final)
-    margin_before, margin_after = (c0 - r0), (c1 - r1)
-    assert (margin_after > 0).float().mean() >= 0.9
-    assert (margin_after > 0).float().mean() > (margin_before > 0).float().mean()
-    assert (margin_after - margin_before).mean() > 1.0
+    # DPO's preference accuracy: the implicit reward beta * (log pi - log ref) ranks chosen above rejected
+    implicit = ((c1 - c0) - (r1 - r0) > 0).float().mean()
+    assert implicit >= 0.9, implicit
+    # and the model itself moved: it now likes the chosen replies more, absolutely
+    before, after = ((c0 - r0) > 0).float().mean(), ((c1 - r1) > 0).float().mean()
+    assert before <= 0.25 and after >= 0.5, (before, after)
+    assert ((c1 - r1) - (c0 - r0)).mean() > 1.0
     records = log(tmp_path / "run")
     assert records[-1]["preference_accuracy"] >= records[0]["preference_accuracy"]
     assert {"reward_margin", "reward_chosen", "reward_rejected", "val_preference_accuracy"} <= set(records[-1])
@@ -343,8 +348,9 @@ def test_logit_distillation_on_the_fly_and_cached(base, text_file, tmp_path):
     cache = TeacherCache(cache_dir, shards.train, 32, 16, cache_key(base, shards))
     assert cache.done.sum() == done.sum()  # reopened, not recomputed
     ids = torch.from_numpy(shards.train[chunk * 32:(chunk + 1) * 32].astype(np.int64))[None]
+    vocab = json.loads((final / "config.json").read_text())["vocab_size"]  # the student's; the teacher pads to 300
     with torch.no_grad():
-        values, top = teacher(ids).topk(16, dim=-1)
+        values, top = teacher(ids)[..., :vocab].topk(16, dim=-1)
     got = cache.lookup(np.array([chunk]), "cpu")
     assert torch.equal(got["teacher_ids"], top)
     assert torch.allclose(got["teacher_logits"], values, atol=2e-2)  # stored as fp16
@@ -406,6 +412,9 @@ def test_split_task_holds_out_questions(shared_data, tmp_path):
     builtin = {e.query: e for e in resolve_tasks(["arc_easy"])[0].load()}
     for e in held_out[:50]:  # the held-out task asks exactly what the built-in task asks
         assert builtin[e.query].choices == e.choices and builtin[e.query].gold == e.gold
+    prefs = [json.loads(line) for line in (tmp_path / "preferences.jsonl").read_text().splitlines()]
+    assert len(prefs) == record["train"] and all(p["chosen"] != p["rejected"] for p in prefs)
+    assert not {p["prompt"] for p in prefs} & {e.query for e in held_out}
     again = tmp_path / "again"
     split_task("arc_easy", again, test_fraction=0.2, seed=0)
     assert (again / "test.jsonl").read_text() == (tmp_path / "test.jsonl").read_text()
@@ -440,7 +449,7 @@ def test_cli_sft_eval_and_merge(base, tmp_path):
     assert_clean_error(pocketlm("train", bad), "train.objective distill needs a `distill` section")
 
 
-@pytest.mark.parametrize("name", ["distill-smollm2-tinystories", "lora-sft-arc-easy"])
+@pytest.mark.parametrize("name", ["distill-smollm2-tinystories", "lora-sft-arc-easy", "dpo-arc-easy"])
 def test_adapt_recipes_are_valid(name):
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / f"{name}.yaml", check_paths=False)
-    assert recipe.train.objective in ("distill", "sft")
+    assert recipe.train.objective in ("distill", "sft", "dpo")

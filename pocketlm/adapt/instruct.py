@@ -6,7 +6,8 @@ Instruction records (SFT), one per example, in a .json list or a .jsonl file:
     {"prompt": ..., "completion": ...}                       plain text, no template (as an eval task's prompt)
 
 Preference records (DPO), .jsonl or a .json list:
-    {"prompt": "..." or [messages], "chosen": "..." or [assistant message], "rejected": ...}
+    {"prompt": [messages], "chosen": "..." or [assistant message], "rejected": ...}   chat template
+    {"prompt": "...", "chosen": "...", "rejected": "..."}                             plain text, no template
 
 A conversation is rendered with the model's chat template (or the Alpaca prompt for a model without
 one) as segments of text, each marked trained or not: only the assistant's replies, with the
@@ -267,8 +268,12 @@ def preference_rows(paths: list[str], tokenizer: Tokenizer, block: int, fmt: str
         for where, record in read_records(path):
             messages, good, bad = preference(record, where)
             for reply, out in ((good, chosen), (bad, rejected)):
-                conv = messages + [{"role": "assistant", "content": reply}]
-                ids, trained = tokenize_segments(tokenizer, segments(tokenizer, conv, fmt, system, "last"), fmt)
+                if isinstance(record["prompt"], str):  # plain text, as prompt/completion SFT records
+                    pieces = plain_segments(tokenizer, {"prompt": record["prompt"], "completion": reply}, where)
+                    ids, trained = tokenize_segments(tokenizer, pieces, "plain")
+                else:
+                    conv = messages + [{"role": "assistant", "content": reply}]
+                    ids, trained = tokenize_segments(tokenizer, segments(tokenizer, conv, fmt, system, "last"), fmt)
                 out.append((ids, trained, where))
     keep = [i for i in range(len(chosen)) if len(chosen[i][0]) <= block + 1 and len(rejected[i][0]) <= block + 1]
     report.examples = len(chosen)

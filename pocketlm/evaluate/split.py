@@ -4,6 +4,7 @@
 
 writes
     train.jsonl   SFT records {"prompt": <the task's prompt>, "completion": " <the right answer>"}
+    preferences.jsonl  DPO pairs from the same examples {"prompt", "chosen": right answer, "rejected": a wrong one}
     test.jsonl    the held-out examples {"query", "choices", "gold"}
     test.yaml     a task file for them, scored exactly as the built-in task: pocketlm eval M --tasks DIR/test.yaml
     split.json    seed, fraction, counts and the source, for the record
@@ -47,6 +48,12 @@ def split_task(spec: str, out: str | Path, test_fraction: float = 0.2, seed: int
     with open(out / "train.jsonl", "w", encoding="utf-8") as f:
         for e in train:
             f.write(json.dumps({"prompt": e.query, "completion": delimiter + e.choices[e.gold]}) + "\n")
+    pick = random.Random(seed + 1)
+    with open(out / "preferences.jsonl", "w", encoding="utf-8") as f:
+        for e in train:
+            wrong = pick.choice([c for i, c in enumerate(e.choices) if i != e.gold])
+            f.write(json.dumps({"prompt": e.query, "chosen": delimiter + e.choices[e.gold],
+                                "rejected": delimiter + wrong}) + "\n")
     with open(out / "test.jsonl", "w", encoding="utf-8") as f:
         for e in test:
             f.write(json.dumps({"query": e.query, "choices": e.choices, "gold": e.gold}) + "\n")
