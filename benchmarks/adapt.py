@@ -2,14 +2,16 @@
 
     .venv/bin/python benchmarks/adapt.py distill    # distilled student vs the same student from scratch
     .venv/bin/python benchmarks/adapt.py lora-sft   # LoRA SFT of SmolLM2 on ARC-Easy's 80% vs the base, on the 20%
+    .venv/bin/python benchmarks/adapt.py dpo        # LoRA DPO on pairs from the same 80%, on the same 20%
 
 distill: `pocketlm train recipes/distill-smollm2-tinystories.yaml`, then the same recipe with
 `train.objective=pretrain distill=null` (same student, data, steps, batches and tokens). Reports each
 run's final validation loss (cross-entropy on the recipe's TinyStories validation split) and both
 students' perplexity on the first 50k tokens of the TinyStories validation slice through `pocketlm eval --tasks tinystories`.
 
-lora-sft: `pocketlm split-task arc_easy` (seed 0), `pocketlm eval` of the base on the held-out 20%,
-`pocketlm train recipes/lora-sft-arc-easy.yaml`, `pocketlm eval` of the adapter on the same 20%.
+lora-sft / dpo: `pocketlm split-task arc_easy` (seed 0), `pocketlm eval` of the base on the held-out 20%,
+`pocketlm train recipes/{lora-sft,dpo}-arc-easy.yaml`, `pocketlm eval` of the adapter on the same 20%.
+A run already trained is reused unless --fresh.
 Both print a Markdown table and write runs/adapt_<name>.json.
 """
 
@@ -73,21 +75,22 @@ def distill(fresh: bool) -> dict:
     return rows
 
 
-def lora_sft(fresh: bool) -> dict:
+def held_out(recipe_name: str, fresh: bool) -> dict:
+    """The base and the recipe's adapter on ARC-Easy's held-out 20%."""
     split = ROOT / "runs" / "arc_easy_split"
-    out_dir = ROOT / "runs" / "lora-sft-arc-easy"
+    out_dir = ROOT / "runs" / recipe_name
     if fresh:
         shutil.rmtree(out_dir, ignore_errors=True)
     run(["split-task", "arc_easy", str(split), "--test-fraction", "0.2", "--seed", "0"])
     task = str(split / "test.yaml")
     base = evaluate("smollm2-135m-instruct", task, ROOT / "runs" / "adapt_arc_easy_base.json")
-    seconds = run(["train", "recipes/lora-sft-arc-easy.yaml"]) if not (out_dir / "model").is_dir() else None
-    tuned = evaluate(str(out_dir / "adapter"), task, ROOT / "runs" / "adapt_arc_easy_lora.json")
-    rows = {"base": base, "lora_sft": tuned, "train_seconds": None if seconds is None else round(seconds, 1),
-            "split": json.loads((split / "split.json").read_text())}
+    seconds = run(["train", f"recipes/{recipe_name}.yaml"]) if not (out_dir / "adapter").is_dir() else None
+    tuned = evaluate(str(out_dir / "adapter"), task, ROOT / "runs" / f"adapt_arc_easy_{recipe_name}.json")
+    rows = {"base": base, recipe_name: tuned, "train_seconds": None if seconds is None else round(seconds, 1),
+            "last_record": last_record(out_dir), "split": json.loads((split / "split.json").read_text())}
     print("\n| model | held-out acc | acc_norm | n |")
     print("|---|---|---|---|")
-    for name in ("base", "lora_sft"):
+    for name in ("base", recipe_name):
         r = rows[name]
         print(f"| {name} | {100 * r['acc']:.2f} ± {100 * r['acc_stderr']:.2f} | {100 * r['acc_norm']:.2f} | {r['n']} |")
     gain, gain_norm = 100 * (tuned["acc"] - base["acc"]), 100 * (tuned["acc_norm"] - base["acc_norm"])
@@ -97,10 +100,13 @@ def lora_sft(fresh: bool) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("which", choices=["distill", "lora-sft"])
+    ap.add_argument("which", choices=["distill", "lora-sft", "dpo"])
     ap.add_argument("--fresh", action="store_true", help="delete earlier runs first instead of reusing them")
     args = ap.parse_args()
-    rows = distill(args.fresh) if args.which == "distill" else lora_sft(args.fresh)
+    if args.which == "distill":
+        rows = distill(args.fresh)
+    else:
+        rows = held_out({"lora-sft": "lora-sft-arc-easy", "dpo": "dpo-arc-easy"}[args.which], args.fresh)
     result = {"benchmark": args.which, "machine": machine(), "results": rows}
     out = ROOT / "runs" / f"adapt_{args.which}.json"
     out.write_text(json.dumps(result, indent=2))
