@@ -466,7 +466,8 @@ def test_cli_sft_eval_and_merge(base, tmp_path):
     assert_clean_error(pocketlm("train", bad), "train.objective distill needs a `distill` section")
 
 
-@pytest.mark.parametrize("name", ["distill-smollm2-tinystories", "lora-sft-arc-easy", "dpo-arc-easy"])
+@pytest.mark.parametrize("name", ["distill-smollm2-tinystories", "distill-sequence-smollm2", "lora-sft-arc-easy",
+                                  "dpo-arc-easy"])
 def test_adapt_recipes_are_valid(name):
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / f"{name}.yaml", check_paths=False)
     assert recipe.train.objective in ("distill", "sft", "dpo")

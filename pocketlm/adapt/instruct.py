@@ -191,7 +191,8 @@ def tokenize_segments(tokenizer: Tokenizer, pieces: list[tuple[str, bool]], fmt:
 class RowsReport:
     examples: int = 0
     truncated: int = 0  # examples longer than a row, cut at the row's end
-    dropped: list[str] = field(default_factory=list)  # examples with nothing left to learn from
+    dropped: list[str] = field(default_factory=list)  # examples left out, for `drop_reason`
+    drop_reason: str = "nothing to learn after truncation"
     rows: int = 0
     trained_tokens: int = 0
 
@@ -200,7 +201,7 @@ class RowsReport:
         if self.truncated:
             text += f"; {self.truncated} longer than the row were truncated"
         if self.dropped:
-            text += f"; {len(self.dropped)} dropped (nothing to learn after truncation, e.g. {self.dropped[0]})"
+            text += f"; {len(self.dropped)} dropped ({self.drop_reason}, e.g. {self.dropped[0]})"
         return text
 
 
@@ -277,7 +278,9 @@ def preference_rows(paths: list[str], tokenizer: Tokenizer, block: int, fmt: str
                 out.append((ids, trained, where))
     keep = [i for i in range(len(chosen)) if len(chosen[i][0]) <= block + 1 and len(rejected[i][0]) <= block + 1]
     report.examples = len(chosen)
-    report.dropped = [chosen[i][2] for i in range(len(chosen)) if i not in set(keep)]
+    kept = set(keep)
+    report.dropped = [chosen[i][2] for i in range(len(chosen)) if i not in kept]
+    report.drop_reason = "a reply does not fit in train.block_size + 1 tokens"
     if not keep:
         raise ConfigError(f"no preference pair fits in train.block_size {block} tokens; raise it")
     pad = pad_token(tokenizer)
