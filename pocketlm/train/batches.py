@@ -88,6 +88,9 @@ class Rows:
     def batch(self, picks: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(np.ascontiguousarray(v[picks])).to(device) for k, v in self.arrays.items()}
 
+    def labelled_tokens(self, picks: np.ndarray) -> int:
+        return int((self.arrays["labels"][picks] != -100).sum())
+
     @property
     def tokens_per_row(self) -> int:
         first = next(iter(self.arrays.values()))

@@ -187,10 +187,9 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
     if recipe.distill_sequence:
         from ..adapt.distill import write_corpus
 
-        if runtime.main:
-            write_corpus(recipe.distill, out_dir / "teacher-corpus", runtime.device, recipe.seed,
-                         progress=recipe.log.progress if progress is None else progress)
-        _barrier(runtime)
+        _on_each_machine(runtime, lambda: write_corpus(recipe.distill, out_dir / "teacher-corpus", runtime.device,
+                                                        recipe.seed, progress=runtime.main and (
+                                                            recipe.log.progress if progress is None else progress)))
         corpus = out_dir / "teacher-corpus" / "corpus.jsonl"
 
     base_model, base_tokenizer = load_init_model(recipe)
@@ -244,6 +243,10 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
         for group in optimizer.param_groups:
             group["lr"] = lr
         picks = data.train.picks(recipe.seed, state.step, t.batch_size)
+        # per micro-batch loss scale: a mean over micro-batches, or a token sum over the step's labelled tokens
+        # (times the processes, whose gradients DDP averages)
+        scale = (runtime.world / max(1, data.train.labelled_tokens(picks)) if objective.token_sum
+                 else 1 / t.grad_accum)
         total = torch.zeros((), device=runtime.device)
         sums: dict[str, torch.Tensor] = {}
         for micro in range(t.grad_accum):
@@ -252,7 +255,7 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
             sync = micro == t.grad_accum - 1 or runtime.world == 1
             with (nullcontext() if sync else wrapped.no_sync()), autocast():
                 loss, metrics = step_loss(batch)
-                loss = loss / t.grad_accum
+                loss = loss * scale
             loss.backward()
             total += loss.detach()
             for key, value in metrics.items():
@@ -368,17 +371,35 @@ def _teacher_cache(recipe: Recipe, data, vocab: int, runtime: Runtime, autocast,
     from ..adapt.distill import TeacherCache, cache_key, load_teacher
     from ..hub import resolve_model
 
-    cache = TeacherCache(Path(recipe.out_dir) / "teacher-cache", data.train.tokens, recipe.train.block_size,
-                         d.cache_top_k, cache_key(resolve_model(d.teacher), data.shards))
     needed = np.concatenate([data.train.picks(recipe.seed, s, recipe.train.batch_size)
                              for s in range(from_step, recipe.train.max_steps)] or [np.zeros(0, dtype=np.int64)])
-    if len(cache.missing(needed)):
-        teacher, _, _ = load_teacher(d.teacher, d.teacher_quantize, runtime.device)
-        per = max(1, recipe.train.batch_size // recipe.train.grad_accum)
-        show = (recipe.log.progress if progress is None else progress) and runtime.main
-        cache.fill(teacher, vocab, needed, per, runtime.device, autocast, progress=show)
-        del teacher
-    return cache
+
+    def open_cache() -> TeacherCache:
+        return TeacherCache(Path(recipe.out_dir) / "teacher-cache", data.train.tokens, recipe.train.block_size,
+                            d.cache_top_k, cache_key(resolve_model(d.teacher), data.shards))
+
+    def fill() -> None:
+        cache = open_cache()
+        if len(cache.missing(needed)):
+            teacher, _, _ = load_teacher(d.teacher, d.teacher_quantize, runtime.device)
+            per = max(1, recipe.train.batch_size // recipe.train.grad_accum)
+            show = (recipe.log.progress if progress is None else progress) and runtime.main
+            cache.fill(teacher, vocab, needed, per, runtime.device, autocast, progress=show)
+
+    _on_each_machine(runtime, fill)
+    return open_cache()
+
+
+def _on_each_machine(runtime: Runtime, work: Callable[[], None]) -> None:
+    """Run `work` (which skips what is already on disk) in the main process, then in the first process
+    of every other machine (no shared file system), while the rest wait."""
+    local_main = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if runtime.main:
+        work()
+    _barrier(runtime)
+    if local_main and not runtime.main:
+        work()
+    _barrier(runtime)
 
 
 @torch.no_grad()

@@ -23,6 +23,9 @@ class Objective:
     loss: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, Metrics]]
     # validation: the figure that stays comparable across objectives (plain cross-entropy for distillation)
     eval_loss: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, Metrics]]
+    # `loss` returns a sum over labelled tokens, which the loop divides by the step's labelled tokens across
+    # every micro-batch and process: rows with more reply tokens weigh more, exactly as in one big batch
+    token_sum: bool = False
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -33,14 +36,16 @@ def lm_loss(model, batch: dict) -> tuple[torch.Tensor, Metrics]:
     return cross_entropy(model(batch["input_ids"]), batch["labels"]), {}
 
 
-def masked_lm_loss(model, batch: dict) -> tuple[torch.Tensor, Metrics]:
+def masked_lm_loss(model, batch: dict, reduction: str = "mean") -> tuple[torch.Tensor, Metrics]:
     """Cross-entropy on the labelled positions only, with the output head run only there (SFT)."""
     keep = batch["labels"] != IGNORE
-    return cross_entropy(model(batch["input_ids"], select=keep), batch["labels"][keep]), {}
+    logits = model(batch["input_ids"], select=keep).float()
+    return F.cross_entropy(logits, batch["labels"][keep], reduction=reduction), {}
 
 
 LANGUAGE_MODELLING = Objective(loss=lm_loss, eval_loss=lm_loss)
-SFT = Objective(loss=masked_lm_loss, eval_loss=masked_lm_loss)
+SFT = Objective(loss=lambda model, batch: masked_lm_loss(model, batch, "sum"), eval_loss=masked_lm_loss,
+                token_sum=True)
 
 
 # ---- distillation -----------------------------------------------------------------------------
