@@ -13,9 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-
 from helpers import byte_level_tokenizer, tiny_model_dir
-from pocketlm.adapt.instruct import IGNORE, RowsReport, pack_rows, preference_rows, sft_rows
+
+from pocketlm.adapt.instruct import (
+    IGNORE,
+    RowsReport,
+    pack_rows,
+    preference_rows,
+    sft_rows,
+)
 from pocketlm.errors import ConfigError
 from pocketlm.train import load_recipe, train
 
