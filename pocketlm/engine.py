@@ -154,7 +154,7 @@ def _prefill(model, step_fn, prompts: list[list[int]], device) -> torch.Tensor:
 @torch.inference_mode()
 def generate_tokens(model, prompt_ids: list[int], params: SamplingParams, stop_ids: set[int] = frozenset()) -> Iterator[int]:
     """Yield new token ids for one prompt until EOS (a `stop_ids` member, yielded last) or max_new_tokens."""
-    context = model.config.max_position_embeddings
+    context = model.context_length
     check_prompt(prompt_ids, context)
     max_new = min(params.max_new_tokens, context - len(prompt_ids))
     if max_new == 0:
@@ -189,7 +189,7 @@ def generate_batch(model, prompts: list[list[int]], params: SamplingParams,
                    stop_ids: set[int] = frozenset()) -> list[list[int]]:
     """Decode several prompts of different lengths together: each is prefilled into its own row of one
     KV cache, then every step decodes all unfinished rows at their own positions in one batch."""
-    context = model.config.max_position_embeddings
+    context = model.context_length
     for ids in prompts:
         check_prompt(ids, context)
     max_new = min(params.max_new_tokens, context - max(len(p) for p in prompts))

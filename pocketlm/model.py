@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .errors import ConfigError
 
 
 class Linear(nn.Linear):
@@ -232,14 +231,30 @@ class LlamaForCausalLM(nn.Module):
             self._bias_cache = cached
         return cached
 
+    @property
+    def prefix_tokens(self) -> int:
+        """Positions a prefix-tuning adapter holds in front of the text (0 without one)."""
+        return self.prefix.num_tokens if self.prefix is not None else 0
+
+    @property
+    def context_length(self) -> int:
+        """Tokens of text the model can see: its context less a prefix adapter's positions."""
+        return self.config.max_position_embeddings - self.prefix_tokens
+
     def setup_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
-        """Allocate a static KV cache for `batch` sequences of up to `max_len` tokens."""
+        """Allocate a static KV cache for `batch` sequences of up to `max_len` tokens. A prefix adapter's
+        keys and values fill the first positions, and the text follows them."""
         c = self.config
-        max_len = max_len or c.max_position_embeddings
+        p = self.prefix_tokens
+        max_len = min((max_len or c.max_position_embeddings) + p, c.max_position_embeddings)
         weight = self.model.embed_tokens.weight
         dtype = dtype or self.compute_dtype
         for layer in self.model.layers:
             layer.self_attn.cache = KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, dtype, weight.device)
+        if p:
+            for layer, (k, v) in zip(self.model.layers, self.prefix.key_values(batch, dtype)):
+                layer.self_attn.cache.k[:, :, :p] = k
+                layer.self_attn.cache.v[:, :, :p] = v
 
     def clear_cache(self) -> None:
         for layer in self.model.layers:
@@ -269,11 +284,9 @@ class LlamaForCausalLM(nn.Module):
         b, t = input_ids.shape
         prefix = None
         if self.prefix is not None:
-            if self.model.layers[0].self_attn.cache is not None:
-                raise ConfigError("a prefix-tuning adapter works for training and scoring (pocketlm eval), not for "
-                                  "generation with a KV cache; use a LoRA adapter to generate")
-            prefix = self.prefix.key_values(b, self.compute_dtype)
-            start = self.prefix.num_tokens  # the prefix holds positions 0..tokens-1
+            start += self.prefix.num_tokens  # the prefix holds positions 0..tokens-1; with a cache, it is there
+            if self.model.layers[0].self_attn.cache is None:
+                prefix = self.prefix.key_values(b, self.compute_dtype)
         end = start + t
         if end > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {end} tokens exceeds the context of {self.config.max_position_embeddings}")
@@ -294,8 +307,9 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def decode_mask(self, pos: torch.Tensor) -> torch.Tensor:
-        """(batch, 1, 1, cache_len) bool: row b sees cache positions 0..pos[b]."""
+        """(batch, 1, 1, cache_len) bool: row b sees cache positions 0..pos[b] (after any prefix)."""
         cache_len = self.model.layers[0].self_attn.cache.k.shape[2]
+        pos = pos + self.prefix_tokens
         return (torch.arange(cache_len, device=pos.device)[None, :] <= pos[:, None])[:, None, None]
 
     def decode_step(self, input_ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -304,6 +318,8 @@ class LlamaForCausalLM(nn.Module):
         and the cache length, so a compiled step is built once per shape and serves every position."""
         if mask is None:
             mask = self.decode_mask(pos)
+        if self.prefix is not None:
+            pos = pos + self.prefix.num_tokens
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(x.device)
         cos = cos[pos].to(x.dtype)[:, None, None]

@@ -509,3 +509,26 @@ def test_sft_gradient_accumulation_matches_one_batch(base, sft_file, tmp_path):
     a = {r["step"]: r["loss"] for r in log(tmp_path / "one" / "run")}
     b = {r["step"]: r["loss"] for r in log(tmp_path / "accum" / "run")}
     assert max(abs(a[s] - b[s]) for s in a) <= 1e-5
+
+
+def test_generation_with_a_prefix_adapter(base, sft_file, tmp_path):
+    """The prefix fills the first cache positions: cached greedy decoding (one and several sequences)
+    picks the tokens a full forward pass without any cache picks."""
+    from pocketlm.checkpoint import load_model
+    from pocketlm.engine import SamplingParams, generate_batch, generate_tokens
+
+    path = write_recipe(tmp_path, init_from=str(base), data={"source": str(sft_file)}, train={"objective": "sft"},
+                        adapter={"type": "prefix", "num_virtual_tokens": 6})
+    model, _ = load_model(train(load_recipe(path)))
+    assert model.context_length == 128 - 6
+    prompts = [[5, 80, 81, 82, 90], [7, 100, 101]]
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = list(prompt)
+            for _ in range(10):
+                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+            expected.append(ids[len(prompt):])
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    assert list(generate_tokens(model, prompts[0], params)) == expected[0]
+    assert generate_batch(model, prompts, params) == expected

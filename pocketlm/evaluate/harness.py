@@ -47,7 +47,7 @@ class PocketLMHarness(LM):
         return loglikelihoods(self.model, pairs, max_batch_tokens=self.batch_tokens)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        window = self.model.config.max_position_embeddings
+        window = self.model.context_length
         out = []
         for request in requests:
             (text,) = request.args
@@ -66,7 +66,7 @@ class PocketLMHarness(LM):
             until = kwargs.get("until") or []
             max_new = int(kwargs.get("max_gen_toks", 256))
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
-            ids = self.tokenizer.encode(context)[-(self.model.config.max_position_embeddings - max_new):]
+            ids = self.tokenizer.encode(context)[-(self.model.context_length - max_new):]
             params = SamplingParams(max_new_tokens=max_new, temperature=temperature,
                                     stop=[until] if isinstance(until, str) else list(until))
             out.append(generate(self.model, self.tokenizer, ids, params).text)

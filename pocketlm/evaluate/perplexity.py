@@ -43,7 +43,7 @@ def perplexity(model, tokenizer, text: str, window: int = 1024, stride: int | No
     """Rolling-window perplexity of `text`. `max_tokens` scores only the first that many tokens (the
     word and byte counts are then taken from the text those tokens cover)."""
     stride = stride or window
-    window = min(window, model.config.max_position_embeddings)
+    window = min(window, model.context_length)
     if not text.strip():
         raise ConfigError("the text to score is empty")
     ids = tokenizer.encode(text, add_special_tokens=False)

@@ -71,7 +71,7 @@ def run_generation(model, tokenizer, task: Task, examples: list[Example], num_fe
     from ..engine import SamplingParams, generate
 
     params = SamplingParams(max_new_tokens=task.max_new_tokens, temperature=0.0, stop=task.until)
-    context = model.config.max_position_embeddings
+    context = model.context_length
     strict, flexible, samples = [], [], []
     for i, example in enumerate(examples):
         prompt = task.context(example, fewshot_examples(task, examples, i, num_fewshot)) + example.query
@@ -95,7 +95,7 @@ def run_perplexity(model, tokenizer, task: Task, max_tokens: int | None, progres
         text = task.text_path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"task {task.name}: {task.text_path} is not UTF-8 text") from None
-    window = min(model.config.max_position_embeddings, 2048)
+    window = min(model.context_length, 2048)
     result = perplexity(model, tokenizer, text, window=window, stride=window // 2, max_tokens=max_tokens,
                         progress=(lambda done, total: progress(task.name, done, total)) if progress else None)
     return {"token_perplexity": result.token_perplexity, "word_perplexity": result.word_perplexity,

@@ -59,7 +59,7 @@ def loglikelihoods(model, pairs: Sequence[tuple[list[int], list[int]]], max_batc
                    max_batch_rows: int = 64, progress: Progress | None = None) -> list[tuple[float, bool]]:
     """For each (context ids, continuation ids): the summed log-probability of the continuation and
     whether greedy decoding would produce it. Inputs longer than the context window keep their end."""
-    window = model.config.max_position_embeddings
+    window = model.context_length
     rows: dict[tuple[int, ...], list[int]] = {}
     for i, (context_ids, continuation_ids) in enumerate(pairs):
         if not continuation_ids:
@@ -98,7 +98,7 @@ def rolling_nll(model, ids: Sequence[int], window: int, stride: int | None = Non
     windows of `window` tokens advancing by `stride`; every token after the first is scored once,
     with up to `window - stride` tokens of extra context. Returns (nll, tokens scored)."""
     stride = stride or window
-    window = min(window, model.config.max_position_embeddings)
+    window = min(window, model.context_length)
     if not 0 < stride <= window:
         raise ConfigError(f"stride must be in 1..window ({window}); got {stride}")
     if len(ids) < 2:

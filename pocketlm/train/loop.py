@@ -425,7 +425,7 @@ def evaluate(model, val, objective: Objective, recipe: Recipe, device: torch.dev
 
 
 def _sample(model, tokenizer, recipe: Recipe) -> str | None:
-    if not recipe.eval.sample_prompt or getattr(model, "prefix", None) is not None:
+    if not recipe.eval.sample_prompt:
         return None
     from ..engine import SamplingParams, generate
 
