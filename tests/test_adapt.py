@@ -351,7 +351,7 @@ def test_logit_distillation_on_the_fly_and_cached(base, text_file, tmp_path):
     from pocketlm.adapt.distill import TeacherCache, cache_key
     from pocketlm.checkpoint import load_model
 
-    for name, extra in (("fly", {}), ("cached", {"cache_top_k": 16})):
+    for name, extra in (("fly", {}), ("cached", {"cache_top_k": 16}), ("int8-teacher", {"teacher_quantize": "int8"})):
         path = write_recipe(tmp_path / name, model=STUDENT, train={"objective": "distill", "block_size": 32},
                             data={"source": str(text_file), "tokenizer": str(base), "dedupe": False},
                             distill={"teacher": str(base), "alpha": 0.5, "temperature": 2.0, **extra})
@@ -359,6 +359,9 @@ def test_logit_distillation_on_the_fly_and_cached(base, text_file, tmp_path):
         records = log(tmp_path / name / "run")
         assert {"ce", "kl"} <= set(records[0]) and records[-1]["loss"] < records[0]["loss"]
         assert (final / "model.safetensors").is_file()
+    # an int8 teacher teaches nearly what the float one does
+    fly, int8 = log(tmp_path / "fly" / "run"), log(tmp_path / "int8-teacher" / "run")
+    assert abs(fly[0]["kl"] - int8[0]["kl"]) < 0.05 * fly[0]["kl"] + 1e-3
     # the cache holds the teacher's top 16 logits for every chunk the run read, written once
     teacher, _ = load_model(base)
     run = tmp_path / "cached" / "run"
