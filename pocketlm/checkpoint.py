@@ -344,10 +344,11 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
     from .model import LlamaForCausalLM  # local import: the model is only needed when loading weights
 
     model_dir = Path(model_dir)
-    if (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
-        from .adapt.adapters import load_adapted  # a PEFT adapter directory: its base model with the adapter
+    if not (model_dir / "config.json").is_file():
+        from .adapt.adapters import is_adapter_dir, load_adapted
 
-        return load_adapted(model_dir, dtype=dtype, device=device)
+        if is_adapter_dir(model_dir):  # a PEFT adapter directory: its base model with the adapter
+            return load_adapted(model_dir, dtype=dtype, device=device)
     config = load_config(model_dir)
     scheme = read_quant_scheme(model_dir)
     tensors = load_tensors(model_dir / WEIGHTS, config, scheme)

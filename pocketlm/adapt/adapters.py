@@ -9,11 +9,12 @@ layers go into the same places and an adapter directory written here loads uncha
 
 LoRA uses peft's layers as they are (`peft.functional`, peft's API for models that are not
 transformers models). Prefix tuning uses peft's PrefixEncoder; its output is laid out as peft lays out
-`past_key_values`, and the model prepends it to every layer's keys and values (model.PrefixKV).
+`past_key_values`, and the model prepends it to every layer's keys and values (PrefixKV below).
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -97,10 +98,6 @@ def _configs(model) -> dict:
     return getattr(model, "peft_configs", None) or {}
 
 
-def has_adapter(model) -> bool:
-    return bool(_configs(model))
-
-
 def adapter_state(model, name: str = DEFAULT) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's saved names."""
     config = _configs(model)[name]
@@ -112,8 +109,10 @@ def adapter_state(model, name: str = DEFAULT) -> dict[str, torch.Tensor]:
     return {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def save_adapter(model, out: str | Path, base_model: str | Path, name: str = DEFAULT) -> Path:
-    """Write one adapter as a PEFT adapter directory that points at `base_model`, atomically."""
+def save_adapter(model, out: str | Path, base_model: str | Path, name: str = DEFAULT,
+                 provenance: dict | None = None) -> Path:
+    """Write one adapter as a PEFT adapter directory that points at `base_model`, atomically
+    (`provenance`, if given, goes beside it as pocketlm.json)."""
     from ..checkpoint import _replace_dir
 
     out = Path(out)
@@ -126,6 +125,8 @@ def save_adapter(model, out: str | Path, base_model: str | Path, name: str = DEF
     config.save_pretrained(str(tmp))
     config.inference_mode = inference
     save_file(adapter_state(model, name), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    if provenance is not None:
+        (tmp / "pocketlm.json").write_text(json.dumps(provenance, indent=2))
     _replace_dir(tmp, out)
     return out
 
@@ -245,7 +246,6 @@ class PrefixKV(nn.Module):
         super().__init__()
         from peft.tuners.prefix_tuning import PrefixEncoder
 
-        self.peft_config = config
         self.num_tokens = config.num_virtual_tokens
         self.layers = model_config.num_hidden_layers
         self.kv_heads = model_config.num_key_value_heads

@@ -49,7 +49,7 @@ class Windows:
     def batch(self, picks: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
         starts = picks * self.block if self.aligned else picks
         x, y = windows(self.tokens, starts, self.block, device)
-        return {"input_ids": x, "labels": y, "picks": torch.from_numpy(np.asarray(picks))}
+        return {"input_ids": x, "labels": y}
 
     @property
     def tokens_per_row(self) -> int:
@@ -64,6 +64,7 @@ class Rows:
         self.arrays = arrays
         self.n = len(next(iter(arrays.values())))
         self.per_step = per_step
+        self._order_cache: tuple[tuple[int, int], np.ndarray] | None = None
 
     def picks(self, seed: int, step: int, count: int) -> np.ndarray:
         first = step * self.per_step
@@ -74,11 +75,9 @@ class Rows:
         return np.array(out)
 
     def _order(self, seed: int, epoch: int) -> np.ndarray:
-        cached = getattr(self, "_cached", None)
-        if cached is None or cached[0] != (seed, epoch):
-            cached = ((seed, epoch), np.random.default_rng([seed, epoch]).permutation(self.n))
-            self._cached = cached
-        return cached[1]
+        if self._order_cache is None or self._order_cache[0] != (seed, epoch):
+            self._order_cache = ((seed, epoch), np.random.default_rng([seed, epoch]).permutation(self.n))
+        return self._order_cache[1]
 
     def eval_picks(self, seed: int, index: int, count: int) -> np.ndarray | None:
         """Validation goes through the rows in order, once."""
@@ -95,6 +94,3 @@ class Rows:
     def tokens_per_row(self) -> int:
         first = next(iter(self.arrays.values()))
         return first.shape[1] if first.ndim > 1 else 1
-
-    def epochs(self, steps: int) -> float:
-        return steps * self.per_step / self.n

@@ -1,6 +1,6 @@
 """One training loop for every objective: batches -> loss -> AdamW step, with evaluation, atomic
 checkpoints, exact resume, JSONL logs and DDP. Objectives (pretrain, sft, distill, dpo; see
-objectives.py) only supply the loss, and data (training_data.py) only supplies batches.
+objectives.py) only supply the loss, and data (data_source.py, batches.py) only supplies batches.
 
 Batches are drawn from a generator seeded by (seed, step), so the data position is the step number:
 a resumed run, or a run spread over several processes, sees exactly the batches of the original.
@@ -228,8 +228,8 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
     show = (recipe.log.progress if progress is None else progress) and runtime.main
     bar = _Progress(recipe.train.max_steps, state.step, enabled=show)
 
-    def make_batch(picks, source=data.train):
-        batch = source.batch(picks, runtime.device)
+    def make_batch(picks):
+        batch = data.train.batch(picks, runtime.device)
         if cache is not None:
             batch.update(cache.lookup(picks, runtime.device))
         return batch
@@ -451,8 +451,7 @@ def _save_final(model, data, recipe: Recipe, state: TrainerState, train_loss, va
     from ..adapt.adapters import merged_weights, save_adapter
     from ..hub import resolve_model
 
-    adapter_dir = save_adapter(model, out_dir / "adapter", resolve_model(recipe.init_from))
-    (adapter_dir / "pocketlm.json").write_text(json.dumps(provenance, indent=2))
+    adapter_dir = save_adapter(model, out_dir / "adapter", resolve_model(recipe.init_from), provenance=provenance)
     if recipe.adapter.type != "lora" or not recipe.adapter.merge:
         return adapter_dir
     provenance["adapter"] = {"path": str(adapter_dir.resolve()), "type": "lora", "r": recipe.adapter.r,

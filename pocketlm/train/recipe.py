@@ -176,10 +176,9 @@ class Recipe(Section):
                              "section needs train.objective: distill")
         if self.adapter is not None and self.init_from is None:
             raise ValueError("an adapter trains on top of an existing model: set init_from")
-        sequence = self.distill is not None and self.distill.mode == "sequence"
-        if sequence and not (self.distill.prompts or self.distill.seed_openings):
+        if self.distill_sequence and not (self.distill.prompts or self.distill.seed_openings):
             raise ValueError("distill.mode sequence needs distill.prompts (a file) or distill.seed_openings")
-        if self.data.source is None and self.data.prepared is None and not sequence:
+        if self.data.source is None and self.data.prepared is None and not self.distill_sequence:
             raise ValueError("give exactly one of data.source (raw files) or data.prepared (a prepared directory)")
         return self
 
