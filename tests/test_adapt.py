@@ -109,11 +109,15 @@ def test_alpaca_and_prompt_completion_formats(tmp_path):
     tok.chat_template = None
     path = tmp_path / "mixed.jsonl"
     path.write_text(json.dumps({"instruction": "Add", "input": "2 and 2", "output": "4"}) + "\n"
-                    + json.dumps({"prompt": "Question: sky?\nAnswer:", "completion": " blue"}) + "\n")
+                    + json.dumps({"prompt": "Question: sky?\nAnswer:", "completion": " blue"}) + "\n"
+                    + json.dumps({"instruction": "Read.\n\nThen answer.", "output": "ok"}) + "\n")
     rows = sft_rows([str(path)], tok, block=256, fmt="auto", system=None, packing=False, report=RowsReport())
-    assert trained_text(tok, rows) == ["4</s>", " blue</s>"]
+    assert trained_text(tok, rows) == ["4</s>", " blue</s>", "ok</s>"]
     alpaca = tok.decode([int(t) for t in rows["input_ids"][0]])
     assert "### Instruction:\nAdd\n\n### Input:\n2 and 2\n\n### Response:\n4</s>" in alpaca
+    # an instruction with a blank line in it stays one instruction, with no Input section
+    third = tok.decode([int(t) for t in rows["input_ids"][2]])
+    assert "### Instruction:\nRead.\n\nThen answer.\n\n### Response:\nok</s>" in third
 
 
 def test_packing_keeps_examples_whole():

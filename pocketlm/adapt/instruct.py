@@ -136,7 +136,11 @@ def segments(tokenizer: Tokenizer, messages: list[dict], fmt: str, system: str |
     if train_roles == "last":
         replies = replies[-1:]
     if fmt == "alpaca":
-        return _alpaca_segments(tokenizer, messages)
+        users = [m for m in messages if m["role"] == "user"]
+        if len(users) != 1 or len(replies) != 1 or messages[-1]["role"] != "assistant":
+            raise ConfigError("the Alpaca prompt holds one instruction and one response; multi-turn conversations "
+                              "need a model with a chat template")
+        return _alpaca_segments(tokenizer, users[0]["content"], "", messages[-1]["content"])
     pieces: list[tuple[str, bool]] = []
     done = ""
     for i in replies:
@@ -150,16 +154,10 @@ def segments(tokenizer: Tokenizer, messages: list[dict], fmt: str, system: str |
     return [(text, trained) for text, trained in pieces if text]
 
 
-def _alpaca_segments(tokenizer: Tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
-    users = [m for m in messages if m["role"] == "user"]
-    replies = [m for m in messages if m["role"] == "assistant"]
-    if len(users) != 1 or len(replies) != 1 or messages[-1]["role"] != "assistant":
-        raise ConfigError("the Alpaca prompt holds one instruction and one response; multi-turn conversations "
-                          "need a model with a chat template")
-    instruction, _, context = users[0]["content"].partition("\n\n")
+def _alpaca_segments(tokenizer: Tokenizer, instruction: str, context: str, reply: str) -> list[tuple[str, bool]]:
     prompt = ALPACA_PROMPT.format(context=", paired with an input that provides further context" if context else "",
                                   instruction=instruction, input=f"### Input:\n{context}\n\n" if context else "")
-    return [(prompt, False), (replies[0]["content"] + (tokenizer.eos_token or ""), True)]
+    return [(prompt, False), (reply + (tokenizer.eos_token or ""), True)]
 
 
 def plain_segments(tokenizer: Tokenizer, record: dict, where: str) -> list[tuple[str, bool]]:
@@ -254,6 +252,10 @@ def sft_rows(paths: list[str], tokenizer: Tokenizer, block: int, fmt: str, syste
         for where, record in read_records(path):
             if "prompt" in record and "completion" in record:
                 ids, trained = tokenize_segments(tokenizer, plain_segments(tokenizer, record, where), "plain")
+            elif fmt == "alpaca" and "instruction" in record:  # its own fields, the input in its own section
+                conversation(record, where)  # checks the fields
+                pieces = _alpaca_segments(tokenizer, record["instruction"], record.get("input") or "", record["output"])
+                ids, trained = tokenize_segments(tokenizer, pieces, fmt)
             else:
                 ids, trained = tokenize_segments(tokenizer, segments(tokenizer, conversation(record, where), fmt, system), fmt)
             examples.append((ids, trained, where))
