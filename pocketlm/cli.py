@@ -418,6 +418,92 @@ def compare_cmd(
     err.print(f"report: {report}", highlight=False)
 
 
+@app.command("serve")
+def serve_cmd(
+    models: Optional[list[str]] = typer.Argument(None, help="model directories or names, each served under its name"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="serve.yaml: variants, experiment, limits"),
+    host: Optional[str] = typer.Option(None, help="address to bind (default 127.0.0.1: this machine only)"),
+    port: Optional[int] = typer.Option(None, help="port (default 8000)"),
+    api_key: Optional[list[str]] = typer.Option(None, "--api-key", help="require this Bearer key (repeatable)"),
+    database: Optional[str] = typer.Option(None, "--db", help="request log: a SQLite path or a SQLAlchemy URL"),
+    log_prompts: Optional[bool] = typer.Option(None, "--log-prompts/--no-log-prompts", help="store prompt and completion text"),
+    max_batch: Optional[int] = typer.Option(None, help="sequences decoded together per model (default 32)"),
+    max_context: Optional[int] = typer.Option(None, help="tokens per sequence (default 2048, capped by the model)"),
+    threads: Optional[int] = typer.Option(None, help="torch threads (default: all cores)"),
+):
+    """Serve models over an OpenAI-compatible HTTP API, with A/B variants, feedback, metrics and a web page."""
+    import torch
+    import uvicorn
+
+    from .serve.app import create_app
+    from .serve.config import load_serve_config
+
+    settings = load_serve_config(config, models or [], host=host, port=port, api_keys=api_key or None,
+                                 database=database, log_prompts=log_prompts, max_batch=max_batch,
+                                 max_context=max_context, threads=threads)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    with err.status("loading models ..."):
+        server_app = create_app(settings)
+    names = ", ".join(server_app.state.server.variants)
+    err.print(f"serving {names} on http://{settings.host}:{settings.port} (web page at /, API at /v1)", highlight=False)
+    uvicorn.run(server_app, host=settings.host, port=settings.port, log_level="warning")
+
+
+ab_app = typer.Typer(help="A/B experiments: reports from the server's request log.", no_args_is_help=True)
+app.add_typer(ab_app, name="ab")
+
+
+@ab_app.command("report")
+def ab_report_cmd(
+    db: str = typer.Option("pocketlm-serve.db", "--db", help="the server's request log (SQLite path or SQLAlchemy URL)"),
+    experiment: Optional[str] = typer.Option(None, help="only this experiment's requests"),
+    baseline: Optional[str] = typer.Option(None, help="variant the others are compared with (default: the first)"),
+    since: Optional[float] = typer.Option(None, help="only requests after this unix time"),
+    plot: Optional[Path] = typer.Option(None, help="write a PNG of latency and thumbs-up rate per variant"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON"),
+):
+    """Per-variant latency, errors and thumbs-up rate, with significance tests against the baseline."""
+    import json
+
+    from .serve.report import ab_report, format_report, plot_report
+
+    report = ab_report(db, experiment=experiment, since=since, baseline=baseline)
+    sys.stdout.write(format_report(report) + "\n")
+    if plot:
+        err.print(f"plot: {plot_report(report, plot)}", highlight=False)
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2, allow_nan=False))
+        err.print(f"json: {json_out}", highlight=False)
+
+
+@app.command("drift")
+def drift_cmd(
+    db: str = typer.Option("pocketlm-serve.db", "--db", help="the server's request log (SQLite path or SQLAlchemy URL)"),
+    model: Optional[str] = typer.Option(None, help="model whose tokenizer (and perplexity) to use; needs logged prompts"),
+    experiment: Optional[str] = typer.Option(None, help="only this experiment's requests"),
+    variant: Optional[str] = typer.Option(None, help="only this variant's requests"),
+    recent_fraction: float = typer.Option(0.25, help="the newest fraction of requests is compared with the rest"),
+    metrics_file: Optional[Path] = typer.Option(None, help="also write the figures as Prometheus metrics (textfile collector)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON"),
+):
+    """Compare recent prompts with earlier ones: lengths, tokens (PSI, KL) and the model's perplexity."""
+    import json
+
+    from .serve.drift import drift_report, format_drift, write_drift_metrics
+
+    lm = tokenizer = None
+    if model:
+        lm, tokenizer = _load(model)
+    report = drift_report(db, tokenizer, lm, experiment=experiment, variant=variant, recent_fraction=recent_fraction)
+    sys.stdout.write(format_drift(report) + "\n")
+    if metrics_file:
+        err.print(f"metrics: {write_drift_metrics(report, metrics_file)}", highlight=False)
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2, allow_nan=False))
+    raise typer.Exit(1 if report["drift"] else 0)
+
+
 @app.command("info")
 def info_cmd(model: str = typer.Argument(..., help="model directory or name")):
     """Show a model directory's shape and provenance."""

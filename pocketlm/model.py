@@ -80,6 +80,11 @@ class KVCache(nn.Module):
         self.k[rows, :, pos] = k[:, :, 0]  # advanced indices around a slice: (batch, kv_heads, head_dim)
         self.v[rows, :, pos] = v[:, :, 0]
 
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of row src into row dst (a server compacting its busy rows)."""
+        self.k[dst, :, :length] = self.k[src, :, :length]
+        self.v[dst, :, :length] = self.v[src, :, :length]
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -103,12 +108,14 @@ class Attention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def decode(self, x, cos, sin, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """One new token per row at positions `pos`, attending over the whole static cache under
-        `mask` (batch, 1, 1, cache_len): fixed shapes, so a compiled step is reused at every position."""
-        b = x.shape[0]
+        """One new token per row at positions `pos`, attending over the static cache under `mask`
+        (batch, 1, 1, span): fixed shapes, so a compiled step is reused at every position. The batch
+        is the cache's first rows and the span its first positions (a server decodes only its busy rows,
+        over the positions they reach); the engine passes the whole cache."""
+        b, span = x.shape[0], mask.shape[-1]
         q, k, v = self._qkv(x, cos, sin)
         self.cache.write_at(pos, k, v)
-        y = F.scaled_dot_product_attention(q, self.cache.k, self.cache.v, attn_mask=mask,
+        y = F.scaled_dot_product_attention(q, self.cache.k[:b, :, :span], self.cache.v[:b, :, :span], attn_mask=mask,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(b, 1, -1))
 
@@ -256,6 +263,11 @@ class LlamaForCausalLM(nn.Module):
                 layer.self_attn.cache.k[:, :, :p] = k
                 layer.self_attn.cache.v[:, :, :p] = v
 
+    def move_cache_row(self, src: int, dst: int, length: int) -> None:
+        """Move a sequence of `length` text tokens from cache row src to row dst."""
+        for layer in self.model.layers:
+            layer.self_attn.cache.move_row(src, dst, length + self.prefix_tokens)
+
     def clear_cache(self) -> None:
         for layer in self.model.layers:
             layer.self_attn.cache = None
@@ -306,11 +318,12 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, start, mask, cache_row, None if prefix is None else prefix[i])
         return self.model.norm(x)
 
-    def decode_mask(self, pos: torch.Tensor) -> torch.Tensor:
-        """(batch, 1, 1, cache_len) bool: row b sees cache positions 0..pos[b] (after any prefix)."""
-        cache_len = self.model.layers[0].self_attn.cache.k.shape[2]
+    def decode_mask(self, pos: torch.Tensor, span: int | None = None) -> torch.Tensor:
+        """(batch, 1, 1, span) bool: row b sees cache positions 0..pos[b] (after any prefix). The span,
+        the cache positions a step attends over, is the whole cache unless given."""
+        span = span or self.model.layers[0].self_attn.cache.k.shape[2]
         pos = pos + self.prefix_tokens
-        return (torch.arange(cache_len, device=pos.device)[None, :] <= pos[:, None])[:, None, None]
+        return (torch.arange(span, device=pos.device)[None, :] <= pos[:, None])[:, None, None]
 
     def decode_step(self, input_ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (batch, vocab) for one new token per row, row b at position pos[b], using and

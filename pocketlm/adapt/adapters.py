@@ -201,14 +201,16 @@ def merged_weights(model) -> dict[str, torch.Tensor]:
     return weights
 
 
-def load_adapted(adapter_dir: str | Path, dtype: torch.dtype | None = None, device="cpu", merge: bool = True):
-    """(model, tokenizer) for an adapter directory: its base model with the adapter on it, merged into the
-    weights for speed when it is LoRA (`merge=False` keeps peft's layers)."""
+def load_adapted(adapter_dir: str | Path, dtype: torch.dtype | None = None, device="cpu", merge: bool = True,
+                 base: str | None = None):
+    """(model, tokenizer) for an adapter directory: its base model (or `base`, a model directory or name)
+    with the adapter on it, merged into the weights for speed when it is LoRA (`merge=False` keeps
+    peft's layers)."""
     from ..checkpoint import load_model
     from ..hub import resolve_model
 
     config = read_adapter_config(adapter_dir)
-    base = config.base_model_name_or_path
+    base = base or config.base_model_name_or_path
     if not base:
         raise CheckpointError(f"{adapter_dir}: adapter_config.json names no base_model_name_or_path")
     base_dir = resolve_model(base)

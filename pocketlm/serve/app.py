@@ -1,0 +1,555 @@
+"""The HTTP side: an OpenAI-compatible API over the schedulers, plus feedback, metrics and the web page.
+
+Every failure answers in OpenAI's JSON error shape with a 4xx status when the client caused it; the
+handlers never let an exception escape as a bare 500 page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine import SamplingParams, StopStringFilter, TextAssembler, chat_prompt, eos_ids
+from ..errors import ContextLengthError, PocketLMError
+from .config import ServeConfig
+from .metrics import ServerMetrics
+from .protocol import APIError, ChatRequest, CompletionRequest, FeedbackRequest, error_body
+from .scheduler import Finished, Job, PromptLogprobs, QueueFullError, TokenEvent
+from .store import RequestLog, RequestRecord
+from .variants import Variant, assign, load_variant
+
+STATIC = Path(__file__).parent / "static"
+STATUS_OF = {"stop": 200, "length": 200, "cancelled": 499, "timeout": 504, "error": 500}
+
+
+class Server:
+    """What the routes share: the variants, the request log, the metrics and the limits."""
+
+    def __init__(self, config: ServeConfig, variants: list[Variant]):
+        self.config = config
+        self.variants = {v.name: v for v in variants}
+        self.experiment = config.experiment.name if config.experiment else None
+        self.arms = [v for v in variants if v.experiment is not None]
+        self.log = RequestLog(config.database)
+        self.metrics = ServerMetrics(self.variants)
+        self.keys = config.keys()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pocketlm-log")  # one SQLite writer
+
+    def route(self, model: str, user: str | None) -> Variant:
+        if model in self.variants:
+            return self.variants[model]
+        if model == self.experiment:
+            return assign(self.experiment, self.arms, user)
+        names = list(self.variants) + ([self.experiment] if self.experiment else [])
+        raise APIError(404, f"the model {model!r} does not exist on this server; it serves: {', '.join(names)}",
+                       param="model", code="model_not_found")
+
+    def max_tokens(self, wanted: int | None, default: int) -> int:
+        wanted = default if wanted is None else wanted
+        if wanted > self.config.max_tokens_cap:
+            raise APIError(400, f"max_tokens is {wanted} but this server allows at most {self.config.max_tokens_cap}",
+                           param="max_tokens")
+        return wanted
+
+    def record(self, record: RequestRecord) -> None:
+        if not self.config.log_prompts:
+            record.prompt_text = record.completion_text = None
+        self._writer.submit(self.log.add_request, record)
+
+    def close(self) -> None:
+        for variant in self.variants.values():
+            variant.scheduler.close()
+        self._writer.shutdown(wait=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# one request's generation: several choices (n, or several prompts), each a scheduler job
+# ---------------------------------------------------------------------------------------------
+class Choice:
+    """Turns one job's events into text (stop strings held back and cut) and log-prob entries."""
+
+    def __init__(self, index: int, tokenizer, prompt_ids: list[int], stops: list[str]):
+        self.index = index
+        self.tokenizer = tokenizer
+        self.prompt_ids = prompt_ids
+        self.assembler = TextAssembler(tokenizer, prompt_ids)
+        self.stops = StopStringFilter(stops)
+        self.text = ""
+        self.tokens: list[TokenEvent] = []
+        self.echo: PromptLogprobs | None = None
+        self.finish: str | None = None
+        self.error = ""
+
+    def feed(self, event) -> str:
+        """Handle one event; return the text it makes available."""
+        if self.finish is not None:
+            return ""
+        if isinstance(event, PromptLogprobs):
+            self.echo = event
+            return ""
+        if isinstance(event, Finished):
+            self.finish, self.error = event.reason, event.message
+            piece = self.stops.flush() if event.reason in ("stop", "length") else ""
+            self.text += piece
+            return piece
+        self.tokens.append(event)
+        piece = self.stops.feed(self.assembler.add(event.token))
+        if self.stops.hit:
+            self.finish = "stop"
+        self.text += piece
+        return piece
+
+
+class Run:
+    def __init__(self, server: Server, variant: Variant, endpoint: str, prompts: list[list[int]], job_args: dict,
+                 stops: list[str], user: str | None, prompt_text: str):
+        self.server, self.variant, self.endpoint, self.user = server, variant, endpoint, user
+        self.id = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.started = time.perf_counter()
+        self.first_token: float | None = None
+        self.prompt_text = prompt_text
+        self.choices = [Choice(i, variant.tokenizer, ids, stops) for i, ids in enumerate(prompts)]
+        self.jobs = [Job(ids, **job_args) for ids in prompts]
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.logged = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(c.prompt_ids) for c in self.choices)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(c.tokens) for c in self.choices)
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        scheduler = self.variant.scheduler
+        try:
+            for index, job in enumerate(self.jobs):
+                scheduler.submit(job, lambda event, i=index: loop.call_soon_threadsafe(self.queue.put_nowait, (i, event)))
+        except QueueFullError as exc:
+            self.cancel()
+            self.finish_log(429, str(exc))
+            raise APIError(429, str(exc), type_="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+        except ContextLengthError as exc:
+            self.cancel()
+            self.finish_log(400, str(exc))
+            raise APIError(400, str(exc), param="messages" if self.endpoint == "chat" else "prompt",
+                           code="context_length_exceeded")
+
+    def cancel(self) -> None:
+        for job in self.jobs:
+            self.variant.scheduler.cancel(job)
+
+    async def events(self):
+        """(choice, text piece) as tokens arrive, until every choice has finished."""
+        try:
+            while any(c.finish is None for c in self.choices):
+                index, event = await self.queue.get()
+                choice = self.choices[index]
+                was_done = choice.finish is not None
+                piece = choice.feed(event)
+                if isinstance(event, TokenEvent) and not was_done:
+                    if self.first_token is None:
+                        self.first_token = time.perf_counter()
+                    self.server.metrics.token(self.variant)
+                if choice.finish == "stop" and not was_done and not isinstance(event, Finished):
+                    self.variant.scheduler.cancel(self.jobs[index])  # a stop string matched
+                yield choice, piece
+        finally:
+            if any(c.finish is None for c in self.choices):  # the client went away mid-generation
+                self.cancel()
+                for choice in self.choices:
+                    choice.finish = choice.finish or "cancelled"
+            self.finish_log()
+
+    def status(self) -> tuple[int, str]:
+        worst = max((STATUS_OF.get(c.finish or "cancelled", 500), c.error) for c in self.choices)
+        return worst
+
+    def finish_log(self, status: int | None = None, error: str = "") -> None:
+        if self.logged:
+            return
+        self.logged = True
+        if status is None:
+            status, error = self.status()
+            if status == 504:
+                error = error or f"timed out after {self.server.config.request_timeout:g} s"
+        now = time.perf_counter()
+        ttft = None if self.first_token is None else self.first_token - self.started
+        latency = now - self.started
+        self.server.metrics.finished(self.variant, self.endpoint, status, latency, ttft, self.prompt_tokens)
+        self.server.record(RequestRecord(
+            id=self.id, variant=self.variant.name, model=self.variant.spec.model, endpoint=self.endpoint,
+            status=status, experiment=self.variant.experiment, user=self.user, error=error or None,
+            prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+            latency_ms=latency * 1000, ttft_ms=None if ttft is None else ttft * 1000,
+            prompt_text=self.prompt_text, completion_text="\n".join(c.text for c in self.choices),
+            created=time.time()))
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    def failure(self) -> APIError | None:
+        status, error = self.status()
+        if status == 200:
+            return None
+        if status == 504:
+            return APIError(504, f"generation timed out after {self.server.config.request_timeout:g} s",
+                            type_="timeout_error", code="timeout")
+        if status == 499:
+            return APIError(499, "the request was cancelled", code="cancelled")
+        return APIError(500, error or "generation failed", type_="server_error")
+
+
+async def until_done(request: Request, run: Run) -> None:
+    """Consume a non-streamed run, cancelling it if the client disconnects while it waits."""
+    async def consume():
+        async for _ in run.events():
+            pass
+
+    task = asyncio.create_task(consume())
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.25)
+        if done:
+            task.result()
+            return
+        if await request.is_disconnected():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            return
+
+
+def sse(data) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# log-prob payloads
+# ---------------------------------------------------------------------------------------------
+def _piece(tokenizer, token: int) -> str:
+    return tokenizer.decode([token])
+
+
+def chat_logprobs(tokenizer, tokens: list[TokenEvent]) -> dict:
+    def entry(token, logprob):
+        text = _piece(tokenizer, token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(t.token, t.logprob),
+                         "top_logprobs": [entry(i, lp) for i, lp in (t.top or [])]} for t in tokens]}
+
+
+def _top_dict(tokenizer, top: list[tuple[int, float]]) -> dict[str, float]:
+    """{text: log-prob}, most likely first; tokens that decode to the same text keep the higher value."""
+    out: dict[str, float] = {}
+    for token, logprob in top:
+        out.setdefault(_piece(tokenizer, token), logprob)
+    return out
+
+
+def completion_logprobs(tokenizer, choice: Choice, echo: bool, text_start: int = 0) -> dict:
+    tokens, logprobs, tops = [], [], []
+    if echo and choice.echo is not None:
+        for token, lp, top in zip(choice.prompt_ids, choice.echo.logprobs, choice.echo.top):
+            tokens.append(token)
+            logprobs.append(lp)
+            tops.append(None if top is None else _top_dict(tokenizer, top))
+    for event in choice.tokens:
+        tokens.append(event.token)
+        logprobs.append(event.logprob)
+        tops.append(_top_dict(tokenizer, event.top or []))
+    pieces = [_piece(tokenizer, t) for t in tokens]
+    offsets, at = [], text_start
+    for piece in pieces:
+        offsets.append(at)
+        at += len(piece)
+    return {"tokens": pieces, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+# ---------------------------------------------------------------------------------------------
+# the app
+# ---------------------------------------------------------------------------------------------
+def create_app(config: ServeConfig, variants: list[Variant] | None = None) -> FastAPI:
+    """The FastAPI app for a config; `variants` are loaded from it unless given."""
+    if variants is None:
+        variants = [load_variant(spec, config) for spec in config.models]
+        if config.experiment:
+            variants += [load_variant(spec, config, config.experiment.name) for spec in config.experiment.variants]
+    server = Server(config, variants)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        server.close()
+
+    app = FastAPI(title="pocketlm", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
+    app.add_middleware(GuardMiddleware, max_body=config.max_body_bytes, keys=server.keys)
+
+    @app.exception_handler(APIError)
+    async def api_error(request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        error = exc.errors()[0]
+        if error.get("type") == "json_invalid":
+            return APIError(400, f"the request body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')})"
+                            ).response()
+        loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+        where = ".".join(loc) or "body"
+        return APIError(400, f"{where}: {error.get('msg')}", param=where).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        return APIError(exc.status_code, str(exc.detail), code=str(exc.status_code)).response()
+
+    @app.exception_handler(PocketLMError)
+    async def pocketlm_error(request, exc: PocketLMError):
+        return APIError(400, str(exc)).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(request, exc: Exception):
+        return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error").response()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": list(server.variants), "experiment": server.experiment,
+                "queue_depth": sum(v.scheduler.queue_depth for v in server.variants.values()),
+                "active_sequences": sum(v.scheduler.active for v in server.variants.values())}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        data = [{"id": v.name, "object": "model", "created": 0, "owned_by": "pocketlm", "model": v.spec.model,
+                 "adapter": v.spec.adapter, "experiment": v.experiment, "weight": v.spec.weight,
+                 "context_length": v.scheduler.context} for v in server.variants.values()]
+        if server.experiment:
+            data.append({"id": server.experiment, "object": "model", "created": 0, "owned_by": "pocketlm",
+                         "variants": [v.name for v in server.arms]})
+        return {"object": "list", "data": data}
+
+    def user_of(request: Request, body_user: str | None) -> str | None:
+        return request.headers.get("x-user") or body_user
+
+    def job_args(body, max_new: int, logprobs: int | None, echo: int | None, variant: Variant) -> dict:
+        return dict(max_new_tokens=max_new,
+                    sampling=SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                                            seed=body.seed, ignore_eos=body.ignore_eos),
+                    presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                    logprobs=logprobs, echo_logprobs=echo,
+                    stop_ids=frozenset(eos_ids(variant.model, variant.tokenizer)),
+                    timeout=server.config.request_timeout)
+
+    def headers(run: Run) -> dict[str, str]:
+        return {"X-Pocketlm-Variant": run.variant.name, "X-Request-Id": run.id}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, body: ChatRequest):
+        variant = server.route(body.model, user_of(request, body.user))
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        prompt = chat_prompt(variant.tokenizer, messages)
+        max_new = server.max_tokens(body.wanted_tokens(), server.config.default_max_tokens)
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        run = Run(server, variant, "chat", [prompt] * body.n, job_args(body, max_new, top, None, variant),
+                  body.stop, user_of(request, body.user), "\n".join(m["content"] for m in messages))
+        run.start()
+        extra = {"variant": variant.name, "experiment": variant.experiment}
+        if body.stream:
+            return StreamingResponse(chat_stream(run, body, extra), media_type="text/event-stream", headers=headers(run))
+        await until_done(request, run)
+        if (failure := run.failure()) is not None:
+            return failure.response()
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": chat_logprobs(variant.tokenizer, c.tokens) if body.logprobs else None,
+                    "finish_reason": c.finish} for c in run.choices]
+        return JSONResponse({"id": run.id, "object": "chat.completion", "created": run.created, "model": body.model,
+                             "choices": choices, "usage": run.usage(), **extra}, headers=headers(run))
+
+    async def chat_stream(run: Run, body: ChatRequest, extra: dict):
+        head = {"id": run.id, "object": "chat.completion.chunk", "created": run.created, "model": body.model, **extra}
+        for choice in run.choices:
+            yield sse({**head, "choices": [{"index": choice.index, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}]})
+        sent = [0] * len(run.choices)
+        async for choice, piece in run.events():
+            new_tokens = choice.tokens[sent[choice.index]:]
+            if piece or (body.logprobs and new_tokens):
+                sent[choice.index] = len(choice.tokens)
+                logprobs = chat_logprobs(run.variant.tokenizer, new_tokens) if body.logprobs else None
+                yield sse({**head, "choices": [{"index": choice.index, "delta": {"content": piece},
+                                                "logprobs": logprobs, "finish_reason": None}]})
+            if choice.finish in ("stop", "length"):
+                yield sse({**head, "choices": [{"index": choice.index, "delta": {}, "logprobs": None,
+                                                "finish_reason": choice.finish}]})
+        if (failure := run.failure()) is not None and failure.status != 499:
+            yield sse(error_body(failure.message, failure.type, code=failure.code))
+        elif body.stream_options and body.stream_options.include_usage:
+            yield sse({**head, "choices": [], "usage": run.usage()})
+        yield "data: [DONE]\n\n"
+
+    @app.post("/v1/completions")
+    async def completions(request: Request, body: CompletionRequest):
+        variant = server.route(body.model, user_of(request, body.user))
+        tokenizer = variant.tokenizer
+        prompts, texts = [], []
+        for prompt in body.prompts():
+            if isinstance(prompt, str):
+                prompts.append(tokenizer.encode(prompt))
+                texts.append(prompt)
+            else:
+                bad = [t for t in prompt if not 0 <= t < tokenizer.vocab_size]
+                if bad:
+                    raise APIError(400, f"prompt token id {bad[0]} is outside the vocabulary (0..{tokenizer.vocab_size - 1})",
+                                   param="prompt")
+                prompts.append(list(prompt))
+                texts.append(tokenizer.decode(prompt))
+        max_new = server.max_tokens(body.max_tokens, 16)
+        echo_lp = body.logprobs if body.echo and body.logprobs is not None else None
+        prompts = [ids for ids in prompts for _ in range(body.n)]
+        texts = [text for text in texts for _ in range(body.n)]
+        run = Run(server, variant, "completions", prompts, job_args(body, max_new, body.logprobs, echo_lp, variant),
+                  body.stop, user_of(request, body.user), "\n".join(dict.fromkeys(texts)))
+        run.start()
+        extra = {"variant": variant.name, "experiment": variant.experiment}
+        if body.stream:
+            return StreamingResponse(completion_stream(run, body, texts, extra), media_type="text/event-stream",
+                                     headers=headers(run))
+        await until_done(request, run)
+        if (failure := run.failure()) is not None:
+            return failure.response()
+        choices = []
+        for choice, text in zip(run.choices, texts):
+            prefix = text if body.echo else ""
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = completion_logprobs(tokenizer, choice, body.echo, 0)
+            choices.append({"index": choice.index, "text": prefix + choice.text, "logprobs": logprobs,
+                            "finish_reason": choice.finish})
+        return JSONResponse({"id": run.id, "object": "text_completion", "created": run.created, "model": body.model,
+                             "choices": choices, "usage": run.usage(), **extra}, headers=headers(run))
+
+    async def completion_stream(run: Run, body: CompletionRequest, texts: list[str], extra: dict):
+        head = {"id": run.id, "object": "text_completion", "created": run.created, "model": body.model, **extra}
+        if body.echo:
+            for choice, text in zip(run.choices, texts):
+                yield sse({**head, "choices": [{"index": choice.index, "text": text, "logprobs": None,
+                                                "finish_reason": None}]})
+        async for choice, piece in run.events():
+            if piece:
+                yield sse({**head, "choices": [{"index": choice.index, "text": piece, "logprobs": None,
+                                                "finish_reason": None}]})
+            if choice.finish in ("stop", "length"):
+                yield sse({**head, "choices": [{"index": choice.index, "text": "", "logprobs": None,
+                                                "finish_reason": choice.finish}]})
+        if (failure := run.failure()) is not None and failure.status != 499:
+            yield sse(error_body(failure.message, failure.type, code=failure.code))
+        elif body.stream_options and body.stream_options.include_usage:
+            yield sse({**head, "choices": [], "usage": run.usage()})
+        yield "data: [DONE]\n\n"
+
+    @app.post("/v1/feedback")
+    async def feedback(body: FeedbackRequest):
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(server._writer, server.log.variant_of, body.id)
+        if found is None:
+            raise APIError(404, f"no response with id {body.id!r} is in the request log", param="id",
+                           code="response_not_found")
+        variant_name, experiment = found
+        feedback_id = await loop.run_in_executor(server._writer, server.log.add_feedback, body.id, body.score(),
+                                                 body.comment)
+        variant = server.variants.get(variant_name)
+        server.metrics.vote(variant_name, variant.spec.model if variant else "", body.score())
+        return {"id": feedback_id, "object": "feedback", "response_id": body.id, "variant": variant_name,
+                "experiment": experiment, "rating": "up" if body.score() > 0 else "down"}
+
+    @app.get("/api/stats")
+    async def stats():
+        from .report import ab_report
+
+        loop = asyncio.get_running_loop()
+        try:
+            report = await loop.run_in_executor(server._writer, ab_report, server.log)
+        except PocketLMError:  # nothing logged yet: the live figures alone
+            report = None
+        live = {name: {"queue_depth": v.scheduler.queue_depth, "active_sequences": v.scheduler.active,
+                       "model": v.spec.model, "experiment": v.experiment} for name, v in server.variants.items()}
+        return {"report": report, "live": live, "experiment": server.experiment}
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html")
+
+    if STATIC.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+class GuardMiddleware:
+    """Refuses, before any route runs: a body over the size limit (413) and, when API keys are set, a
+    /v1 or /api request without a valid `Authorization: Bearer KEY` (401). The body is read here so
+    a chunked upload without Content-Length is held to the same limit."""
+
+    def __init__(self, app, max_body: int, keys: set[str]):
+        self.app, self.max_body, self.keys = app, max_body, keys
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        if self.keys and (path.startswith("/v1") or path.startswith("/api")):
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            scheme, _, key = auth.partition(" ")
+            if scheme.lower() != "bearer" or key.strip() not in self.keys:
+                message = "missing API key: send 'Authorization: Bearer KEY'" if not auth else "the API key is not valid"
+                return await APIError(401, message, code="invalid_api_key").response()(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            return await self._too_large(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body:
+                return await self._too_large(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send):
+        error = APIError(413, f"the request body is over this server's limit of {self.max_body} bytes",
+                         code="request_too_large")
+        return await error.response()(scope, receive, send)

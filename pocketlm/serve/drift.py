@@ -1,0 +1,307 @@
+"""`pocketlm drift`: are the prompts the server sees now unlike the ones it saw before?
+
+Two windows of the request log are compared: a reference window and a recent one. By default the
+recent window is the latest `recent_fraction` of the requests (by arrival time) and the reference is
+everything before it; `reference` / `recent` take explicit [start, end) unix-time windows instead
+(give only `recent=(t, inf)` to split at time t: the reference is then everything before t).
+
+Figures:
+- prompt length (the `prompt_tokens` column, always logged): PSI over the reference's quantile bins,
+  and the two-sample Kolmogorov-Smirnov statistic and p-value;
+- token ids (needs `prompt_text`, logged only with `log_prompts: true`, and a tokenizer): PSI and
+  KL(recent || reference) of the token frequencies;
+- with a model: its perplexity on the recent and on the reference prompts, and their ratio (a model
+  surprised by its new prompts is being used for something it was not tuned for).
+
+Smoothing: every distribution is a vector of proportions p (bins, or the token ids seen in either
+window); `epsilon` is added to each proportion and the vector renormalised, p' = (p + eps) / (1 + k*eps),
+so a bin empty in one window costs a large but finite amount. Token ids seen in neither window are
+left out (they would add exactly nothing).
+
+Drift is flagged when a PSI exceeds `psi_threshold` (the usual reading: < 0.1 none, 0.1-0.2
+moderate, > 0.2 significant) or the perplexity ratio exceeds `ppl_ratio_threshold`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+from .report import connect, load_requests
+
+PSI_MODERATE = 0.1
+PSI_SIGNIFICANT = 0.2
+EPSILON = 1e-6
+NEEDS_PROMPTS = ("token and perplexity figures need the prompt text: start the server with `log_prompts: true` "
+                 "and run again once new traffic is logged")
+
+
+# ---- distribution distances ------------------------------------------------------------------------
+
+def smooth(counts, epsilon: float = EPSILON) -> np.ndarray:
+    """Counts as proportions with `epsilon` added to each and renormalised (never a zero)."""
+    counts = np.asarray(counts, dtype=float)
+    total = counts.sum()
+    if total <= 0:
+        raise ValueError("no observations to make a distribution of")
+    p = counts / total + epsilon
+    return p / p.sum()
+
+
+def psi(reference_counts, recent_counts, epsilon: float = EPSILON) -> float:
+    """Population stability index: sum (recent - reference) * ln(recent / reference) over the bins."""
+    ref, rec = smooth(reference_counts, epsilon), smooth(recent_counts, epsilon)
+    return float(np.sum((rec - ref) * np.log(rec / ref)))
+
+
+def kl_divergence(recent_counts, reference_counts, epsilon: float = EPSILON) -> float:
+    """KL(recent || reference) in nats: the surprise of the reference model at the recent data."""
+    rec, ref = smooth(recent_counts, epsilon), smooth(reference_counts, epsilon)
+    return float(np.sum(rec * np.log(rec / ref)))
+
+
+def psi_level(value: float) -> str:
+    return "none" if value < PSI_MODERATE else "moderate" if value <= PSI_SIGNIFICANT else "significant"
+
+
+def quantile_bin_counts(reference, recent, bins: int = 10) -> tuple[list[float], np.ndarray, np.ndarray]:
+    """Counts of both samples in bins cut at the reference's quantiles (repeated cut points merged,
+    as integer lengths often repeat): (interior edges, reference counts, recent counts).
+    Bin i holds values in (edge[i-1], edge[i]]; the outer bins are open-ended."""
+    reference = np.asarray(reference, dtype=float)
+    recent = np.asarray(recent, dtype=float)
+    edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1]))
+    count = lambda values: np.bincount(np.searchsorted(edges, values, side="left"), minlength=len(edges) + 1)  # noqa: E731
+    return edges.tolist(), count(reference), count(recent)
+
+
+# ---- windows ---------------------------------------------------------------------------------------
+
+def _in(row: dict, window: tuple[float, float]) -> bool:
+    return window[0] <= row["created"] < window[1]
+
+
+def split_windows(rows: list[dict], reference: tuple[float, float] | None, recent: tuple[float, float] | None,
+                  recent_fraction: float) -> tuple[list[dict], list[dict], tuple[float, float], tuple[float, float]]:
+    """(reference rows, recent rows, reference window, recent window); rows are oldest first."""
+    if reference is None and recent is None:
+        if not 0.0 < recent_fraction < 1.0:
+            raise ConfigError(f"recent_fraction is {recent_fraction}; expected a number between 0 and 1 (e.g. 0.25)")
+        if len(rows) < 2:
+            raise ConfigError(f"the request log has {len(rows)} request(s) with a prompt; drift needs at least two "
+                              f"(a reference and a recent one): serve more traffic first")
+        cut = min(len(rows) - 1, max(1, round(len(rows) * (1.0 - recent_fraction))))
+        ref_rows, rec_rows = rows[:cut], rows[cut:]
+        return ref_rows, rec_rows, (ref_rows[0]["created"], rec_rows[0]["created"]), \
+            (rec_rows[0]["created"], math.inf)
+    if recent is None:
+        recent = (reference[1], math.inf)
+    if reference is None:
+        reference = (-math.inf, recent[0])
+    for name, (start, end) in (("reference", reference), ("recent", recent)):
+        if not start < end:
+            raise ConfigError(f"the {name} window starts at {start} and ends at {end}; expected start < end")
+    return [r for r in rows if _in(r, reference)], [r for r in rows if _in(r, recent)], reference, recent
+
+
+# ---- figures ---------------------------------------------------------------------------------------
+
+def length_figures(ref_lengths: list[int], rec_lengths: list[int], bins: int, epsilon: float) -> dict[str, Any]:
+    from scipy.stats import ks_2samp
+
+    edges, ref_counts, rec_counts = quantile_bin_counts(ref_lengths, rec_lengths, bins)
+    value = psi(ref_counts, rec_counts, epsilon)
+    ks = ks_2samp(ref_lengths, rec_lengths)
+    return {"psi": value, "level": psi_level(value), "ks_statistic": float(ks.statistic), "ks_p": float(ks.pvalue),
+            "bin_edges": edges, "reference_counts": ref_counts.tolist(), "recent_counts": rec_counts.tolist(),
+            "reference_mean": float(np.mean(ref_lengths)), "recent_mean": float(np.mean(rec_lengths)),
+            "reference_median": float(np.median(ref_lengths)), "recent_median": float(np.median(rec_lengths))}
+
+
+def token_counts(texts: list[str], tokenizer) -> dict[int, int]:
+    """How often each token id occurs in the texts (no special tokens added)."""
+    counts: dict[int, int] = {}
+    for text in texts:
+        for i in tokenizer.encode(text, add_special_tokens=False):
+            counts[i] = counts.get(i, 0) + 1
+    return counts
+
+
+def token_figures(ref_texts: list[str], rec_texts: list[str], tokenizer, epsilon: float) -> dict[str, Any]:
+    ref, rec = token_counts(ref_texts, tokenizer), token_counts(rec_texts, tokenizer)
+    if not ref or not rec:
+        raise ConfigError(f"the {'reference' if not ref else 'recent'} prompts encode to no tokens; "
+                          f"check that the tokenizer belongs to the served model")
+    support = sorted(set(ref) | set(rec))
+    ref_v = np.array([ref.get(i, 0) for i in support], dtype=float)
+    rec_v = np.array([rec.get(i, 0) for i in support], dtype=float)
+    value = psi(ref_v, rec_v, epsilon)
+    return {"psi": value, "level": psi_level(value), "kl": kl_divergence(rec_v, ref_v, epsilon),
+            "reference_tokens": int(ref_v.sum()), "recent_tokens": int(rec_v.sum()),
+            "distinct_tokens": len(support), "new_tokens": sum(1 for i in rec if i not in ref)}
+
+
+def _spread(items: list, limit: int | None) -> list:
+    """At most `limit` items, evenly spaced over the list (deterministic, covers the whole window)."""
+    if limit is None or len(items) <= limit:
+        return items
+    return [items[i] for i in np.linspace(0, len(items) - 1, limit).round().astype(int)]
+
+
+def mean_nll(model, tokenizer, texts: list[str]) -> tuple[float, int]:
+    """(mean next-token negative log-likelihood in nats, tokens scored) over the texts, each cut to
+    the model's context; the mean is over tokens, so long prompts weigh more."""
+    import torch
+    import torch.nn.functional as F
+
+    total, scored = 0.0, 0
+    with torch.inference_mode():
+        for text in texts:
+            ids = tokenizer.encode(text)[: model.context_length]
+            if len(ids) < 2:
+                continue
+            ids_t = torch.tensor([ids])
+            logits = model(ids_t)[0, :-1].float()
+            total += float(F.cross_entropy(logits, ids_t[0, 1:], reduction="sum"))
+            scored += len(ids) - 1
+    return (total / scored if scored else math.nan), scored
+
+
+def perplexity_figures(model, tokenizer, ref_texts: list[str], rec_texts: list[str],
+                       max_prompts: int | None) -> dict[str, Any]:
+    ref_nll, ref_n = mean_nll(model, tokenizer, _spread(ref_texts, max_prompts))
+    rec_nll, rec_n = mean_nll(model, tokenizer, _spread(rec_texts, max_prompts))
+    if not ref_n or not rec_n:
+        raise ConfigError(f"no {'reference' if not ref_n else 'recent'} prompt has two or more tokens to score; "
+                          f"perplexity needs longer prompts")
+    ref_ppl, rec_ppl = math.exp(ref_nll), math.exp(rec_nll)
+    return {"reference": ref_ppl, "recent": rec_ppl, "ratio": rec_ppl / ref_ppl,
+            "reference_tokens": ref_n, "recent_tokens": rec_n}
+
+
+# ---- the report ------------------------------------------------------------------------------------
+
+def _window_text(window: tuple[float, float]) -> list[float | None]:
+    return [None if math.isinf(t) else t for t in window]
+
+
+def drift_report(log_or_url, tokenizer=None, model=None, *, reference: tuple[float, float] | None = None,
+                 recent: tuple[float, float] | None = None, recent_fraction: float = 0.25,
+                 experiment: str | None = None, variant: str | None = None, psi_threshold: float = PSI_SIGNIFICANT,
+                 ppl_ratio_threshold: float = 1.5, bins: int = 10, epsilon: float = EPSILON,
+                 max_prompts: int | None = 200) -> dict[str, Any]:
+    """The drift report as a JSON-ready dict: {"drift", "tripped", "windows", "length", "tokens",
+    "perplexity", "notes", "thresholds"}; "tokens" / "perplexity" are None when they could not be
+    computed (the notes say why). Only requests with prompt_tokens > 0 count (0: never tokenized).
+    `max_prompts` caps the prompts per window the model scores (evenly spaced; None: all)."""
+    engine = connect(log_or_url)
+    rows = [r for r in load_requests(engine, experiment, variant=variant) if (r["prompt_tokens"] or 0) > 0]
+    if not rows:
+        where = "".join(f" for {k} {v!r}" for k, v in (("experiment", experiment), ("variant", variant)) if v)
+        raise ConfigError(f"the request log has no requests with a prompt{where}; serve some traffic "
+                          f"(or check the experiment / variant name) and run again")
+    ref_rows, rec_rows, ref_window, rec_window = split_windows(rows, reference, recent, recent_fraction)
+    for name, part, window in (("reference", ref_rows, ref_window), ("recent", rec_rows, rec_window)):
+        if not part:
+            raise ConfigError(f"the {name} window {_window_text(window)} holds no requests with a prompt "
+                              f"(the log spans {rows[0]['created']:.0f} to {rows[-1]['created']:.0f}); "
+                              f"choose windows inside that span")
+
+    notes: list[str] = []
+    length = length_figures([r["prompt_tokens"] for r in ref_rows], [r["prompt_tokens"] for r in rec_rows],
+                            bins, epsilon)
+    ref_texts = [r["prompt_text"] for r in ref_rows if r["prompt_text"]]
+    rec_texts = [r["prompt_text"] for r in rec_rows if r["prompt_text"]]
+    tokens = perplexity = None
+    if not ref_texts or not rec_texts:
+        notes.append(f"no prompt text logged in the {'reference' if not ref_texts else 'recent'} window; "
+                     + NEEDS_PROMPTS)
+    elif tokenizer is None and model is None:
+        notes.append("token and perplexity figures need the served model's tokenizer (and the model for perplexity)")
+    else:
+        if tokenizer is None:
+            raise ConfigError("a model was given without its tokenizer; pass both, as load_model returns them")
+        tokens = token_figures(ref_texts, rec_texts, tokenizer, epsilon)
+        if model is not None:
+            perplexity = perplexity_figures(model, tokenizer, ref_texts, rec_texts, max_prompts)
+        else:
+            notes.append("perplexity needs the model: pass one to compare the model's surprise at the two windows")
+        missing = (len(ref_rows) - len(ref_texts)) + (len(rec_rows) - len(rec_texts))
+        if missing:
+            notes.append(f"{missing} request(s) without prompt text left out of the token figures")
+
+    tripped = []
+    if length["psi"] > psi_threshold:
+        tripped.append("length_psi")
+    if tokens is not None and tokens["psi"] > psi_threshold:
+        tripped.append("tokens_psi")
+    if perplexity is not None and perplexity["ratio"] > ppl_ratio_threshold:
+        tripped.append("perplexity_ratio")
+    return {
+        "drift": bool(tripped), "tripped": tripped,
+        "thresholds": {"psi": psi_threshold, "perplexity_ratio": ppl_ratio_threshold, "epsilon": epsilon},
+        "windows": {"reference": {"start": _window_text(ref_window)[0], "end": _window_text(ref_window)[1],
+                                  "requests": len(ref_rows), "prompts_with_text": len(ref_texts)},
+                    "recent": {"start": _window_text(rec_window)[0], "end": _window_text(rec_window)[1],
+                               "requests": len(rec_rows), "prompts_with_text": len(rec_texts)}},
+        "experiment": experiment, "variant": variant,
+        "length": length, "tokens": tokens, "perplexity": perplexity, "notes": notes,
+    }
+
+
+# ---- output ----------------------------------------------------------------------------------------
+
+def drift_metrics(report: dict, registry=None):
+    """Prometheus gauges for the report in `registry` (a fresh CollectorRegistry when None); returns it.
+    Figures the report does not have (no prompt text, no model) are left out rather than exported as 0."""
+    from prometheus_client import CollectorRegistry, Gauge
+
+    registry = CollectorRegistry() if registry is None else registry
+    psi_gauge = Gauge("pocketlm_drift_psi", "Population stability index, recent vs reference prompts",
+                      ["distribution"], registry=registry)
+    psi_gauge.labels(distribution="length").set(report["length"]["psi"])
+    if report["tokens"] is not None:
+        psi_gauge.labels(distribution="tokens").set(report["tokens"]["psi"])
+        Gauge("pocketlm_drift_kl_tokens", "KL(recent || reference) of prompt token frequencies, nats",
+              registry=registry).set(report["tokens"]["kl"])
+    if report["perplexity"] is not None:
+        Gauge("pocketlm_drift_perplexity_ratio", "Model perplexity on recent prompts / on reference prompts",
+              registry=registry).set(report["perplexity"]["ratio"])
+    Gauge("pocketlm_drift_flag", "1 when prompt drift is flagged, else 0", registry=registry).set(int(report["drift"]))
+    return registry
+
+
+def write_drift_metrics(report: dict, path: str | Path) -> Path:
+    """The gauges in Prometheus text format, written atomically to `path` (for node-exporter's textfile
+    collector: point --collector.textfile.directory at the folder, name the file *.prom)."""
+    from prometheus_client import write_to_textfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_to_textfile(str(path), drift_metrics(report))
+    return path
+
+
+def format_drift(report: dict) -> str:
+    """The drift report as plain text."""
+    w, length = report["windows"], report["length"]
+    out = [f"drift: {'YES (' + ', '.join(report['tripped']) + ')' if report['drift'] else 'no'}",
+           f"windows: reference {w['reference']['requests']} requests, recent {w['recent']['requests']} requests",
+           f"prompt length: PSI {length['psi']:.3f} ({length['level']}), KS {length['ks_statistic']:.3f} "
+           f"(p {length['ks_p']:.3g}), mean {length['reference_mean']:.1f} -> {length['recent_mean']:.1f} tokens"]
+    tokens, ppl = report["tokens"], report["perplexity"]
+    if tokens is not None:
+        out.append(f"tokens: PSI {tokens['psi']:.3f} ({tokens['level']}), "
+                   f"KL(recent||reference) {tokens['kl']:.3f} nats, "
+                   f"{tokens['new_tokens']} token ids unseen in the reference")
+    if ppl is not None:
+        out.append(f"perplexity: reference {ppl['reference']:.2f}, recent {ppl['recent']:.2f}, "
+                   f"ratio {ppl['ratio']:.2f}")
+    t = report["thresholds"]
+    out.append(f"thresholds: PSI > {t['psi']}, perplexity ratio > {t['perplexity_ratio']}")
+    out += [f"note: {n}" for n in report["notes"]]
+    return "\n".join(out) + "\n"
