@@ -105,6 +105,8 @@ class Choice:
             self.text += piece
             return piece
         self.tokens.append(event)
+        if event.eos:
+            return ""
         piece = self.stops.feed(self.assembler.add(event.token))
         if self.stops.hit:
             self.finish = "stop"

@@ -36,6 +36,7 @@ class TokenEvent:
     token: int
     logprob: float | None = None
     top: list[tuple[int, float]] | None = None  # the most likely tokens at this step, with log-probs
+    eos: bool = False  # the end-of-sequence token: counted and scored (as OpenAI-style servers do), not shown
 
 
 @dataclass
@@ -258,20 +259,21 @@ class Scheduler:
             if job.sampling.temperature > 0 or job.presence_penalty or job.frequency_penalty:
                 chosen[i] = self._sample(job, logits[i:i + 1])
             token = chosen[i]
-            if token in job.stop_ids and not job.sampling.ignore_eos:
-                finished.append((i, Finished("stop")))
-                continue
-            event = TokenEvent(token)
+            eos = token in job.stop_ids and not job.sampling.ignore_eos
+            event = TokenEvent(token, eos=eos)
             if job.logprobs is not None:
                 event.logprob = float(logprobs[i, token])
                 if job.logprobs:
                     values, indices = logprobs[i].topk(job.logprobs)
                     event.top = list(zip(indices.tolist(), values.tolist()))
-            job.generated.append(token)
             self._emit(job, event)
+            if eos:
+                finished.append((i, Finished("stop")))
+                continue
+            job.generated.append(token)
             if len(job.generated) >= job.max_new_tokens or job.pos >= self.context:
                 finished.append((i, Finished("length")))
-        self._history.append((time.monotonic(), len(jobs) - sum(e.reason == "stop" for _, e in finished)))
+        self._history.append((time.monotonic(), len(jobs)))
         while self._history and self._history[0][0] < time.monotonic() - 60:
             self._history.popleft()
         for index, event in reversed(finished):

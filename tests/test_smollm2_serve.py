@@ -1,0 +1,72 @@
+"""The server on the real SmolLM2-135M-Instruct: lm-evaluation-harness's `local-completions` against
+`pocketlm eval` on real ARC-Challenge and PIQA questions, and concurrent chats decoded together."""
+
+from __future__ import annotations
+
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from serve_helpers import running_server
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.eval_vs_lm_eval import max_ll_difference, run_lm_eval, run_pocketlm, write_local_tasks  # noqa: E402
+from pocketlm.checkpoint import load_model  # noqa: E402
+from pocketlm.engine import SamplingParams, chat_prompt, generate_tokens  # noqa: E402
+from pocketlm.serve.app import create_app  # noqa: E402
+from pocketlm.serve.config import load_serve_config  # noqa: E402
+
+pytestmark = pytest.mark.slow
+TASKS = ["arc_challenge", "piqa"]
+LIMIT = 20
+
+
+@pytest.fixture(scope="module")
+def server_url(smollm2_dir, tmp_path_factory):
+    database = tmp_path_factory.mktemp("serve") / "log.db"
+    app = create_app(load_serve_config(None, [str(smollm2_dir)], database=str(database), max_context=1024))
+    with running_server(app) as url:
+        yield url
+
+
+def test_lm_eval_local_completions_through_the_server_matches_pocketlm_eval(server_url, smollm2_dir, shared_data,
+                                                                             tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    mapping = write_local_tasks(tmp_path, TASKS, shared_data)
+    names = [mapping[t][0] for t in TASKS]
+    args = (f"base_url={server_url}/v1/completions,model={smollm2_dir.name},tokenizer={smollm2_dir},"
+            "tokenizer_backend=huggingface,num_concurrent=4,max_retries=1")
+    served = run_lm_eval("local-completions", args, names, tmp_path, LIMIT)
+    ours = run_pocketlm(smollm2_dir, [mapping[t][1] for t in TASKS], LIMIT)
+    for task in TASKS:
+        name = mapping[task][0]
+        ours_task = ours[task if task in ours else name]
+        assert served[name]["acc"] == pytest.approx(ours_task["acc"]), task
+        assert served[name]["acc_norm"] == pytest.approx(ours_task["acc_norm"]), task
+        assert max_ll_difference(served[name]["lls"], ours_task["lls"]) < 2e-3, task
+
+
+def test_concurrent_chats_each_get_their_own_greedy_reply(server_url, smollm2_dir):
+    import openai
+
+    model, tokenizer = load_model(smollm2_dir)
+    questions = ["What is the capital of France?", "Name a primary colour.", "What is 2 + 2?",
+                 "Give me a word that rhymes with cat.", "What do bees make?", "Which planet is the largest?"]
+    expected = []
+    for question in questions:
+        ids = chat_prompt(tokenizer, [{"role": "user", "content": question}])
+        tokens = list(generate_tokens(model, ids, SamplingParams(max_new_tokens=24, ignore_eos=True)))
+        expected.append(tokenizer.decode(tokens))
+    client = openai.OpenAI(base_url=server_url + "/v1", api_key="unused")
+
+    def ask(question: str) -> str:
+        stream = client.chat.completions.create(model=smollm2_dir.name, messages=[{"role": "user", "content": question}],
+                                                max_tokens=24, temperature=0, stream=True,
+                                                extra_body={"ignore_eos": True})
+        return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+
+    with ThreadPoolExecutor(len(questions)) as pool:
+        replies = list(pool.map(ask, questions))
+    assert replies == expected
+    assert "Paris" in replies[0]
