@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -114,6 +115,38 @@ class Choice:
         return piece
 
 
+class Relay:
+    """Hands scheduler events to the event loop in batches: a decode step makes one event per running
+    sequence, and one wake-up of the loop per step (not per event) keeps the loop's share of the GIL small."""
+
+    _by_loop: dict[int, "Relay"] = {}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.pending: list[tuple[asyncio.Queue, object]] = []
+        self.lock = threading.Lock()
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> "Relay":
+        relay = cls._by_loop.get(id(loop))
+        if relay is None or relay.loop is not loop:
+            relay = cls._by_loop[id(loop)] = cls(loop)
+        return relay
+
+    def post(self, queue: asyncio.Queue, item) -> None:
+        with self.lock:
+            self.pending.append((queue, item))
+            wake = len(self.pending) == 1
+        if wake:
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            batch, self.pending = self.pending, []
+        for queue, item in batch:
+            queue.put_nowait(item)
+
+
 class Run:
     def __init__(self, server: Server, variant: Variant, endpoint: str, prompts: list[list[int]], job_args: dict,
                  stops: list[str], user: str | None, prompt_text: str):
@@ -137,11 +170,11 @@ class Run:
         return sum(len(c.tokens) for c in self.choices)
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        relay = Relay.of(asyncio.get_running_loop())
         scheduler = self.variant.scheduler
         try:
             for index, job in enumerate(self.jobs):
-                scheduler.submit(job, lambda event, i=index: loop.call_soon_threadsafe(self.queue.put_nowait, (i, event)))
+                scheduler.submit(job, lambda event, i=index: relay.post(self.queue, (i, event)))
         except QueueFullError as exc:
             self.cancel()
             self.finish_log(429, str(exc))
