@@ -66,10 +66,12 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor, row: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write positions start.. of all rows (or of one `row`); return the keys/values up to there."""
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor,
+               row: int | slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write positions start.. of all rows (or of one `row`, or a slice of rows); return the
+        keys/values up to there."""
         end = start + k.shape[2]
-        rows = slice(None) if row is None else slice(row, row + 1)
+        rows = slice(None) if row is None else row if isinstance(row, slice) else slice(row, row + 1)
         self.k[rows, :, start:end] = k
         self.v[rows, :, start:end] = v
         return self.k[rows, :, :end], self.v[rows, :, :end]
@@ -274,12 +276,12 @@ class LlamaForCausalLM(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, start: int = 0, last_only: bool = False,
-                cache_row: int | None = None, select: torch.Tensor | None = None) -> torch.Tensor:
+                cache_row: int | slice | None = None, select: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for `input_ids` (batch, seq) placed at positions start..start+seq-1.
 
         With a KV cache set up, earlier positions come from the cache; `last_only` skips the output
         head for all but the final position (what decoding needs); `cache_row` prefills one row of a
-        batched cache with a single sequence. `select`, a (batch, seq) bool mask, runs the head only
+        batched cache with a single sequence (or a slice of rows with as many sequences). `select`, a (batch, seq) bool mask, runs the head only
         at those positions and returns (selected, vocab): fine-tuning scores only the reply tokens,
         and the head over a 49k vocabulary is a large share of a small model's work.
         """
@@ -290,7 +292,7 @@ class LlamaForCausalLM(nn.Module):
             x = x[select]
         return self.lm_head(x)
 
-    def hidden_states(self, input_ids: torch.Tensor, start: int = 0, cache_row: int | None = None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, start: int = 0, cache_row: int | slice | None = None) -> torch.Tensor:
         """The final normed hidden states (batch, seq, hidden): scoring applies the output head only
         at the positions it needs, instead of materialising logits for every position."""
         b, t = input_ids.shape

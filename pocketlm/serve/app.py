@@ -276,6 +276,16 @@ def sse(data) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+def stream_end(run: Run, body, head: dict) -> list[str]:
+    """A stream's last events: an error that cut it short, or the usage when asked for; then [DONE]."""
+    lines = []
+    if (failure := run.failure()) is not None and failure.status != 499:
+        lines.append(sse(error_body(failure.message, failure.type, code=failure.code)))
+    elif body.stream_options and body.stream_options.include_usage:
+        lines.append(sse({**head, "choices": [], "usage": run.usage()}))
+    return lines + ["data: [DONE]\n\n"]
+
+
 # ---------------------------------------------------------------------------------------------
 # log-prob payloads
 # ---------------------------------------------------------------------------------------------
@@ -438,11 +448,8 @@ def create_app(config: ServeConfig, variants: list[Variant] | None = None) -> Fa
             if choice.finish in ("stop", "length"):
                 yield sse({**head, "choices": [{"index": choice.index, "delta": {}, "logprobs": None,
                                                 "finish_reason": choice.finish}]})
-        if (failure := run.failure()) is not None and failure.status != 499:
-            yield sse(error_body(failure.message, failure.type, code=failure.code))
-        elif body.stream_options and body.stream_options.include_usage:
-            yield sse({**head, "choices": [], "usage": run.usage()})
-        yield "data: [DONE]\n\n"
+        for line in stream_end(run, body, head):
+            yield line
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):
@@ -498,11 +505,8 @@ def create_app(config: ServeConfig, variants: list[Variant] | None = None) -> Fa
             if choice.finish in ("stop", "length"):
                 yield sse({**head, "choices": [{"index": choice.index, "text": "", "logprobs": None,
                                                 "finish_reason": choice.finish}]})
-        if (failure := run.failure()) is not None and failure.status != 499:
-            yield sse(error_body(failure.message, failure.type, code=failure.code))
-        elif body.stream_options and body.stream_options.include_usage:
-            yield sse({**head, "choices": [], "usage": run.usage()})
-        yield "data: [DONE]\n\n"
+        for line in stream_end(run, body, head):
+            yield line
 
     @app.post("/v1/feedback")
     async def feedback(body: FeedbackRequest):

@@ -96,6 +96,7 @@ class Scheduler:
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: list[Job] = []  # decoding; running[i] owns cache row i
         self.prefilling: Job | None = None  # owns cache row len(running)
+        self._admitting = 0
         self.steps = 0
         self._history: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step
         self._cond = threading.Condition()
@@ -142,7 +143,7 @@ class Scheduler:
 
     @property
     def active(self) -> int:
-        return len(self.running) + (self.prefilling is not None)
+        return len(self.running) + (self.prefilling is not None) + self._admitting
 
     def tokens_since(self, since: float) -> int:
         """Tokens generated since `since` (time.monotonic()), over the last minute at most."""
@@ -166,22 +167,43 @@ class Scheduler:
                         self._cond.wait()
                     if self._stopped:
                         return
-                    if self.prefilling is None and len(self.running) < self.max_batch:
-                        while self.waiting and self.prefilling is None:
-                            job = self.waiting.popleft()
-                            if job.cancelled:
-                                self._emit(job, Finished("cancelled"))
-                            else:
-                                self.prefilling = job
+                    batch = self._admit()
+                    self._admitting = len(batch)  # taken from the queue, not yet running: still busy rows
                 try:
-                    self._step()
+                    self._step(batch)
                 except Exception as exc:  # a fault must not stop the server: fail the jobs in hand, go on
                     log.exception("scheduler step failed")
-                    for job in self.running + [j for j in [self.prefilling] if j]:
+                    for job in self.running + batch + [j for j in [self.prefilling] if j]:
                         self._emit(job, Finished("error", f"generation failed: {exc}"))
                     self.running, self.prefilling = [], None
+                self._admitting = 0
 
-    def _step(self) -> None:
+    def _admit(self) -> list[Job]:
+        """Take waiting jobs into free rows (under the lock). Short prompts come as a batch, prefilled
+        together in one forward pass; a prompt longer than a chunk becomes `prefilling`, fed a chunk a step."""
+        batch: list[Job] = []
+        if self.prefilling is not None:
+            return batch
+        free = self.max_batch - len(self.running)
+        width = 0
+        while self.waiting and len(batch) < free:
+            job = self.waiting[0]
+            if job.cancelled:
+                self.waiting.popleft()
+                self._emit(job, Finished("cancelled"))
+                continue
+            need = len(job.prompt_ids) - 1
+            if need > self.prefill_chunk:
+                if not batch:
+                    self.prefilling = self.waiting.popleft()
+                break
+            if batch and (len(batch) + 1) * max(width, need) > self.prefill_chunk:  # padded tokens this pass
+                break
+            width = max(width, need)
+            batch.append(self.waiting.popleft())
+        return batch
+
+    def _step(self, batch: list[Job]) -> None:
         now = time.monotonic()
         for index in range(len(self.running) - 1, -1, -1):
             job = self.running[index]
@@ -191,7 +213,9 @@ class Scheduler:
         if job is not None and (job.cancelled or (job.deadline and now > job.deadline)):
             self.prefilling = None
             self._emit(job, Finished("cancelled" if job.cancelled else "timeout"))
-        if self.prefilling is not None:
+        if batch:
+            self._prefill_batch(batch)
+        elif self.prefilling is not None:
             self._prefill_chunk(self.prefilling)
         if self.running:
             self._decode_step()
@@ -216,32 +240,57 @@ class Scheduler:
             self.model.move_cache_row(last + 1, last, self.prefilling.prefilled)
         self._emit(job, event)
 
+    def _prefill_batch(self, jobs: list[Job]) -> None:
+        """Prefill short prompts together, one row each (rows after the running ones), padded on the right:
+        a row's padding lies after its own tokens, so causal attention never lets the row see it, and
+        decoding overwrites those cache positions before any step attends to them."""
+        first_row = len(self.running)
+        lengths = [len(job.prompt_ids) - 1 for job in jobs]
+        width = max(lengths)
+        if width:
+            ids = torch.tensor([job.prompt_ids[:-1] + [0] * (width - n) for job, n in zip(jobs, lengths)])
+            echo = any(job.echo_logprobs is not None for job in jobs)
+            logits = self.model(ids, start=0, last_only=not echo, cache_row=slice(first_row, first_row + len(jobs)))
+            for row, (job, n) in enumerate(zip(jobs, lengths)):
+                job.prefilled = n
+                if job.echo_logprobs is not None:
+                    job.echo = PromptLogprobs([None], [None])
+                    self._score_prompt(job, logits[row, :n], 0, n)
+        for row, job in enumerate(jobs, start=first_row):
+            self._prefilled(job, row)
+
     def _prefill_chunk(self, job: Job) -> None:
-        """Feed the next chunk of the prompt (all but its last token, which the first decode step takes)
-        into the job's cache row; with echo, score each prompt token on the way."""
+        """Feed the next chunk of a long prompt into the job's cache row (all but its last token, which
+        the first decode step takes); with echo, score each prompt token on the way."""
         row = len(self.running)
         end = min(job.prefilled + self.prefill_chunk, len(job.prompt_ids) - 1)
-        if end > job.prefilled:
-            ids = torch.tensor([job.prompt_ids[job.prefilled:end]])
-            want_echo = job.echo_logprobs is not None
-            logits = self.model(ids, start=job.prefilled, last_only=not want_echo, cache_row=row)
-            if want_echo:
-                if job.echo is None:
-                    job.echo = PromptLogprobs([None], [None])
-                targets = job.prompt_ids[job.prefilled + 1:end + 1]
-                for lp, top in _logprobs(logits[0].float(), targets, job.echo_logprobs):
-                    job.echo.logprobs.append(lp)
-                    job.echo.top.append(top)
-            job.prefilled = end
-        if job.prefilled < len(job.prompt_ids) - 1:
-            return
-        self.prefilling = None
+        ids = torch.tensor([job.prompt_ids[job.prefilled:end]])
+        want_echo = job.echo_logprobs is not None
+        logits = self.model(ids, start=job.prefilled, last_only=not want_echo, cache_row=row)
+        if want_echo:
+            job.echo = job.echo or PromptLogprobs([None], [None])
+            self._score_prompt(job, logits[0], job.prefilled, end)
+        job.prefilled = end
+        if job.prefilled == len(job.prompt_ids) - 1:
+            self.prefilling = None
+            self._prefilled(job, row)
+
+    def _score_prompt(self, job: Job, logits: torch.Tensor, start: int, end: int) -> None:
+        """Log-probs of prompt tokens start+1..end from the logits at positions start..end-1."""
+        for lp, top in _logprobs(logits.float(), job.prompt_ids[start + 1:end + 1], job.echo_logprobs):
+            job.echo.logprobs.append(lp)
+            job.echo.top.append(top)
+
+    def _prefilled(self, job: Job, row: int) -> None:
+        """A job whose prompt is in cache row `row` joins the batch (in row len(running)), or ends there."""
         if job.echo_logprobs is not None:
             self._emit(job, job.echo or PromptLogprobs([None], [None]))
         if job.max_new_tokens == 0:
             self._emit(job, Finished("length"))
             return
-        self.running.append(job)  # its row, len(running) before this, is where it was prefilled
+        if row != len(self.running):  # a job before it in the batch ended at its prompt: close the gap
+            self.model.move_cache_row(row, len(self.running), job.prefilled)
+        self.running.append(job)
 
     def _decode_step(self) -> None:
         jobs = self.running
