@@ -176,7 +176,7 @@ def make_server(name: str, args, tmp: Path) -> Server:
         db = tmp / "log.db"
         cmd = [sys.executable, "-m", "pocketlm", "serve", str(args.model), "--port", str(port), "--db", str(db),
                "--max-batch", str(args.max_batch), "--max-context", str(args.max_context),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads), "--dtype", args.dtype]
         return Server(name, cmd, port, "/health", tmp / "pocketlm.log", db=db)
     if name == "llama.cpp":
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(args.gguf), "--port", str(port),
@@ -523,6 +523,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-batch", type=int, default=32, help="pocketlm --max-batch")
     ap.add_argument("--max-context", type=int, default=1024, help="pocketlm --max-context")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="pocketlm --dtype")
     ap.add_argument("--settle", type=float, default=10, help="memory reference time into the concurrent phase")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json")
@@ -542,7 +543,7 @@ def main() -> None:
     info = machine()
     print(f"machine: {info['cpu']}, {info['nproc']} cores; server threads {args.threads}; pocketlm "
           f"{info['pocketlm_commit']}, llama-cpp-python {info['llama_cpp_python']}, torch {info['torch']}")
-    print(f"SmolLM2-135M-Instruct; streaming chat, greedy, max_tokens {args.max_tokens}; "
+    print(f"SmolLM2-135M-Instruct (pocketlm in {args.dtype}, llama.cpp the Q4_1 GGUF); streaming chat, greedy, max_tokens {args.max_tokens}; "
           f"{args.duration:g} s per phase; {args.clients} clients, 1 request in {args.drop_every} dropped "
           f"after {DROP_AFTER_CHUNKS} chunks\n")
     print(table(results, args))

@@ -12,6 +12,8 @@ import hashlib
 import random
 from dataclasses import dataclass
 
+import torch
+
 from ..tokenizer import Tokenizer
 from .config import ServeConfig, VariantSpec
 from .scheduler import Scheduler
@@ -31,12 +33,13 @@ def load_variant(spec: VariantSpec, config: ServeConfig, experiment: str | None 
     from ..checkpoint import load_model
     from ..hub import resolve_model
 
+    dtype = getattr(torch, config.dtype)
     if spec.adapter:
         from ..adapt.adapters import load_adapted
 
-        model, tokenizer = load_adapted(spec.adapter, base=str(resolve_model(spec.model)))
+        model, tokenizer = load_adapted(spec.adapter, base=str(resolve_model(spec.model)), dtype=dtype)
     else:
-        model, tokenizer = load_model(resolve_model(spec.model))
+        model, tokenizer = load_model(resolve_model(spec.model), dtype=dtype)
     model.eval()
     scheduler = Scheduler(model, max_batch=config.max_batch, max_context=config.max_context,
                           queue_size=config.queue_size, prefill_chunk=config.prefill_chunk, name=spec.name)
