@@ -68,6 +68,8 @@ def database_url(target: str | Path) -> str:
 def open_database(target: str | Path) -> Engine:
     """Connect (creating the tables if missing)."""
     url = database_url(target)
+    if "://" not in str(target):
+        Path(target).expanduser().parent.mkdir(parents=True, exist_ok=True)
     try:
         engine = create_engine(url, connect_args={"check_same_thread": False} if url.startswith("sqlite") else {})
         metadata.create_all(engine)
