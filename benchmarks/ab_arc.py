@@ -2,7 +2,7 @@
 
 Each held-out ARC-Easy question (from `pocketlm split-task arc_easy runs/arc_easy_split`) is asked by
 its own user of a running server whose experiment splits traffic between the two variants; the script
-votes thumbs up when the reply starts with the right answer and thumbs down otherwise (the scripted
+votes thumbs up when the first line of the reply starts with the right answer and thumbs down otherwise (the scripted
 user), then prints `pocketlm ab report` for the log. Start the server first:
 
     pocketlm serve --config docs/serve/arc-ab.yaml &
@@ -27,11 +27,12 @@ def normalise(text: str) -> str:
 
 def ask(client: httpx.Client, experiment: str, index: int, record: dict, max_tokens: int) -> dict:
     reply = client.post("/v1/completions", json={"model": experiment, "prompt": record["query"], "max_tokens": max_tokens,
-                                                 "temperature": 0, "stop": ["\n"], "user": f"student-{index}"})
+                                                 "temperature": 0, "user": f"student-{index}"})
     reply.raise_for_status()
     body = reply.json()
     answer = normalise(record["choices"][record["gold"]])
-    correct = normalise(body["choices"][0]["text"]).startswith(answer)
+    lines = [line for line in body["choices"][0]["text"].splitlines() if line.strip()]
+    correct = bool(lines) and normalise(lines[0]).startswith(answer)  # the first line the reply writes
     vote = client.post("/v1/feedback", json={"id": body["id"], "rating": "up" if correct else "down"})
     vote.raise_for_status()
     return {"variant": body["variant"], "correct": correct}

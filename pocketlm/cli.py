@@ -447,7 +447,8 @@ def serve_cmd(
     with err.status("loading models ..."):
         server_app = create_app(settings)
     names = ", ".join(server_app.state.server.variants)
-    err.print(f"serving {names} on http://{settings.host}:{settings.port} (web page at /, API at /v1)", highlight=False)
+    err.print(f"serving {names} on http://{settings.host}:{settings.port} (web page at /, API at /v1)", highlight=False,
+              soft_wrap=True)
     uvicorn.run(server_app, host=settings.host, port=settings.port, log_level="warning")
 
 

@@ -131,18 +131,27 @@ def token_counts(texts: list[str], tokenizer) -> dict[int, int]:
     return counts
 
 
-def token_figures(ref_texts: list[str], rec_texts: list[str], tokenizer, epsilon: float) -> dict[str, Any]:
+TOKEN_BINS = 50
+
+
+def token_figures(ref_texts: list[str], rec_texts: list[str], tokenizer, epsilon: float,
+                  token_bins: int = TOKEN_BINS) -> dict[str, Any]:
     ref, rec = token_counts(ref_texts, tokenizer), token_counts(rec_texts, tokenizer)
     if not ref or not rec:
         raise ConfigError(f"the {'reference' if not ref else 'recent'} prompts encode to no tokens; "
                           f"check that the tokenizer belongs to the served model")
-    support = sorted(set(ref) | set(rec))
-    ref_v = np.array([ref.get(i, 0) for i in support], dtype=float)
-    rec_v = np.array([rec.get(i, 0) for i in support], dtype=float)
+    # Bins: the reference's most frequent tokens, one each, and one bin for all the rest. Over a whole
+    # vocabulary, a few hundred prompts leave most ids unseen on one side, and smoothing those zeros
+    # alone would make two samples of the same traffic look drifted.
+    support = sorted(ref, key=lambda i: (-ref[i], i))[:token_bins]
+    ref_v = np.array([ref.get(i, 0) for i in support] + [sum(ref.values()) - sum(ref.get(i, 0) for i in support)],
+                     dtype=float)
+    rec_v = np.array([rec.get(i, 0) for i in support] + [sum(rec.values()) - sum(rec.get(i, 0) for i in support)],
+                     dtype=float)
     value = psi(ref_v, rec_v, epsilon)
     return {"psi": value, "level": psi_level(value), "kl": kl_divergence(rec_v, ref_v, epsilon),
             "reference_tokens": int(ref_v.sum()), "recent_tokens": int(rec_v.sum()),
-            "distinct_tokens": len(support), "new_tokens": sum(1 for i in rec if i not in ref)}
+            "distinct_tokens": len(set(ref) | set(rec)), "bins": len(support) + 1, "new_tokens": sum(1 for i in rec if i not in ref)}
 
 
 def _spread(items: list, limit: int | None) -> list:
@@ -297,7 +306,8 @@ def format_drift(report: dict) -> str:
     if tokens is not None:
         out.append(f"tokens: PSI {tokens['psi']:.3f} ({tokens['level']}), "
                    f"KL(recent||reference) {tokens['kl']:.3f} nats, "
-                   f"{tokens['new_tokens']} token ids unseen in the reference")
+                   f"{tokens['new_tokens']} token ids unseen in the reference; over the reference's "
+                   f"{tokens['bins'] - 1} most frequent tokens and the rest")
     if ppl is not None:
         out.append(f"perplexity: reference {ppl['reference']:.2f}, recent {ppl['recent']:.2f}, "
                    f"ratio {ppl['ratio']:.2f}")

@@ -325,7 +325,7 @@ def plot_report(report_or_log: dict | RequestLog | Engine | str | Path, path: st
         if rate is None:
             ax_up.annotate("no votes", (i, 0.5), ha="center", fontsize=8, color="grey")
             continue
-        ax_up.errorbar([i], [rate], yerr=[[rate - ci[0]], [ci[1] - rate]], fmt="o", capsize=6)
+        ax_up.errorbar([i], [rate], yerr=[[max(0.0, rate - ci[0])], [max(0.0, ci[1] - rate)]], fmt="o", capsize=6)
         ax_up.annotate(f"{rate:.0%} (n={v['thumbs_up'] + v['thumbs_down']})", (i, rate),
                        textcoords="offset points", xytext=(8, 0), fontsize=8)
     ax_up.set_xticks(range(len(names)), names)
