@@ -227,7 +227,7 @@ def create_app(config: ServeConfig, variants: list[Variant] | None = None) -> Fa
             prefix = text if body.echo else ""
             logprobs = None
             if body.logprobs is not None:
-                logprobs = completion_logprobs(tokenizer, choice, body.echo, 0)
+                logprobs = completion_logprobs(tokenizer, choice, body.echo)
             choices.append({"index": choice.index, "text": prefix + choice.text, "logprobs": logprobs,
                             "finish_reason": choice.finish})
         return JSONResponse({"id": run.id, "object": "text_completion", "created": run.created, "model": body.model,

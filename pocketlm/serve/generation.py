@@ -8,6 +8,7 @@ import json
 import threading
 import time
 import uuid
+import weakref
 from typing import TYPE_CHECKING
 
 from fastapi import Request
@@ -66,7 +67,7 @@ class Relay:
     """Hands scheduler events to the event loop in batches: a decode step makes one event per running
     sequence, and one wake-up of the loop per step (not per event) keeps the loop's share of the GIL small."""
 
-    _by_loop: dict[int, "Relay"] = {}
+    _by_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Relay]" = weakref.WeakKeyDictionary()
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
@@ -75,9 +76,9 @@ class Relay:
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> "Relay":
-        relay = cls._by_loop.get(id(loop))
-        if relay is None or relay.loop is not loop:
-            relay = cls._by_loop[id(loop)] = cls(loop)
+        relay = cls._by_loop.get(loop)
+        if relay is None:
+            relay = cls._by_loop[loop] = cls(loop)
         return relay
 
     def post(self, queue: asyncio.Queue, item) -> None:
@@ -99,7 +100,8 @@ class Run:
                  stops: list[str], user: str | None, prompt_text: str):
         self.server, self.variant, self.endpoint, self.user = server, variant, endpoint, user
         self.id = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
+        self.arrived = time.time()
+        self.created = int(self.arrived)
         self.started = time.perf_counter()
         self.first_token: float | None = None
         self.prompt_text = prompt_text
@@ -159,8 +161,8 @@ class Run:
             self.finish_log()
 
     def status(self) -> tuple[int, str]:
-        worst = max((STATUS_OF.get(c.finish or "cancelled", 500), c.error) for c in self.choices)
-        return worst
+        """The worst (HTTP status, error) among the choices."""
+        return max((STATUS_OF.get(c.finish or "cancelled", 500), c.error) for c in self.choices)
 
     def finish_log(self, status: int | None = None, error: str = "") -> None:
         if self.logged:
@@ -180,7 +182,7 @@ class Run:
             prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
             latency_ms=latency * 1000, ttft_ms=None if ttft is None else ttft * 1000,
             prompt_text=self.prompt_text, completion_text="\n".join(c.text for c in self.choices),
-            created=time.time()))
+            created=self.arrived))
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -257,7 +259,7 @@ def _top_dict(tokenizer, top: list[tuple[int, float]]) -> dict[str, float]:
     return out
 
 
-def completion_logprobs(tokenizer, choice: Choice, echo: bool, text_start: int = 0) -> dict:
+def completion_logprobs(tokenizer, choice: Choice, echo: bool) -> dict:
     tokens, logprobs, tops = [], [], []
     if echo and choice.echo is not None:
         for token, lp, top in zip(choice.prompt_ids, choice.echo.logprobs, choice.echo.top):
@@ -269,7 +271,7 @@ def completion_logprobs(tokenizer, choice: Choice, echo: bool, text_start: int =
         logprobs.append(event.logprob)
         tops.append(_top_dict(tokenizer, event.top or []))
     pieces = [_piece(tokenizer, t) for t in tokens]
-    offsets, at = [], text_start
+    offsets, at = [], 0
     for piece in pieces:
         offsets.append(at)
         at += len(piece)

@@ -20,7 +20,6 @@ from sqlalchemy import (
     Table,
     Text,
     create_engine,
-    func,
     insert,
     select,
 )
@@ -107,10 +106,6 @@ class RequestLog:
         with self.engine.begin() as conn:
             conn.execute(insert(requests_table).values(**row))
 
-    def has_request(self, request_id: str) -> bool:
-        with self.engine.connect() as conn:
-            return conn.execute(select(requests_table.c.id).where(requests_table.c.id == request_id)).first() is not None
-
     def add_feedback(self, request_id: str, rating: int, comment: str | None = None) -> int:
         with self.engine.begin() as conn:
             result = conn.execute(insert(feedback_table).values(request_id=request_id, rating=rating,
@@ -123,7 +118,3 @@ class RequestLog:
             row = conn.execute(select(requests_table.c.variant, requests_table.c.experiment)
                                .where(requests_table.c.id == request_id)).first()
         return None if row is None else (row[0], row[1])
-
-    def count(self) -> int:
-        with self.engine.connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(requests_table)).scalar_one())
