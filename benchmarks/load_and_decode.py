@@ -83,13 +83,12 @@ def run_transformers(tokens: int, repeats: int) -> dict:
 
 
 def run_llama_cpp(tokens: int, repeats: int) -> dict:
-    from llama_cpp import Llama
-
     from pocketlm.hub import fetch_gguf
+    from pocketlm.llamacpp import open_llama
 
     gguf = fetch_gguf("smollm2-135m-instruct")
     started = time.perf_counter()
-    llm = Llama(model_path=str(gguf), n_threads=2, n_ctx=512, verbose=False)
+    llm = open_llama(gguf, n_threads=2, n_ctx=512, verbose=False)
     load_s = time.perf_counter() - started
     llm(PROMPT, max_tokens=8, temperature=0.0)
     speeds = []

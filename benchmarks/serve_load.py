@@ -179,7 +179,7 @@ def make_server(name: str, args, tmp: Path) -> Server:
                "--threads", str(args.threads), "--dtype", args.dtype]
         return Server(name, cmd, port, "/health", tmp / "pocketlm.log", db=db)
     if name == "llama.cpp":
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(args.gguf), "--port", str(port),
+        cmd = [sys.executable, "-m", "pocketlm.llamacpp", "--model", str(args.gguf), "--port", str(port),
                "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx", "2048",
                "--interrupt_requests", "False"]
         return Server(name, cmd, port, "/v1/models", tmp / "llama_cpp.log")

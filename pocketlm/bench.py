@@ -206,13 +206,13 @@ def _dir_weights_mb(model_dir: Path) -> float:
 def bench_llama_cpp(gguf_path: str | Path, new_tokens: int = 128, prompt_tokens: int = 128, repeats: int = 3,
                     threads: int | None = None, tokenizer=None) -> BenchResult:
     """llama-cpp-python on a GGUF file: the same prompt tokens, greedy, EOS suppressed."""
-    from llama_cpp import Llama
+    from .llamacpp import open_llama
 
     threads = threads or torch.get_num_threads()
     gguf_path = Path(gguf_path)
     with PeakRSS() as mem:
         started = time.perf_counter()
-        llm = Llama(model_path=str(gguf_path), n_threads=threads, n_ctx=max(512, prompt_tokens + new_tokens + 8),
+        llm = open_llama(gguf_path, n_threads=threads, n_ctx=max(512, prompt_tokens + new_tokens + 8),
                     n_batch=512, verbose=False)
         load_s = time.perf_counter() - started
         text = PROMPT_TEXT * (prompt_tokens // 20 + 2)

@@ -17,6 +17,7 @@ from gguf.quants import dequantize, quantize
 from pocketlm.checkpoint import load_config, load_tensors, read_provenance
 from pocketlm.convert.gguf import export_gguf, import_gguf, tokenizer_from_gguf
 from pocketlm.errors import CheckpointError, PocketLMError, UnsupportedModelError
+from pocketlm.llamacpp import open_llama
 from pocketlm.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,8 +86,8 @@ def test_vocab_round_trip_through_export(vocab_file, vocab_tokenizer, tmp_path):
     for text, ids in llama_cpp_cases(vocab_file):
         assert again.encode(text, add_special_tokens=False) == ids, text
     assert again.encode("Hi") == vocab_tokenizer.encode("Hi")
-    llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
+    pytest.importorskip("llama_cpp")
+    llm = open_llama(out, vocab_only=True, verbose=False)
     for text, ids in llama_cpp_cases(vocab_file):
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids, text
 
@@ -344,12 +345,12 @@ def test_export_import_round_trip(vocabs, kind, tmp_path):
 
 def test_export_runs_in_llama_cpp(vocabs, tmp_path):
     """llama.cpp loads the export, tokenizes as we do, and its logits match transformers' on our directory."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     vocab = vocabs["bpe"]
     write_tiny_gguf(tmp_path / "tiny.gguf", tiny_hf_model(len(vocab["tokens"])), vocab, Q.F32)
     out = import_gguf(tmp_path / "tiny.gguf", tmp_path / "out")
     path = export_gguf(out, tmp_path / "export.gguf", "f32")
-    llm = llama_cpp.Llama(model_path=str(path), n_threads=2, n_ctx=128, logits_all=True, verbose=False)
+    llm = open_llama(path, n_threads=2, n_ctx=128, logits_all=True, verbose=False)
     tok = Tokenizer.load(out)
     text = "Once upon a time, there was a little girl named Lily."
     ids = tok.encode(text)

@@ -14,6 +14,7 @@ from helpers import llama_cpp_agreement
 from pocketlm.checkpoint import load_config, load_model, read_provenance
 from pocketlm.convert.gguf import export_gguf, import_gguf
 from pocketlm.engine import SamplingParams, chat_prompt, generate_tokens
+from pocketlm.llamacpp import open_llama
 
 pytestmark = pytest.mark.slow
 
@@ -100,7 +101,7 @@ def llama_cpp():
 def test_f16_export_runs_identically_in_llama_cpp(ours, smollm2_dir, llama_cpp, tmp_path):
     model, tokenizer = ours
     path = export_gguf(smollm2_dir, tmp_path / "smollm2-f16.gguf", "f16")
-    llm = llama_cpp.Llama(model_path=str(path), n_threads=2, n_ctx=512, verbose=False)
+    llm = open_llama(path, n_threads=2, n_ctx=512, verbose=False)
     prompts = [chat_prompt(tokenizer, m) for m in CHATS] + [tokenizer.encode(p) for p in PLAIN]
     for ids in prompts:
         assert llm.tokenize(tokenizer.decode(ids).encode(), add_bos=False, special=True) == ids
@@ -115,7 +116,7 @@ def test_q8_0_export_in_llama_cpp(ours, smollm2_dir, llama_cpp, tmp_path):
     _, tokenizer = ours
     path = export_gguf(smollm2_dir, tmp_path / "smollm2-q8_0.gguf", "q8_0")
     model, _ = load_model(import_gguf(path, tmp_path / "q8_0-weights"))
-    llm = llama_cpp.Llama(model_path=str(path), n_threads=2, n_ctx=512, logits_all=True, verbose=False)
+    llm = open_llama(path, n_threads=2, n_ctx=512, logits_all=True, verbose=False)
     prompts = [chat_prompt(tokenizer, m) for m in CHATS] + [tokenizer.encode(p) for p in PLAIN]
     assert llama_cpp_agreement(llm, model, prompts, 32) >= 0.90
 

@@ -14,6 +14,7 @@ from pocketlm.checkpoint import load_model
 from pocketlm.convert.gguf import export_gguf
 from pocketlm.engine import SamplingParams, chat_prompt, generate_tokens
 from pocketlm.evaluate.perplexity import perplexity
+from pocketlm.llamacpp import open_llama
 from pocketlm.quant import QuantScheme, quantize_dir
 from pocketlm.speculative import speculative_generate
 
@@ -64,13 +65,13 @@ def test_quantized_gguf_export_runs_in_llama_cpp(quantized, kind, qtype, tmp_pat
     """The exported weights equal the model's exactly (tests/test_quant.py). llama.cpp rounds activations
     to 8 bits in these matmuls, so its greedy text may part from pocketlm's at near-ties; checked here:
     along pocketlm's greedy path, llama.cpp picks the same next token at >= 90% of positions."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     from gguf import GGUFReader
 
     model, tokenizer = load_model(quantized[kind])
     path = export_gguf(quantized[kind], tmp_path / f"{kind}.gguf")
     assert qtype in {t.tensor_type.name for t in GGUFReader(path).tensors}
-    llm = llama_cpp.Llama(model_path=str(path), n_threads=2, n_ctx=512, logits_all=True, verbose=False)
+    llm = open_llama(path, n_threads=2, n_ctx=512, logits_all=True, verbose=False)
     prompts = [chat_prompt(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
     assert llama_cpp_agreement(llm, model, prompts, 16) >= 0.90
 
