@@ -85,7 +85,8 @@ class NanoGPTShapedPeer:
         self.step_count, self.ms = 0, []
 
     def step(self) -> None:
-        from pocketlm.train.loop import batch_starts, lr_at, windows
+        from pocketlm.train.batches import batch_starts, windows
+        from pocketlm.train.loop import lr_at
 
         started = time.perf_counter()
         for group in self.optimizer.param_groups:
@@ -102,7 +103,7 @@ class NanoGPTShapedPeer:
 
     @torch.no_grad()
     def val_loss(self) -> float:
-        from pocketlm.train.loop import batch_starts, windows
+        from pocketlm.train.batches import batch_starts, windows
 
         self.model.eval()
         losses = []

@@ -146,9 +146,14 @@ def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     b, heads, _, d = q.shape
     kv_heads = k.shape[1]
     q = q.reshape(b, kv_heads, heads // kv_heads, d)  # the query heads of each key/value head
-    scores = (q @ k.transpose(-1, -2)).float() * (d ** -0.5)  # (batch, kv_heads, group, span)
+    fused = torch.compiler.is_compiling() and q.device.type == "cpu"
+    if fused:  # products and sums that inductor fuses into loops: a batched matmul call costs more here
+        scores = (q[:, :, :, None, :] * k[:, :, None]).sum(-1).float() * (d ** -0.5)
+    else:
+        scores = (q @ k.transpose(-1, -2)).float() * (d ** -0.5)  # (batch, kv_heads, group, span)
     scores = scores.masked_fill(~mask.view(b, 1, 1, -1), float("-inf"))
-    y = scores.softmax(-1).to(v.dtype) @ v  # (batch, kv_heads, group, head_dim)
+    p = scores.softmax(-1).to(v.dtype)
+    y = (p[..., None] * v[:, :, None]).sum(-2) if fused else p @ v  # (batch, kv_heads, group, head_dim)
     return y.reshape(b, 1, heads, d)
 
 

@@ -143,6 +143,15 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _stored(x: torch.Tensor) -> torch.Tensor:
+    """x, made a stored buffer in a compiled graph. Inductor would otherwise inline x's producer (the
+    RMSNorm before a projection, the SiLU before the down projection) into the matrix-vector loop and
+    recompute it for every output row: 49,152 times for the output head. as_strided makes inductor
+    materialise its input."""
+    x = x.contiguous()
+    return torch.as_strided(x, x.shape, x.stride())
+
+
 class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
@@ -165,7 +174,8 @@ class Int8Linear(nn.Module):
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         elif rows == 1 and _compiling():
             # one row: a dequantizing dot product that inductor fuses into one bandwidth-bound loop (exact fp32)
-            y = (x.reshape(1, 1, -1).float() * self.weight.float()).sum(-1).reshape(*x.shape[:-1], -1) * self.scales
+            row = _stored(x.reshape(1, 1, -1).float())
+            y = (row * self.weight.float()).sum(-1).reshape(*x.shape[:-1], -1) * self.scales
         elif rows >= EXACT_ROWS and not _compiling():
             # prefill and scoring: dequantizing costs little next to the matmul, and keeps fp32 accuracy
             y = F.linear(x.float(), self.weight.float()) * self.scales
