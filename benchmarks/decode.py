@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# llama.cpp-q4_1-amx: llama.cpp with its AMX buffers, on CPUs that have AMX (see pocketlm.llamacpp)
 CONTENDERS = ["fp32", "fp32-compiled", "int8-compiled", "int4-compiled", "llama.cpp-q4_1", "llama.cpp-q8_0",
               "transformers-fp32"]
 
@@ -43,9 +44,9 @@ def worker(name: str, args) -> dict:
             scheme = QuantScheme("int8") if name.startswith("int8") else QuantScheme("int4", 32)
             path = quantize_dir(base, Path(tmp) / name, scheme)
             r = bench.bench_pocketlm(path, batches=tuple(args.batch), compile=True, name=name, **common)
-        elif name == "llama.cpp-q4_1":
+        elif name in ("llama.cpp-q4_1", "llama.cpp-q4_1-amx"):
             r = bench.bench_llama_cpp(fetch_gguf("smollm2-135m-instruct"), threads=args.threads,
-                                      tokenizer=Tokenizer.load(base), **common)
+                                      tokenizer=Tokenizer.load(base), amx=name.endswith("amx"), **common)
         elif name == "llama.cpp-q8_0":
             path = quantize_dir(base, Path(tmp) / "int8", QuantScheme("int8"))
             r = bench.bench_llama_cpp(export_gguf(path, Path(tmp) / "int8.gguf"), threads=args.threads, tokenizer=Tokenizer.load(base), **common)
@@ -64,7 +65,9 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, action="append", default=None)
-    ap.add_argument("--only", default=",".join(CONTENDERS))
+    from pocketlm.llamacpp import cpu_has_amx
+
+    ap.add_argument("--only", default=",".join(CONTENDERS + (["llama.cpp-q4_1-amx"] if cpu_has_amx() else [])))
     ap.add_argument("--json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 PROMPT_TEXT = ("The history of the city begins with a small settlement on the river, where traders met to exchange "
@@ -204,25 +205,45 @@ def _dir_weights_mb(model_dir: Path) -> float:
 
 
 def bench_llama_cpp(gguf_path: str | Path, new_tokens: int = 128, prompt_tokens: int = 128, repeats: int = 3,
-                    threads: int | None = None, tokenizer=None) -> BenchResult:
-    """llama-cpp-python on a GGUF file: the same prompt tokens, greedy, EOS suppressed."""
+                    threads: int | None = None, tokenizer=None, amx: bool = False) -> BenchResult:
+    """llama-cpp-python on a GGUF file: the same prompt tokens, greedy, EOS suppressed.
+
+    `amx` runs llama.cpp with its AMX buffers on a CPU that has AMX, where they crash on batched prompts
+    (see pocketlm.llamacpp): the prompt is then fed one token at a time, which makes the prefill figure
+    slow, but the decode figure is llama.cpp's fastest on that machine."""
+    from llama_cpp import Llama
+
     from .llamacpp import open_llama
 
     threads = threads or torch.get_num_threads()
     gguf_path = Path(gguf_path)
     with PeakRSS() as mem:
         started = time.perf_counter()
-        llm = open_llama(gguf_path, n_threads=threads, n_ctx=max(512, prompt_tokens + new_tokens + 8),
+        llm = (Llama if amx else open_llama)(model_path=str(gguf_path), n_threads=threads, n_ctx=max(512, prompt_tokens + new_tokens + 8),
                     n_batch=512, verbose=False)
         load_s = time.perf_counter() - started
         text = PROMPT_TEXT * (prompt_tokens // 20 + 2)
         ids = (tokenizer.encode(text, add_special_tokens=False) if tokenizer is not None
                else llm.tokenize(text.encode(), add_bos=False))[:prompt_tokens]
 
+        def feed(tokens):
+            if amx:
+                for token in tokens:
+                    llm.eval([token])
+            else:
+                llm.eval(tokens)
+
         def run(n: int):
             llm.reset()
             stamps = []
             started = time.perf_counter()
+            if amx:  # a greedy loop of one-token evaluations (generate() would evaluate a batch)
+                feed(ids)
+                for _ in range(n):
+                    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                    stamps.append(time.perf_counter())
+                    llm.eval([token])
+                return started, stamps
             for _ in llm.generate(ids, temp=0.0, top_k=1, reset=True, logits_processor=None):
                 stamps.append(time.perf_counter())
                 if len(stamps) >= n:
@@ -234,14 +255,14 @@ def bench_llama_cpp(gguf_path: str | Path, new_tokens: int = 128, prompt_tokens:
         for _ in range(repeats):
             llm.reset()
             started = time.perf_counter()
-            llm.eval(ids)
+            feed(ids)
             prefill.append(len(ids) / (time.perf_counter() - started))
         for _ in range(repeats):
             started, stamps = run(new_tokens)
             ttft.append((stamps[0] - started) * 1e3)
             decode.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
     return BenchResult(
-        name="llama.cpp", weights=_gguf_type(gguf_path), file_mb=gguf_path.stat().st_size / 2**20, load_s=load_s,
+        name="llama.cpp", weights=_gguf_type(gguf_path) + (" AMX, prompt token by token" if amx else ""), file_mb=gguf_path.stat().st_size / 2**20, load_s=load_s,
         prefill_tokens_per_s=statistics.median(prefill), ttft_ms=statistics.median(ttft),
         decode_tokens_per_s=statistics.median(decode), peak_rss_mb=mem.peak_mb,
         bytes_per_token=_gguf_tensor_bytes(gguf_path), threads=threads,

@@ -50,12 +50,12 @@ def safe_settings():
     return _without_extra_buffers() if cpu_has_amx() else contextlib.nullcontext()
 
 
-def open_llama(path: str | Path, **kwargs):
-    """llama_cpp.Llama(model_path=path, **kwargs), safe on AMX CPUs (see the module's docstring)."""
+def open_llama(model_path: str | Path, **kwargs):
+    """llama_cpp.Llama(model_path, **kwargs), safe on AMX CPUs (see the module's docstring)."""
     from llama_cpp import Llama
 
     with safe_settings():
-        return Llama(model_path=str(path), **kwargs)
+        return Llama(model_path=str(model_path), **kwargs)
 
 
 def run_server(argv: list[str]) -> None:

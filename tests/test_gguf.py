@@ -360,6 +360,21 @@ def test_export_runs_in_llama_cpp(vocabs, tmp_path):
     assert (theirs - logits(out, ids)).abs().max() < 1e-3  # llama.cpp's own kernels, not bitwise PyTorch
 
 
+def test_safe_settings_turn_extra_buffers_off_and_back(monkeypatch):
+    """On an AMX CPU llama.cpp's extra buffer types are off while a model opens, and the library's
+    defaults are restored afterwards (other code keeps llama.cpp's own behaviour)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp.llama as high_level
+
+    from pocketlm import llamacpp
+
+    monkeypatch.setattr(llamacpp, "cpu_has_amx", lambda: True)
+    with llamacpp.safe_settings():
+        assert high_level.llama_cpp.llama_model_default_params().use_extra_bufts is False
+    assert high_level.llama_cpp.llama_model_default_params is llama_cpp.llama_model_default_params
+    assert llama_cpp.llama_model_default_params().use_extra_bufts is True
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input
 # ---------------------------------------------------------------------------------------------
