@@ -284,9 +284,11 @@ def test_hostile_input_gets_4xx_json_and_the_server_keeps_serving(tiny, tmp_path
 
 def test_queue_full_answers_429_and_a_dropped_stream_frees_its_place(tmp_path):
     db = tmp_path / "log.db"
-    tiny = tiny_model_dir(tmp_path / "tiny", max_position_embeddings=8192)  # room for a stream that outlasts the test
-    app = serve([tiny], tmp_path, max_batch=1, queue_size=0, max_context=8192, max_tokens_cap=8000)
-    long = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8000, "ignore_eos": True,
+    # room for a stream that outlasts the test: 8,000 tokens of the tiny model took about a second on a fast CPU,
+    # and a busy event loop once answered the second request after the stream had ended
+    tiny = tiny_model_dir(tmp_path / "tiny", max_position_embeddings=65536)
+    app = serve([tiny], tmp_path, max_batch=1, queue_size=0, max_context=65536, max_tokens_cap=64000)
+    long = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 64000, "ignore_eos": True,
             "stream": True}
     with running_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         scheduler = app.state.server.variants["tiny"].scheduler
