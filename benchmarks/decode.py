@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pocketlm.llamacpp import cpu_has_amx  # noqa: E402
 
 # llama.cpp-q4_1-amx: llama.cpp with its AMX buffers, on CPUs that have AMX (see pocketlm.llamacpp)
 CONTENDERS = ["fp32", "fp32-compiled", "int8-compiled", "int4-compiled", "llama.cpp-q4_1", "llama.cpp-q8_0",
@@ -65,8 +66,6 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, action="append", default=None)
-    from pocketlm.llamacpp import cpu_has_amx
-
     ap.add_argument("--only", default=",".join(CONTENDERS + (["llama.cpp-q4_1-amx"] if cpu_has_amx() else [])))
     ap.add_argument("--json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)

@@ -219,8 +219,9 @@ def bench_llama_cpp(gguf_path: str | Path, new_tokens: int = 128, prompt_tokens:
     gguf_path = Path(gguf_path)
     with PeakRSS() as mem:
         started = time.perf_counter()
-        llm = (Llama if amx else open_llama)(model_path=str(gguf_path), n_threads=threads, n_ctx=max(512, prompt_tokens + new_tokens + 8),
-                    n_batch=512, verbose=False)
+        opener = Llama if amx else open_llama
+        llm = opener(model_path=str(gguf_path), n_threads=threads, n_ctx=max(512, prompt_tokens + new_tokens + 8),
+                     n_batch=512, verbose=False)
         load_s = time.perf_counter() - started
         text = PROMPT_TEXT * (prompt_tokens // 20 + 2)
         ids = (tokenizer.encode(text, add_special_tokens=False) if tokenizer is not None
@@ -262,7 +263,8 @@ def bench_llama_cpp(gguf_path: str | Path, new_tokens: int = 128, prompt_tokens:
             ttft.append((stamps[0] - started) * 1e3)
             decode.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
     return BenchResult(
-        name="llama.cpp", weights=_gguf_type(gguf_path) + (" AMX, prompt token by token" if amx else ""), file_mb=gguf_path.stat().st_size / 2**20, load_s=load_s,
+        name="llama.cpp", weights=_gguf_type(gguf_path) + (" AMX, prompt token by token" if amx else ""),
+        file_mb=gguf_path.stat().st_size / 2**20, load_s=load_s,
         prefill_tokens_per_s=statistics.median(prefill), ttft_ms=statistics.median(ttft),
         decode_tokens_per_s=statistics.median(decode), peak_rss_mb=mem.peak_mb,
         bytes_per_token=_gguf_tensor_bytes(gguf_path), threads=threads,

@@ -142,7 +142,9 @@ def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     """Attention of one query per row over the cache, as two batched matmuls: each key/value head
     serves its group of query heads without being repeated, and the softmax runs in fp32. On the CPU
     this beats scaled_dot_product_attention's flash kernel, which is slow for single queries (in bf16
-    it took longer than all the matmuls of a 32-row decode step). Returns (batch, 1, heads, head_dim)."""
+    it took longer than all the matmuls of a 32-row decode step). In a compiled CPU step the two
+    products are written as broadcast multiply-and-sum instead, which inductor fuses into its own
+    loops (60 batched-matmul calls cost about 2 ms of a 12 ms SmolLM2 step). Returns (batch, 1, heads, head_dim)."""
     b, heads, _, d = q.shape
     kv_heads = k.shape[1]
     q = q.reshape(b, kv_heads, heads // kv_heads, d)  # the query heads of each key/value head
