@@ -152,6 +152,75 @@ def _stored(x: torch.Tensor) -> torch.Tensor:
     return torch.as_strided(x, x.shape, x.stride())
 
 
+# How a compiled one-row product reads the codes on the CPU: "bytes", as stored (fast where inductor
+# has AVX-512's masked loads), or "words", four int8 / eight int4 codes per 32-bit word (AVX2; see
+# _int8_row_product and _int4_row_product). Read once: a compiled graph cannot ask.
+ROW_LAYOUT = "bytes" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else "words"
+LANES = 8  # output rows an int4 "words" block interleaves: one AVX2 vector of fp32
+
+
+def _tree_sum(terms: list[torch.Tensor]) -> torch.Tensor:
+    """Sum in pairs: a chain of dependent vector adds, one per term, stalled the matrix-vector loops."""
+    while len(terms) > 1:
+        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+    return terms[0]
+
+
+def _int8_row_product(x: torch.Tensor, weight: torch.Tensor, words: torch.Tensor | None) -> torch.Tensor:
+    """weight (out, in) int8 times one input row x, unscaled, written for inductor (fp32, exact products).
+
+    With AVX-512 inductor loads the int8 codes 16 at a time with masked loads. With AVX2 it has no such
+    load for 8 int8 (or int32) values and copies each through a stack buffer, which ran the output head
+    at 1.4 GB/s. There `words`, the same codes seen as float32 words (four codes each; a view made
+    outside the graph, where inductor would not fuse it), are read with full-vector loads, bit-cast to
+    int32, and each word's four bytes sign-extended with shifts. Byte j of word i is column 4i + j, so
+    the row is laid out as four planes x[j::4] to match."""
+    if words is None:
+        row = _stored(x.reshape(1, 1, -1).float())
+        return (row * weight.float()).sum(-1)
+    codes = words.view(torch.int32)  # (out, in / 4)
+    planes = _stored(x.reshape(-1, 4).t().float())  # (4, in / 4): plane j holds x[j::4]
+    return _tree_sum([planes[j] * ((codes << (24 - 8 * j)) >> 24).float() for j in range(4)]).sum(-1)
+
+
+def int4_words(codes: torch.Tensor) -> torch.Tensor:
+    """int4 codes (out, in), 0..15, packed for `_int4_row_product`: (out / LANES, in / 8, LANES) 32-bit
+    words seen as float32, word [b, w, l] holding the codes of row b * LANES + l at columns 8w .. 8w + 7,
+    column 8w + k in bits 4k .. 4k + 3. The rows of a block sit side by side, so one vector load
+    reads a word of each of LANES rows, and a block's words follow one another in memory."""
+    out, cols = codes.shape
+    words = (codes.to(torch.int64).reshape(out, cols // 8, 8) << (4 * torch.arange(8))).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # as two's complement
+    return words.reshape(out // LANES, LANES, cols // 8).transpose(1, 2).contiguous().view(torch.float32)
+
+
+def _by_lanes(t: torch.Tensor) -> torch.Tensor:
+    """(out, n) -> (out / LANES, n, LANES): a per-row table in the block layout of `int4_words`."""
+    return t.reshape(t.shape[0] // LANES, LANES, -1).transpose(1, 2).contiguous()
+
+
+# x[8w + k] is paired with (word & (15 << 4k)), that is code * 16^k: x / 16^k makes the product exact
+# without a shift per code (16^-k is a power of two). The top code is shifted down instead: masked in
+# place it would make the int32 negative.
+_NIBBLE_SCALE = torch.tensor([16.0 ** -k for k in range(7)] + [1.0])
+
+
+def _int4_row_product(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                      group_size: int) -> torch.Tensor:
+    """One input row x (in,) through int4 codes in the `int4_words` layout, with `scales` and `mins` in
+    the block layout (out / LANES, groups, LANES): w = code * scale + min, so the row's product is
+    sum(scale * code . x) + sum(min * sum(x over the group)). Written for inductor on AVX2, where
+    PyTorch's int4 kernel reads 6 GB/s: this loop vectorizes over the LANES rows of a block."""
+    codes = words.view(torch.int32)  # (blocks, in / 8, LANES)
+    row = _stored(x.reshape(-1, 8).float() * _NIBBLE_SCALE.to(x.device))  # (in / 8, 8)
+    terms = [row[None, :, k, None] * (codes & (15 << (4 * k))).float() for k in range(7)]
+    terms.append(row[None, :, 7, None] * ((codes >> 28) & 15).float())
+    per_word = _tree_sum(terms) * scales.repeat_interleave(group_size // 8, 1)
+    group_sums = x.reshape(-1, group_size).float().sum(-1)  # (groups,)
+    y = per_word.sum(1) + (mins * group_sums[None, :, None]).sum(1)  # (blocks, LANES)
+    return y.reshape(-1)
+
+
 class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
@@ -174,8 +243,7 @@ class Int8Linear(nn.Module):
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         elif rows == 1 and _compiling():
             # one row: a dequantizing dot product that inductor fuses into one bandwidth-bound loop (exact fp32)
-            row = _stored(x.reshape(1, 1, -1).float())
-            y = (row * self.weight.float()).sum(-1).reshape(*x.shape[:-1], -1) * self.scales
+            y = _int8_row_product(x, self.weight, self.__dict__.get("_words")).reshape(*x.shape[:-1], -1) * self.scales
         elif rows >= EXACT_ROWS and not _compiling():
             # prefill and scoring: dequantizing costs little next to the matmul, and keeps fp32 accuracy
             y = F.linear(x.float(), self.weight.float()) * self.scales
@@ -198,6 +266,8 @@ class Int8Linear(nn.Module):
 
     def prepare_decode(self) -> None:
         self.bf16_scales()
+        if ROW_LAYOUT == "words" and self.weight.device.type == "cpu" and self.in_features % 4 == 0:
+            self.__dict__["_words"] = self.weight.view(torch.float32)  # see _int8_row_product
 
     def dequantized(self) -> torch.Tensor:
         return dequantize_int8(self.weight, self.scales)
@@ -245,9 +315,20 @@ class Int4Linear(nn.Module):
         scales_and_zeros = torch.stack((self.scales, zeros), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         self._kernel = (packed, scales_and_zeros)
 
+    def prepare_decode(self) -> None:
+        """With the "words" row layout, the tables `_int4_row_product` reads (a second copy of the codes,
+        as big as the first); `compile_decoder` calls it before compiling."""
+        if (ROW_LAYOUT == "words" and self.weight.device.type == "cpu" and not self.weight.is_meta
+                and self.out_features % LANES == 0 and self.group_size % 8 == 0):
+            codes = unpack_int4(self.weight, self.group_size)
+            self.__dict__["_words"] = (int4_words(codes), _by_lanes(self.scales), _by_lanes(self.mins))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu" and (flat.shape[0] < EXACT_ROWS or _compiling()):
+        words = self.__dict__.get("_words")
+        if flat.shape[0] == 1 and words is not None and _compiling():
+            y = _int4_row_product(flat[0], *words, self.group_size)
+        elif x.device.type == "cpu" and (flat.shape[0] < EXACT_ROWS or _compiling()):
             if self._kernel is None:
                 self.prepare_kernel()
             packed, scales_and_zeros = self._kernel

@@ -13,12 +13,13 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
 
 from helpers import tiny_model_dir
+from pocketlm import quant
 from pocketlm.checkpoint import load_model, save_model_dir
 from pocketlm.convert.gguf import export_gguf
 from pocketlm.engine import SamplingParams, compile_decoder, generate_batch, generate_tokens
 from pocketlm.errors import CheckpointError, ConfigError, PocketLMError
 from pocketlm.quant import (Int4Linear, Int8Embedding, Int8Linear, QuantScheme, dense_tensors, dequantize_int4,
-                            dequantize_int8, pack_int4, quantize_dir, quantize_int4, quantize_int8,
+                            dequantize_int8, int4_words, pack_int4, quantize_dir, quantize_int4, quantize_int8,
                             quantize_model, unpack_int4)
 from pocketlm.speculative import speculative_generate
 
@@ -89,12 +90,35 @@ def test_quantized_linear_matches_dequantized_matmul(kind, rows):
     torch.testing.assert_close(got, reference, atol=tol, rtol=0)
 
 
-def test_compiled_single_row_int8_is_exact():
-    linear = torch.nn.Linear(128, 96, bias=False)
-    q = Int8Linear.from_float(linear)
+def test_int4_words_layout():
+    """Word [b, w, l] holds row b * LANES + l's codes at columns 8w .. 8w + 7, column 8w + k in bits 4k.."""
+    codes = torch.randint(0, 16, (24, 64))
+    words = int4_words(codes).view(torch.int32)
+    assert words.shape == (24 // quant.LANES, 8, quant.LANES)
+    for b, w, l, k in [(0, 0, 0, 0), (1, 3, 5, 7), (2, 7, 7, 4), (0, 5, 2, 1)]:
+        code = (int(words[b, w, l]) >> (4 * k)) & 15
+        assert code == codes[b * quant.LANES + l, 8 * w + k]
+
+
+@pytest.mark.parametrize("layout", ["bytes", "words"])
+@pytest.mark.parametrize("kind", ["int8", "int4-g32", "int4-g64-symmetric", "int4-g32-bias"])
+def test_compiled_single_row_products_are_exact(monkeypatch, layout, kind):
+    """The compiled one-row products, in both code layouts whatever this CPU picks, against the
+    dequantized weights in fp32 (int4 with the "bytes" layout runs PyTorch's bf16 kernel: not exact)."""
+    if kind.startswith("int4") and layout == "bytes":
+        pytest.skip("PyTorch's int4 kernel takes bf16 activations (covered by the decoding tests)")
+    monkeypatch.setattr(quant, "ROW_LAYOUT", layout)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 96, bias=kind.endswith("bias"))
+    if kind == "int8":
+        q = Int8Linear.from_float(linear)
+    else:
+        q = Int4Linear.from_float(linear, int(kind.split("-")[1][1:]), symmetric="symmetric" in kind)
+    q.prepare_decode()
+    assert ("_words" in q.__dict__) == (layout == "words")
     x = torch.randn(1, 1, 128)
-    got = torch.compile(q, fullgraph=True)(x)
-    torch.testing.assert_close(got, F.linear(x, q.dequantized()), atol=1e-5, rtol=1e-5)
+    got = torch.compile(q, fullgraph=True, options={"realize_opcount_threshold": 100})(x)
+    torch.testing.assert_close(got, F.linear(x, q.dequantized(), q.bias), atol=1e-5, rtol=1e-5)
 
 
 # ---- model directories -----------------------------------------------------------------------
