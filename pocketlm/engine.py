@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 
+from . import quant
 from .errors import ConfigError, ContextLengthError
 from .tokenizer import Tokenizer
 
@@ -117,10 +118,11 @@ def compile_decoder(model, enable: bool = True) -> None:
             module.prepare_decode()
     model.rope(model.device)  # else a step traced before any prefill recomputes every position's cos and sin
     own = _own_copy(type(model).decode_step)
-    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
-               # the int4 row product (pocketlm.quant) is one long pointwise expression per code word: past
-               # inductor's default of 30 operations it is stored, then read back, instead of being summed in place
-               "realize_opcount_threshold": 100}
+    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    if model.device.type == "cpu" and quant.ROW_LAYOUT == "words":
+        # the int4 row product is one long pointwise expression per code word: past inductor's default of 30
+        # operations it is stored, then read back, instead of being summed in place
+        options["realize_opcount_threshold"] = 100
     if model.device.type == "cuda":
         options["triton.cudagraphs"] = True  # one graph launch per step: batch-1 decoding is launch-bound on a GPU
     compiled = torch.compile(own, fullgraph=True, dynamic=False, options=options)
