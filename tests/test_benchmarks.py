@@ -24,3 +24,11 @@ def test_train_throughput_benchmark_runs(tmp_path):
         assert 0 < figures["ms_per_iter"] < 10_000
         # 30 steps from a uniform guess over 65 characters (ln 65 = 4.17) must already have learned something
         assert math.isfinite(figures["val_loss"]) and figures["val_loss"] < math.log(65)
+
+
+def test_train_matmul_floor_benchmark_runs():
+    run = subprocess.run([sys.executable, "benchmarks/train_matmul_floor.py"], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    # the FLOP count is arithmetic on the recipe's shape: 4 layers x 3 products x 2 x 768 tokens x weights
+    assert "3.64 GFLOP" in run.stdout and "SGEMM" in run.stdout
