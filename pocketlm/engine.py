@@ -123,10 +123,10 @@ def compile_decoder(model, enable: bool = True) -> None:
         # the step's Python wrapper checks every weight's size and stride each call: ~760 checks, 1 ms of a
         # 10 ms step on SmolLM2. The weights are fixed once compile_decoder has run (see above)
         options["size_asserts"] = False
-    if model.device.type == "cpu" and quant.ROW_LAYOUT == "words":
-        # the int4 row product is one long pointwise expression per code word: past inductor's default of 30
-        # operations it is stored, then read back, instead of being summed in place
-        options["realize_opcount_threshold"] = 100
+        if quant.ROW_LAYOUT == "words":
+            # the int4 row product is one long pointwise expression per code word: past inductor's default of
+            # 30 operations it is stored, then read back, instead of being summed in place
+            options["realize_opcount_threshold"] = 100
     if model.device.type == "cuda":
         options["triton.cudagraphs"] = True  # one graph launch per step: batch-1 decoding is launch-bound on a GPU
     compiled = torch.compile(own, fullgraph=True, dynamic=False, options=options)
