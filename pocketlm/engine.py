@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from . import quant
+from . import cpu_kernels, quant
 from .errors import ConfigError, ContextLengthError
 from .tokenizer import Tokenizer
 
@@ -113,6 +113,8 @@ def compile_decoder(model, enable: bool = True) -> None:
     if not enable:
         model._compiled_step = None
         return
+    if model.device.type == "cpu":
+        cpu_kernels.available()  # built (once) and loaded now: not while dynamo traces the step
     for module in model.modules():  # tensors the compiled graph must find stored, not compute
         if hasattr(module, "prepare_decode"):
             module.prepare_decode()

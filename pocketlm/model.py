@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
 from .config import ModelConfig
+from .quant import fused_projections
 
 
 class Linear(nn.Linear):
@@ -55,6 +57,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def project(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
+    """Several linear layers applied to one input; quantized layers may run them as one kernel call."""
+    fused = fused_projections(x, layers)
+    return fused if fused is not None else [layer(x) for layer in layers]
 
 
 class KVCache(nn.Module):
@@ -103,7 +111,7 @@ class Attention(nn.Module):
 
     def _qkv(self, x, cos, sin):
         b, t, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
         q = q.reshape(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.reshape(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.reshape(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -148,6 +156,8 @@ def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     b, heads, _, d = q.shape
     kv_heads = k.shape[1]
     q = q.reshape(b, kv_heads, heads // kv_heads, d)  # the query heads of each key/value head
+    if cpu_kernels.serves_attention(q, k):  # pocketlm's AVX2 kernel: it skips the masked positions
+        return cpu_kernels.decode_attention(q, k, v, mask).reshape(b, 1, heads, d)
     fused = torch.compiler.is_compiling() and q.device.type == "cpu"
     if fused:  # products and sums that inductor fuses into loops: a batched matmul call costs more here
         scores = (q[:, :, :, None, :] * k[:, :, None]).sum(-1).float() * (d ** -0.5)
@@ -179,7 +189,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(h, d, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

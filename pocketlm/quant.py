@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
 from .errors import ConfigError
 
 METHODS = ("int8", "int4")
@@ -241,8 +242,14 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
+        if x.device.type == "cpu" and "_native" not in self.__dict__ and not _compiling():
+            self.prepare_native()
         if x.device.type != "cpu":
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        elif rows < EXACT_ROWS and self.__dict__.get("_native"):
+            # a few rows on an AVX2 CPU: pocketlm's kernel (exact fp32 products, bandwidth-bound)
+            y = cpu_kernels.int8_linear(x.reshape(-1, self.in_features), [self.weight], [self.scales])
+            y = y.reshape(*x.shape[:-1], -1)
         elif rows == 1 and _compiling():
             # one row: a dequantizing dot product that inductor fuses into one bandwidth-bound loop (exact fp32)
             y = _int8_row_product(x, self.weight, self.__dict__.get("_words")).reshape(*x.shape[:-1], -1) * self.scales
@@ -266,9 +273,16 @@ class Int8Linear(nn.Module):
             self.__dict__["_bf16_scales"] = cached
         return cached
 
+    def prepare_native(self) -> None:
+        """Decide once whether a few rows go through pocketlm's AVX2 kernel (see cpu_kernels)."""
+        self.__dict__["_native"] = (self.weight.device.type == "cpu" and not self.weight.is_meta
+                                    and cpu_kernels.available())
+
     def prepare_decode(self) -> None:
         self.bf16_scales()
-        if ROW_LAYOUT == "words" and self.weight.device.type == "cpu" and self.in_features % 4 == 0:
+        self.prepare_native()
+        if (ROW_LAYOUT == "words" and self.weight.device.type == "cpu" and self.in_features % 4 == 0
+                and not self.__dict__.get("_native")):
             self.__dict__["_words"] = self.weight.view(torch.float32)  # see _int8_row_product
 
     def dequantized(self) -> torch.Tensor:
@@ -307,8 +321,12 @@ class Int4Linear(nn.Module):
         return m
 
     def prepare_kernel(self) -> None:
-        """Repack into the layout of `torch._weight_int4pack_mm_for_cpu` (done once, after loading)."""
+        """Repack for the few-row kernel (done once, after loading): pocketlm's AVX2 kernel where it is
+        available (see cpu_kernels), else `torch._weight_int4pack_mm_for_cpu`."""
         if self.weight.device.type != "cpu" or self.weight.is_meta:
+            return
+        self.__dict__["_native"] = self._native_tables()
+        if self.__dict__["_native"] is not None:
             return
         codes = unpack_int4(self.weight, self.group_size).to(torch.int32)
         packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
@@ -317,20 +335,37 @@ class Int4Linear(nn.Module):
         scales_and_zeros = torch.stack((self.scales, zeros), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         self._kernel = (packed, scales_and_zeros)
 
+    def _native_tables(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The codes in `int4_words`'s layout and the scales and mins as fp16 (exact: the quantizer
+        rounds them to fp16) in its block layout, for cpu_kernels.int4_linear; None where it cannot run."""
+        if self.out_features % LANES or not cpu_kernels.available():
+            return None
+        tables = torch.stack((_by_lanes(self.scales), _by_lanes(self.mins)), dim=2).half()
+        if not torch.equal(tables.float(), torch.stack((_by_lanes(self.scales), _by_lanes(self.mins)), dim=2)):
+            return None  # scales that are not fp16 values (not written by pocketlm's quantizer)
+        return int4_words(unpack_int4(self.weight, self.group_size)).view(torch.int32), tables
+
     def prepare_decode(self) -> None:
-        """With the "words" row layout, the tables `_int4_row_product` reads (a second copy of the codes,
-        as big as the first); `compile_decoder` calls it before compiling."""
+        """With the "words" row layout and without pocketlm's kernels, the tables `_int4_row_product`
+        reads (a second copy of the codes, as big as the first); `compile_decoder` calls it before compiling."""
+        if "_native" not in self.__dict__:
+            self.prepare_kernel()
         if (ROW_LAYOUT == "words" and self.weight.device.type == "cpu" and not self.weight.is_meta
-                and self.out_features % LANES == 0 and self.group_size % 8 == 0):
+                and self.out_features % LANES == 0 and self.group_size % 8 == 0
+                and self.__dict__.get("_native") is None):
             codes = unpack_int4(self.weight, self.group_size)
             self.__dict__["_words"] = (int4_words(codes), _by_lanes(self.scales), _by_lanes(self.mins))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        words = self.__dict__.get("_words")
-        if flat.shape[0] == 1 and words is not None and _compiling():
+        if x.device.type == "cpu" and "_native" not in self.__dict__ and not _compiling():
+            self.prepare_kernel()
+        words, native = self.__dict__.get("_words"), self.__dict__.get("_native")
+        if native is not None and x.device.type == "cpu" and flat.shape[0] < EXACT_ROWS:
+            y = cpu_kernels.int4_linear(flat, [native[0]], [native[1]], self.group_size)
+        elif flat.shape[0] == 1 and words is not None and _compiling():
             y = _int4_row_product(flat[0], *words, self.group_size)
-        elif x.device.type == "cpu" and (flat.shape[0] < EXACT_ROWS or _compiling()):
+        elif x.device.type == "cpu" and native is None and (flat.shape[0] < EXACT_ROWS or _compiling()):
             if self._kernel is None:
                 self.prepare_kernel()
             packed, scales_and_zeros = self._kernel
@@ -348,6 +383,29 @@ class Int4Linear(nn.Module):
 
 
 QUANTIZED_LINEARS = (Int8Linear, Int4Linear)
+
+
+def fused_projections(x: torch.Tensor, layers) -> list[torch.Tensor] | None:
+    """The outputs of several projections of the same input (q, k, v; gate, up) from one call of
+    pocketlm's AVX2 kernels: one call costs 5-10 us of dispatch and thread start-up, and a decode
+    step of SmolLM2 makes 210 of them unfused. None where the kernels do not serve all the layers."""
+    rows = x.numel() // x.shape[-1]
+    if x.device.type != "cpu" or rows >= EXACT_ROWS or len({type(m) for m in layers}) != 1:
+        return None
+    if isinstance(layers[0], Int4Linear):
+        tables = [m.__dict__.get("_native") for m in layers]
+        if any(t is None for t in tables) or len({m.group_size for m in layers}) != 1:
+            return None
+        y = cpu_kernels.int4_linear(x.reshape(rows, -1), [t[0] for t in tables], [t[1] for t in tables],
+                                    layers[0].group_size)
+    elif isinstance(layers[0], Int8Linear):
+        if not all(m.__dict__.get("_native") for m in layers):
+            return None
+        y = cpu_kernels.int8_linear(x.reshape(rows, -1), [m.weight for m in layers], [m.scales for m in layers])
+    else:
+        return None
+    outs = y.reshape(*x.shape[:-1], -1).split([m.out_features for m in layers], dim=-1)
+    return [(o if m.bias is None else o + m.bias).to(x.dtype) for o, m in zip(outs, layers)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
 
 from helpers import tiny_model_dir
-from pocketlm import quant
+from pocketlm import cpu_kernels, quant
 from pocketlm.checkpoint import load_model, save_model_dir
 from pocketlm.convert.gguf import export_gguf
 from pocketlm.engine import SamplingParams, compile_decoder, generate_batch, generate_tokens
@@ -106,8 +106,10 @@ def test_int4_words_layout():
                                          ("words", "int4-g64-symmetric"), ("words", "int4-g32-bias")])
 def test_compiled_single_row_products_are_exact(monkeypatch, layout, kind):
     """The compiled one-row products, in both code layouts whatever this CPU picks, against the
-    dequantized weights in fp32."""
+    dequantized weights in fp32 (inductor's loops: pocketlm's AVX2 kernels, tested in
+    test_cpu_kernels.py, are off here, as they are where they cannot be built)."""
     monkeypatch.setattr(quant, "ROW_LAYOUT", layout)
+    monkeypatch.setitem(cpu_kernels._loaded, "available", False)
     torch.manual_seed(0)
     linear = torch.nn.Linear(128, 96, bias=kind.endswith("bias"))
     if kind == "int8":

@@ -1,0 +1,147 @@
+"""pocketlm's AVX2 kernels for quantized linear layers with a few input rows (decoding).
+
+The source is `csrc/cpu_kernels.cpp`. It is compiled with the system's C++ compiler on first use, in
+about 15 s, into ~/.cache/pocketlm/cpu_kernels/ (POCKETLM_CACHE moves it), and loaded as the torch
+ops `pocketlm::int4_linear` and `pocketlm::int8_linear`. Eager code and `torch.compile`d graphs
+call them alike.
+
+They are used on x86 CPUs with AVX2 but without AVX-512. There, PyTorch's packed kernels emulate bf16,
+and inductor's loops are bound by arithmetic: SmolLM2's int4 matrices took 8 ms a token where these
+take about 4.5 (see BENCHMARKS.md). Without a compiler, or with POCKETLM_CPU_KERNELS=0, the quantized
+layers keep PyTorch's kernels and say so once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .hub import cache_dir
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+SWITCH = "POCKETLM_CPU_KERNELS"  # "0" turns the kernels off
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w"]
+
+log = logging.getLogger(__name__)
+_loaded: dict[str, bool] = {}
+
+
+def wanted() -> bool:
+    """Whether this CPU is one the kernels are for: AVX2 without AVX-512 (where inductor's loops and
+    PyTorch's int4 kernel are fast already), and not switched off."""
+    return os.environ.get(SWITCH, "1") != "0" and torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
+def available() -> bool:
+    """Whether the layers use the kernels: on CPUs they are for (see `wanted`), once built and loaded.
+    Decided once per process (a compiled graph cannot ask)."""
+    if "available" not in _loaded:
+        _loaded["available"] = wanted() and load()
+    return _loaded["available"]
+
+
+def load() -> bool:
+    """Build (the first time) and load the kernels on any x86 CPU with AVX2; False, after one warning
+    that says why, where they cannot be built."""
+    if "ok" not in _loaded:
+        _loaded["ok"] = _load()
+    return _loaded["ok"]
+
+
+def _load() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        return False
+    try:
+        library = build()
+    except KernelBuildError as e:
+        log.warning("pocketlm's AVX2 kernels are not available (%s); quantized decoding uses PyTorch's slower "
+                    "kernels. Install g++ to get them, or set %s=0 to silence this.", e, SWITCH)
+        return False
+    if not hasattr(torch.ops.pocketlm, "int4_linear"):  # a second load would register the ops twice
+        torch.ops.load_library(str(library))
+        _register_shapes()
+    return True
+
+
+class KernelBuildError(RuntimeError):
+    pass
+
+
+def build() -> Path:
+    """The compiled library, from the cache when this source was built before with this torch."""
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        raise KernelBuildError(f"no C++ compiler {compiler!r} on PATH")
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, compiler, abi, *FLAGS]).encode())
+    target = cache_dir() / "cpu_kernels" / f"pocketlm_cpu_kernels_{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch_lib = library_paths()[0]
+    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
+        partial = Path(tmp.name)
+    command = [compiler, *FLAGS, abi, *(f"-I{p}" for p in include_paths()), str(SOURCE), "-o", str(partial),
+               f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
+    log.info("building pocketlm's AVX2 kernels (once, about 15 s)")
+    try:
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise KernelBuildError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(partial, target)  # atomic: a concurrent or killed build never leaves half a library
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+def _register_shapes() -> None:
+    """Shape functions, so torch.compile can trace through the ops."""
+
+    @torch.library.register_fake("pocketlm::int4_linear")
+    def _(x, words, tables, group_size):
+        return x.new_empty(x.shape[0], sum(w.shape[0] * w.shape[2] for w in words))
+
+    @torch.library.register_fake("pocketlm::int8_linear")
+    def _(x, codes, scales):
+        return x.new_empty(x.shape[0], sum(c.shape[0] for c in codes))
+
+    @torch.library.register_fake("pocketlm::decode_attention")
+    def _(q, k, v, mask):
+        return torch.empty_like(q)
+
+
+def int4_linear(x: torch.Tensor, words: list[torch.Tensor], tables: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """x (rows, in) through one or more int4 matrices, their outputs side by side -> (rows, sum of outs)
+    fp32. Each matrix is its codes in `quant.int4_words`'s layout (as int32) and a table
+    (out / 8, groups, 2, 8) fp16 of each block's scales then mins."""
+    return torch.ops.pocketlm.int4_linear(x.float().contiguous(), words, tables, group_size)
+
+
+def int8_linear(x: torch.Tensor, codes: list[torch.Tensor], scales: list[torch.Tensor]) -> torch.Tensor:
+    """x (rows, in) through one or more int8 matrices (out, in) with per-row fp32 scales, their outputs
+    side by side -> (rows, sum of outs) fp32."""
+    return torch.ops.pocketlm.int8_linear(x.float().contiguous(), codes, scales)
+
+
+def serves_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether `decode_attention` can take these queries and keys (fp32 on the CPU, head_dim a multiple of 8)."""
+    return (q.device.type == "cpu" and q.dtype == k.dtype == torch.float32 and q.shape[-1] % 8 == 0
+            and k.stride(-1) == 1 and available())
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per row and head over a key/value cache: q (rows, kv_heads, group, head_dim), k and v
+    (rows, kv_heads, positions, head_dim) (views of the cache are fine), mask (rows, positions) bool,
+    true where a position may be attended to -> (rows, kv_heads, group, head_dim) fp32. Masked
+    positions are skipped."""
+    return torch.ops.pocketlm.decode_attention(q.contiguous(), k, v, mask.reshape(q.shape[0], -1).contiguous())
