@@ -34,7 +34,7 @@ def _load(model: str, compile: bool = False):
     return lm, tokenizer
 
 
-COMPILE_HELP = "compile the decode step with torch.compile (1-6 minutes once, depending on the CPU; then 2-4x faster on the CPU)"
+COMPILE_HELP = "compile the decode step with torch.compile (1-2 minutes once for SmolLM2 on 2 cores; then 2-4x faster on the CPU)"
 
 
 def _params(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop):

@@ -1,14 +1,16 @@
-"""pocketlm's AVX2 kernels for quantized linear layers with a few input rows (decoding).
+"""pocketlm's AVX2 kernels for decoding: quantized linear layers with a few input rows, and attention
+of one query over the KV cache.
 
 The source is `csrc/cpu_kernels.cpp`. It is compiled with the system's C++ compiler on first use, in
 about 15 s, into ~/.cache/pocketlm/cpu_kernels/ (POCKETLM_CACHE moves it), and loaded as the torch
-ops `pocketlm::int4_linear` and `pocketlm::int8_linear`. Eager code and `torch.compile`d graphs
-call them alike.
+ops `pocketlm::int4_linear`, `pocketlm::int8_linear` and `pocketlm::decode_attention`. Eager code and
+`torch.compile`d graphs call them alike.
 
-They are used on x86 CPUs with AVX2 but without AVX-512. There, PyTorch's packed kernels emulate bf16,
-and inductor's loops are bound by arithmetic: SmolLM2's int4 matrices took 8 ms a token where these
-take about 4.5 (see BENCHMARKS.md). Without a compiler, or with POCKETLM_CPU_KERNELS=0, the quantized
-layers keep PyTorch's kernels and say so once.
+They are used on x86 CPUs with AVX2 but without AVX-512. There PyTorch's packed kernels emulate bf16,
+and inductor's int4 loop is bound by arithmetic: on a Zen 3 EPYC a compiled int4 SmolLM2 step took
+15.8 ms with inductor's loops and 11.4-12.0 with these, and compiled in 70-80 s instead of 5 minutes
+(BENCHMARKS.md). Without a compiler, or with POCKETLM_CPU_KERNELS=0, the layers keep PyTorch's kernels
+and inductor's loops, and say so once.
 """
 
 from __future__ import annotations

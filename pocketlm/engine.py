@@ -103,7 +103,8 @@ def cache_length(tokens: int, context: int) -> int:
 
 def compile_decoder(model, enable: bool = True) -> None:
     """Decode with a `torch.compile`d step from now on (compiles on first use, once per batch size and
-    cache bucket; 1-6 minutes for SmolLM2 on 2 cores, then 2-4x faster decoding on the CPU).
+    cache bucket; 1-2 minutes for SmolLM2 on 2 cores, 5-6 for int4 on an AVX2 CPU without pocketlm's
+    kernels; then 2-4x faster decoding on the CPU).
 
     Call it on the finished model (after quantization, on its device). Dynamo's guards on the module
     tree cost about 1.3 ms a step on SmolLM2 (a tenth of the step), so they are skipped; what they
