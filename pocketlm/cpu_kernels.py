@@ -63,13 +63,13 @@ def _load() -> bool:
         return False
     try:
         library = build()
-    except KernelBuildError as e:
+        if not hasattr(torch.ops.pocketlm, "int4_linear"):  # a second load would register the ops twice
+            torch.ops.load_library(str(library))
+            _register_shapes()
+    except (KernelBuildError, OSError) as e:  # OSError: a library the dynamic loader refuses
         log.warning("pocketlm's AVX2 kernels are not available (%s); quantized decoding uses PyTorch's slower "
                     "kernels. Install g++ to get them, or set %s=0 to silence this.", e, SWITCH)
         return False
-    if not hasattr(torch.ops.pocketlm, "int4_linear"):  # a second load would register the ops twice
-        torch.ops.load_library(str(library))
-        _register_shapes()
     return True
 
 
