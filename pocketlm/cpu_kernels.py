@@ -6,10 +6,9 @@ about 15 s, into ~/.cache/pocketlm/cpu_kernels/ (POCKETLM_CACHE moves it), and l
 ops `pocketlm::int4_linear`, `pocketlm::int8_linear` and `pocketlm::decode_attention`. Eager code and
 `torch.compile`d graphs call them alike.
 
-They are used on x86 CPUs with AVX2 but without AVX-512. There PyTorch's packed kernels emulate bf16,
-and inductor's int4 loop is bound by arithmetic: on a Zen 3 EPYC a compiled int4 SmolLM2 step took
-15.8 ms with inductor's loops and 11.4-12.0 with these, and compiled in 70-80 s instead of 5 minutes
-(BENCHMARKS.md). Without a compiler, or with POCKETLM_CPU_KERNELS=0, the layers keep PyTorch's kernels
+They are used on x86 CPUs with AVX2 but without AVX-512. There inductor's int4 loop is bound by
+arithmetic: on a Zen 3 EPYC a compiled int4 SmolLM2 step took 15.8 ms with inductor's loops and
+11.4-12.0 with these, and compiled in 70-80 s instead of 5 minutes (BENCHMARKS.md). Without a compiler, or with POCKETLM_CPU_KERNELS=0, the layers keep PyTorch's kernels
 and inductor's loops, and say so once.
 """
 

@@ -247,12 +247,11 @@ class Int8Linear(nn.Module):
         rows = x.numel() // self.in_features
         if x.device.type == "cpu" and "_native" not in self.__dict__ and not _compiling():
             self.prepare_native()
+        native = fused_projections(x, [self])  # a few rows on an AVX2 CPU: pocketlm's kernel (exact fp32)
+        if native is not None:
+            return native[0]
         if x.device.type != "cpu":
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
-        elif rows < EXACT_ROWS and self.__dict__.get("_native"):
-            # a few rows on an AVX2 CPU: pocketlm's kernel (exact fp32 products, bandwidth-bound)
-            y = cpu_kernels.int8_linear(x.reshape(-1, self.in_features), [self.weight], [self.scales])
-            y = y.reshape(*x.shape[:-1], -1)
         elif rows == 1 and _compiling():
             # one row: a dequantizing dot product that inductor fuses into one bandwidth-bound loop (exact fp32)
             y = _int8_row_product(x, self.weight, self.__dict__.get("_words")).reshape(*x.shape[:-1], -1) * self.scales
@@ -343,8 +342,9 @@ class Int4Linear(nn.Module):
         rounds them to fp16) in its block layout, for cpu_kernels.int4_linear; None where it cannot run."""
         if self.out_features % LANES or not cpu_kernels.available():
             return None
-        tables = torch.stack((_by_lanes(self.scales), _by_lanes(self.mins)), dim=2).half()
-        if not torch.equal(tables.float(), torch.stack((_by_lanes(self.scales), _by_lanes(self.mins)), dim=2)):
+        exact = torch.stack((_by_lanes(self.scales), _by_lanes(self.mins)), dim=2)
+        tables = exact.half()
+        if not torch.equal(tables.float(), exact):
             return None  # scales that are not fp16 values (not written by pocketlm's quantizer)
         return int4_words(unpack_int4(self.weight, self.group_size)).view(torch.int32), tables
 
@@ -363,10 +363,11 @@ class Int4Linear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         if x.device.type == "cpu" and "_native" not in self.__dict__ and not _compiling():
             self.prepare_kernel()
+        fused = fused_projections(x, [self])  # a few rows on an AVX2 CPU: pocketlm's kernel (exact fp32)
+        if fused is not None:
+            return fused[0]
         words, native = self.__dict__.get("_words"), self.__dict__.get("_native")
-        if native is not None and x.device.type == "cpu" and flat.shape[0] < EXACT_ROWS:
-            y = cpu_kernels.int4_linear(flat, [native[0]], [native[1]], self.group_size)
-        elif flat.shape[0] == 1 and words is not None and _compiling():
+        if flat.shape[0] == 1 and words is not None and _compiling():
             y = _int4_row_product(flat[0], *words, self.group_size)
         elif x.device.type == "cpu" and native is None and (flat.shape[0] < EXACT_ROWS or _compiling()):
             if self._kernel is None:
@@ -389,7 +390,7 @@ QUANTIZED_LINEARS = (Int8Linear, Int4Linear)
 
 
 def fused_projections(x: torch.Tensor, layers) -> list[torch.Tensor] | None:
-    """The outputs of several projections of the same input (q, k, v; gate, up) from one call of
+    """The outputs of several projections of the same input (q, k, v; gate, up; or one layer) from one call of
     pocketlm's AVX2 kernels: one call costs 5-10 us of dispatch and thread start-up, and a decode
     step of SmolLM2 makes 210 of them unfused. None where the kernels do not serve all the layers."""
     rows = x.numel() // x.shape[-1]
