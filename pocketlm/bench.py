@@ -110,6 +110,7 @@ def _prompt_ids(tokenizer, tokens: int) -> list[int]:
 
 def bench_pocketlm(model_dir: str | Path, new_tokens: int = 128, prompt_tokens: int = 128, batches=(8,),
                    repeats: int = 3, compile: bool = True, name: str = "pocketlm") -> BenchResult:
+    from . import native_decode
     from .checkpoint import WEIGHTS, load_model, read_quant_scheme
     from .engine import SamplingParams, compile_decoder, generate_batch, generate_tokens
 
@@ -150,9 +151,10 @@ def bench_pocketlm(model_dir: str | Path, new_tokens: int = 128, prompt_tokens: 
             outs = generate_batch(model, prompts, params)
             batch_speed[b] = sum(len(o) for o in outs) / (time.perf_counter() - started)
     scheme = read_quant_scheme(model_dir)
+    native = native_decode.serves(model)  # the whole-step kernel decodes (see pocketlm.native_decode)
     weights = scheme.describe() if scheme else str(model.compute_dtype).removeprefix("torch.").replace("float32", "fp32")
     return BenchResult(
-        name=name, weights=weights + (" compiled" if compile else ""),
+        name=name, weights=weights + (" native step" if native else " compiled" if compile else ""),
         file_mb=(model_dir / WEIGHTS).stat().st_size / 2**20, load_s=load_s,
         prefill_tokens_per_s=statistics.median(prefill), ttft_ms=statistics.median(ttft),
         decode_tokens_per_s=statistics.median(decode), batch_tokens_per_s=batch_speed, peak_rss_mb=mem.peak_mb,

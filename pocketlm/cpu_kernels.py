@@ -1,15 +1,15 @@
-"""pocketlm's AVX2 kernels for decoding: quantized linear layers with a few input rows, and attention
-of one query over the KV cache.
+"""pocketlm's AVX2 kernels for decoding: quantized linear layers with a few input rows, attention of
+one query over the KV cache, and a quantized model's whole decode step (see native_decode).
 
-The source is `csrc/cpu_kernels.cpp`. It is compiled with the system's C++ compiler on first use, in
-about 15 s, into ~/.cache/pocketlm/cpu_kernels/ (POCKETLM_CACHE moves it), and loaded as the torch
-ops `pocketlm::int4_linear`, `pocketlm::int8_linear` and `pocketlm::decode_attention`. Eager code and
-`torch.compile`d graphs call them alike.
+The sources are in `csrc/`. They are compiled with the system's C++ compiler on first use, in about
+25 s, into ~/.cache/pocketlm/cpu_kernels/ (POCKETLM_CACHE moves it), and loaded as the torch ops
+`pocketlm::int4_linear`, `pocketlm::int8_linear`, `pocketlm::decode_attention` and
+`pocketlm::decode_step`. Eager code and `torch.compile`d graphs call them alike.
 
 They are used on x86 CPUs with AVX2 but without AVX-512. There inductor's int4 loop is bound by
-arithmetic: on a Zen 3 EPYC a compiled int4 SmolLM2 step took 15.8 ms with inductor's loops and
-11.4-12.0 with these, and compiled in 70-80 s instead of 5 minutes (BENCHMARKS.md). Without a compiler, or with POCKETLM_CPU_KERNELS=0, the layers keep PyTorch's kernels
-and inductor's loops, and say so once.
+arithmetic: on a Zen 3 EPYC a compiled int4 SmolLM2 step took 15.8 ms with inductor's loops, 11.4-12.0
+with the single kernels, and 7.8-9 with the whole step in one call (BENCHMARKS.md). Without a compiler,
+or with POCKETLM_CPU_KERNELS=0, the layers keep PyTorch's kernels and inductor's loops, and say so once.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import torch
 
 from .hub import cache_dir
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_kernels.cpp", "decode_step.cpp")]
+HEADERS = [Path(__file__).parent / "csrc" / "kernels.h"]
 SWITCH = "POCKETLM_CPU_KERNELS"  # "0" turns the kernels off
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w"]
 
@@ -84,7 +85,8 @@ def build() -> Path:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, compiler, abi, *FLAGS]).encode())
+    texts = [p.read_text() for p in SOURCES + HEADERS]
+    key = hashlib.sha256("\n".join([*texts, torch.__version__, compiler, abi, *FLAGS]).encode())
     target = cache_dir() / "cpu_kernels" / f"pocketlm_cpu_kernels_{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -92,9 +94,9 @@ def build() -> Path:
     torch_lib = library_paths()[0]
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
         partial = Path(tmp.name)
-    command = [compiler, *FLAGS, abi, *(f"-I{p}" for p in include_paths()), str(SOURCE), "-o", str(partial),
+    command = [compiler, *FLAGS, abi, *(f"-I{p}" for p in include_paths()), *map(str, SOURCES), "-o", str(partial),
                f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
-    log.info("building pocketlm's AVX2 kernels (once, about 15 s)")
+    log.info("building pocketlm's AVX2 kernels (once, about 25 s)")
     try:
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:

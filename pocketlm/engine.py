@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from . import cpu_kernels, quant
+from . import cpu_kernels, native_decode, quant
 from .errors import ConfigError, ContextLengthError
 from .tokenizer import Tokenizer
 
@@ -106,6 +106,9 @@ def compile_decoder(model, enable: bool = True) -> None:
     cache bucket; 1-2 minutes for SmolLM2 on 2 cores, 5-6 for int4 on an AVX2 CPU without pocketlm's
     kernels; then 2-4x faster decoding on the CPU).
 
+    Where pocketlm's whole-step kernel serves the model (quantized, fp32 activations, an AVX2 CPU; see
+    native_decode) nothing is compiled: that kernel decodes faster and from the first token.
+
     Call it on the finished model (after quantization, on its device). Dynamo's guards on the module
     tree cost about 1.3 ms a step on SmolLM2 (a tenth of the step), so they are skipped; what they
     would protect is pinned instead: the step gets a code object of its own, so its compiled graphs
@@ -116,6 +119,9 @@ def compile_decoder(model, enable: bool = True) -> None:
         return
     if model.device.type == "cpu":
         cpu_kernels.available()  # built (once) and loaded now: not while dynamo traces the step
+    if native_decode.serves(model):
+        model._compiled_step = None  # the whole-step kernel runs it, faster than a compiled step and at once
+        return
     for module in model.modules():  # tensors the compiled graph must find stored, not compute
         if hasattr(module, "prepare_decode"):
             module.prepare_decode()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernels
+from . import cpu_kernels, native_decode
 from .config import ModelConfig
 from .quant import fused_projections
 
@@ -232,6 +232,10 @@ class LlamaForCausalLM(nn.Module):
         self.prefix: nn.Module | None = None  # prefix tuning (pocketlm.adapt.adapters.PrefixKV)
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._bias_cache: torch.Tensor | None = None
+        # decode through pocketlm's whole-step kernel where it serves the model (see native_decode); off,
+        # the step runs layer by layer in Python (what the kernel is tested against)
+        self.native_decoding = True
+        self._native_step: native_decode.NativeStep | None = None
 
     # ---- setup ------------------------------------------------------------------------------
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> "LlamaForCausalLM":
@@ -289,6 +293,9 @@ class LlamaForCausalLM(nn.Module):
         max_len = min((max_len or c.max_position_embeddings) + p, c.max_position_embeddings)
         weight = self.model.embed_tokens.weight
         dtype = dtype or self.compute_dtype
+        # the weights the whole-step kernel reads are gathered again: the model may have changed since
+        native = self.native_decoding and dtype == torch.float32
+        self._native_step = native_decode.native_step(self) if native else None
         for layer in self.model.layers:
             layer.self_attn.cache = KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, dtype, weight.device)
         if p:
@@ -364,6 +371,8 @@ class LlamaForCausalLM(nn.Module):
         and the cache length, so a compiled step is built once per shape and serves every position."""
         if mask is None:
             mask = self.decode_mask(pos)
+        if not torch.compiler.is_compiling() and self._native_step is not None:
+            return self._native_step(input_ids, pos, mask)
         if self.prefix is not None:
             pos = pos + self.prefix.num_tokens
         x = self.model.embed_tokens(input_ids)

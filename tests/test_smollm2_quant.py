@@ -10,6 +10,7 @@ import sys
 import pytest
 from helpers import llama_cpp_agreement
 
+from pocketlm import cpu_kernels, native_decode
 from pocketlm.checkpoint import load_model
 from pocketlm.convert.gguf import export_gguf
 from pocketlm.engine import SamplingParams, chat_prompt, generate_tokens
@@ -45,6 +46,21 @@ def test_wikitext_slice_perplexity_within_budget(fp32, quantized, shared_data):
     assert 5 < base < 40  # a working model on English text
     assert int8 / base - 1 <= 0.01
     assert int4 / base - 1 <= 0.06
+
+
+@pytest.mark.skipif(not cpu_kernels.load(), reason="needs an x86 CPU with AVX2 and a C++ compiler")
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_the_whole_step_kernel_decodes_the_python_steps_tokens(quantized, kind, monkeypatch):
+    """pocketlm.native_decode on the real model: the same greedy answer as the layer-by-layer step."""
+    monkeypatch.setitem(cpu_kernels._loaded, "available", True)  # it runs on any AVX2 CPU
+    model, tokenizer = load_model(quantized[kind])
+    ids = chat_prompt(tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    native = list(generate_tokens(model, ids, params))
+    assert native_decode.serves(model)
+    model.native_decoding = False
+    assert native == list(generate_tokens(model, ids, params))
+    assert "Paris" in tokenizer.decode(native)
 
 
 def test_speculative_decoding_with_an_int4_draft_equals_greedy(fp32, quantized):
@@ -86,5 +102,6 @@ def test_bench_command_against_llama_cpp(quantized, tmp_path):
     assert "pocketlm / llama.cpp: decode" in result.stdout
     results = json.loads((tmp_path / "bench.json").read_text())["results"]
     assert results[1]["name"] == "llama.cpp" and results[1]["weights"] == "GGUF Q8_0"
-    assert results[0]["weights"] == "int8 per-channel compiled"
+    fastest = "native step" if cpu_kernels.wanted() and cpu_kernels.load() else "compiled"  # see native_decode
+    assert results[0]["weights"] == f"int8 per-channel {fastest}"
     assert all(r["decode_tokens_per_s"] > 1 for r in results)

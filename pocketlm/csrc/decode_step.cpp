@@ -1,0 +1,338 @@
+// The whole decode step of a quantized Llama-family model as one op (pocketlm::decode_step): every
+// layer's RMSNorm, q/k/v products, RoPE, KV-cache write, attention, output projection, SwiGLU MLP and
+// residuals, then the final norm and the output head, for a few rows of one new token each.
+//
+// Why one op: called one kernel at a time, a SmolLM2 step on 2 cores spent about 5 of its 9.4 ms
+// outside the products (dispatch, starting threads for each of 180 kernel calls, inductor's Python
+// wrapper), and the token loop around it 1-2 ms more. Here the threads start once per step and meet at
+// six barriers per layer; residual adds and the SiLU run in the products' last loop.
+//
+// Numerics are those of the Python step with pocketlm's kernels: fp32 activations, exact products of
+// the quantized weights; only the order of sums differs.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <omp.h>
+#include <torch/library.h>
+
+#include "kernels.h"
+
+namespace {
+
+using namespace pocketlm;
+
+// A quantized linear layer as the step reads it. int4: codes in `int4_words`'s layout, 8 output rows
+// per work unit; int8: one output row per unit.
+struct Linear {
+  bool int4 = false;
+  int64_t N = 0, K = 0, G = 0;
+  const int32_t* words = nullptr;
+  const uint16_t* tables = nullptr;
+  const int8_t* codes = nullptr;
+  const float* scales = nullptr;
+  const float* bias = nullptr;
+
+  int64_t rows_per_unit() const { return int4 ? kLanes : 1; }
+  int64_t units() const { return N / rows_per_unit(); }
+};
+
+Linear read_linear(const at::Tensor& w, const at::Tensor& t, const at::Tensor& b, const char* name) {
+  Linear L;
+  if (w.scalar_type() == at::kInt) {  // int4: words (N/8, K/8, 8) int32, tables (N/8, groups, 2, 8) fp16
+    TORCH_CHECK(w.dim() == 3 && w.size(2) == kLanes && w.is_contiguous(), "pocketlm::decode_step: ", name,
+                ": int4 words must be contiguous (out/8, in/8, 8)");
+    L.int4 = true;
+    L.N = kLanes * w.size(0);
+    L.K = 8 * w.size(1);
+    TORCH_CHECK(t.scalar_type() == at::kHalf && t.is_contiguous() && t.dim() == 4 && t.size(0) == w.size(0) &&
+                    t.size(2) == 2 && t.size(3) == kLanes && L.K % t.size(1) == 0,
+                "pocketlm::decode_step: ", name, ": int4 tables must be contiguous fp16 (out/8, groups, 2, 8)");
+    L.G = L.K / t.size(1);
+    TORCH_CHECK(L.G % 8 == 0, "pocketlm::decode_step: ", name, ": group size ", L.G, " is not a multiple of 8");
+    L.words = w.data_ptr<int32_t>();
+    L.tables = reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>());
+  } else {  // int8: codes (N, K), scales (N,) fp32
+    TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2 && w.is_contiguous(), "pocketlm::decode_step: ", name,
+                ": weights must be int4 words (int32) or contiguous int8 codes (out, in)");
+    L.N = w.size(0);
+    L.K = w.size(1);
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == L.N, "pocketlm::decode_step: ",
+                name, ": int8 scales must be contiguous fp32 (out,)");
+    L.codes = w.data_ptr<int8_t>();
+    L.scales = t.data_ptr<float>();
+  }
+  if (b.numel() > 0) {
+    TORCH_CHECK(b.scalar_type() == at::kFloat && b.is_contiguous() && b.numel() == L.N, "pocketlm::decode_step: ",
+                name, ": bias must be contiguous fp32 (out,) or empty");
+    L.bias = b.data_ptr<float>();
+  }
+  return L;
+}
+
+const float* read_vector(const at::Tensor& t, int64_t n, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, "pocketlm::decode_step: ", name,
+              " must be contiguous fp32 with ", n, " values");
+  return t.data_ptr<float>();
+}
+
+// M input rows in the forms the products read: as given (int8) and prescaled with group sums (int4).
+// Each thread keeps its own, so preparing an input needs no barrier.
+struct Input {
+  const float* x = nullptr;
+  int64_t K = 0, G = 0;
+  std::vector<float> scaled, group_sums;
+
+  void prepare(const float* rows, int64_t M, int64_t width, int64_t group) {
+    x = rows, K = width, G = group;
+    if (G == 0) return;  // no int4 layer reads it
+    scaled.resize(M * K);
+    group_sums.resize(M * (K / G));
+    for (int64_t m = 0; m < M; ++m) prescale_row(x + m * K, K, G, &scaled[m * K], &group_sums[m * (K / G)]);
+  }
+};
+
+// Unit u of L for the M input rows: rows_per_unit() outputs per row, bias included, row m's at
+// y + m * ldy.
+inline void unit_outputs(const Linear& L, int64_t u, const Input& in, int64_t M, float* y, int64_t ldy) {
+  const int64_t n = L.rows_per_unit();
+  if (L.int4) {
+    int4_rows(in.scaled.data(), in.group_sums.data(), M, L.words + u * L.K, L.tables + u * (L.K / L.G) * 2 * kLanes,
+              y, ldy, L.K, L.G);
+  } else {
+    int8_rows(in.x, M, L.codes + u * L.K, L.K, y, ldy);
+    for (int64_t m = 0; m < M; ++m) y[m * ldy] *= L.scales[u];
+  }
+  if (L.bias)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t r = 0; r < n; ++r) y[m * ldy + r] += L.bias[u * n + r];
+}
+
+// Several layers of one input (q, k, v), their outputs side by side in out (M rows of `ld`). Work is
+// split by units across the layers; the loop ends at a barrier.
+void project(const Linear* const* layers, int n, const Input& in, int64_t M, float* out, int64_t ld) {
+  int64_t first[4] = {0}, column[4] = {0};
+  for (int i = 0; i < n; ++i) {
+    first[i + 1] = first[i] + layers[i]->units();
+    column[i + 1] = column[i] + layers[i]->N;
+  }
+#pragma omp for schedule(static)
+  for (int64_t unit = 0; unit < first[n]; ++unit) {
+    int i = 0;
+    while (unit >= first[i + 1]) ++i;
+    const Linear& L = *layers[i];
+    const int64_t u = unit - first[i];
+    unit_outputs(L, u, in, M, out + column[i] + u * L.rows_per_unit(), ld);
+  }
+}
+
+// x (M, L.N) += L(in): the residual add in the product's loop. scratch: M * kLanes floats.
+void add_product(const Linear& L, const Input& in, int64_t M, float* x, float* scratch) {
+  const int64_t n = L.rows_per_unit();
+#pragma omp for schedule(static)
+  for (int64_t u = 0; u < L.units(); ++u) {
+    unit_outputs(L, u, in, M, scratch, n);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t r = 0; r < n; ++r) x[m * L.N + u * n + r] += scratch[m * n + r];
+  }
+}
+
+// out (M, N) = silu(gate(in)) * up(in): SwiGLU's input to the down projection. scratch: 2 * M * kLanes floats.
+void gated_product(const Linear& gate, const Linear& up, const Input& in, int64_t M, float* out, float* scratch) {
+  const int64_t n = gate.rows_per_unit();
+  float *g = scratch, *v = scratch + M * n;
+#pragma omp for schedule(static)
+  for (int64_t u = 0; u < gate.units(); ++u) {
+    unit_outputs(gate, u, in, M, g, n);
+    unit_outputs(up, u, in, M, v, n);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t r = 0; r < n; ++r) {
+        const float a = g[m * n + r];
+        out[m * gate.N + u * n + r] = a / (1.0f + std::exp(-a)) * v[m * n + r];
+      }
+  }
+}
+
+// out = weight * x / sqrt(mean(x^2) + eps), each of M rows of K values
+void rms_norm(const float* x, const float* weight, double eps, int64_t M, int64_t K, float* out) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * K;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(row + k), _mm256_loadu_ps(row + k), acc);
+    float squares = horizontal_sum(acc);
+    for (; k < K; ++k) squares += row[k] * row[k];
+    const float inverse = 1.0f / std::sqrt(squares / K + static_cast<float>(eps));
+    for (k = 0; k < K; ++k) out[m * K + k] = weight[k] * (row[k] * inverse);
+  }
+}
+
+// rotate-half RoPE of one head vector in place: x * cos + (-x[D/2:], x[:D/2]) * sin
+inline void rope(float* x, const float* cos, const float* sin, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half];
+    x[i] = a * cos[i] - b * sin[i];
+    x[i + half] = b * cos[i + half] + a * sin[i + half];
+  }
+}
+
+constexpr int64_t kPerLayer = 23;  // tensors per layer in `weights` (see the schema below)
+
+// x (B, hidden) fp32: the new tokens' embeddings. pos (B,) int64: each row's cache position. mask (B, S)
+// bool: the cache positions each row attends to (S <= the cache length). cos, sin (positions, head_dim).
+// weights: per layer input norm, then q, k, v, o as (weights, scales or tables, bias or empty), the
+// post-attention norm, gate, up, down likewise; then the final norm and the head. caches: per layer k, v
+// (rows >= B, kv_heads, length, head_dim) fp32 contiguous, written at pos. Returns logits (B, vocab).
+at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::Tensor& mask, const at::Tensor& cos,
+                       const at::Tensor& sin, at::TensorList weights, at::TensorList caches, int64_t heads,
+                       int64_t kv_heads, double eps) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.is_cpu(),
+              "pocketlm::decode_step: x must be fp32 (rows, hidden) on the CPU");
+  const int64_t B = x_in.size(0), hidden = x_in.size(1);
+  TORCH_CHECK(weights.size() >= 4 && (weights.size() - 4) % kPerLayer == 0,
+              "pocketlm::decode_step: expected ", kPerLayer, " tensors per layer and 4 for the head, got ",
+              weights.size());
+  const int64_t n_layers = (weights.size() - 4) / kPerLayer;
+  TORCH_CHECK(static_cast<int64_t>(caches.size()) == 2 * n_layers, "pocketlm::decode_step: expected a key and a value cache for each of ",
+              n_layers, " layers, got ", caches.size(), " tensors");
+  TORCH_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0, "pocketlm::decode_step: heads (", heads,
+              ") must be a multiple of kv_heads (", kv_heads, ")");
+  TORCH_CHECK(pos.scalar_type() == at::kLong && pos.is_contiguous() && pos.numel() == B,
+              "pocketlm::decode_step: pos must be contiguous int64 with one position per row");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.dim() == 2 && mask.size(0) == B,
+              "pocketlm::decode_step: mask must be contiguous bool (rows, positions)");
+  const int64_t S = mask.size(1);
+
+  std::vector<Linear> lin;  // per layer q, k, v, o, gate, up, down
+  std::vector<const float*> norms;  // per layer input and post-attention norms, then the final norm
+  static const char* kNames[7] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+  for (int64_t l = 0; l < n_layers; ++l) {
+    const at::Tensor* t = weights.data() + l * kPerLayer;
+    norms.push_back(read_vector(t[0], hidden, "input_layernorm"));
+    for (int i = 0; i < 4; ++i) lin.push_back(read_linear(t[1 + 3 * i], t[2 + 3 * i], t[3 + 3 * i], kNames[i]));
+    norms.push_back(read_vector(t[13], hidden, "post_attention_layernorm"));
+    for (int i = 0; i < 3; ++i)
+      lin.push_back(read_linear(t[14 + 3 * i], t[15 + 3 * i], t[16 + 3 * i], kNames[4 + i]));
+  }
+  const at::Tensor* last = weights.data() + n_layers * kPerLayer;
+  norms.push_back(read_vector(last[0], hidden, "norm"));
+  const Linear head = read_linear(last[1], last[2], last[3], "lm_head");
+  TORCH_CHECK(head.K == hidden, "pocketlm::decode_step: lm_head takes ", head.K, " inputs, the model has ", hidden);
+
+  const Linear& q0 = lin[0];
+  const int64_t D = q0.N / heads, Nq = q0.N, Nkv = kv_heads * D, I = lin[4].N;
+  TORCH_CHECK(D % 8 == 0 && Nq == heads * D, "pocketlm::decode_step: head_dim must be a multiple of 8");
+  int64_t G = 0;  // the group size of int4 layers (0 when all are int8)
+  for (int64_t l = 0; l < n_layers; ++l) {
+    const Linear* L = &lin[7 * l];
+    TORCH_CHECK(L[0].K == hidden && L[0].N == Nq && L[1].K == hidden && L[1].N == Nkv && L[2].K == hidden &&
+                    L[2].N == Nkv && L[3].K == Nq && L[3].N == hidden && L[4].K == hidden && L[5].K == hidden &&
+                    L[5].N == I && L[4].N == I && L[6].K == I && L[6].N == hidden &&
+                    L[4].int4 == L[5].int4,
+                "pocketlm::decode_step: layer ", l, " does not have the shapes of layer 0");
+    for (int i = 0; i < 7; ++i) {
+      if (!L[i].int4) continue;
+      TORCH_CHECK(G == 0 || L[i].G == G, "pocketlm::decode_step: int4 layers must share one group size");
+      G = L[i].G;
+    }
+  }
+  const int64_t Gh = head.int4 ? head.G : 0;
+  TORCH_CHECK(G == 0 || Gh == 0 || Gh == G, "pocketlm::decode_step: the head's group size differs from the layers'");
+  for (int64_t i = 0; i < 2 * n_layers; ++i) {
+    const at::Tensor& c = caches[i];
+    TORCH_CHECK(c.scalar_type() == at::kFloat && c.is_contiguous() && c.dim() == 4 && c.size(0) >= B &&
+                    c.size(1) == kv_heads && c.size(2) >= S && c.size(3) == D,
+                "pocketlm::decode_step: caches must be contiguous fp32 (rows >= ", B, ", ", kv_heads, ", positions >= ", S,
+                ", ", D, ")");
+  }
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.dim() == 2 && cos.size(1) == D && sin.sizes() == cos.sizes(),
+              "pocketlm::decode_step: cos and sin must be contiguous fp32 (positions, head_dim)");
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(pp[b] >= 0 && pp[b] < S && pp[b] < cos.size(0), "pocketlm::decode_step: row ", b, "'s position ", pp[b],
+                " is outside the ", S, " cache positions attended to");
+
+  const at::Tensor x_t = x_in.contiguous().clone();  // the residual stream, updated in place
+  float* x = x_t.data_ptr<float>();
+  at::Tensor logits = at::empty({B, head.N}, x_in.options());
+  std::vector<float> qkv(B * (Nq + 2 * Nkv)), att(B * Nq), gated(B * I);
+  const int64_t ld = Nq + 2 * Nkv, cache_rows_stride = kv_heads * caches[0].size(2) * D;
+  const bool* mp = mask.data_ptr<bool>();
+  const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  const int64_t group = heads / kv_heads;
+
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    Input in;
+    std::vector<float> normed(B * hidden), p(S + 8), scratch(2 * B * kLanes);
+    std::vector<std::vector<int64_t>> live(B);  // per row, the positions its mask lets through
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < S; ++j)
+        if (mp[b * S + j]) live[b].push_back(j);
+
+    for (int64_t l = 0; l < n_layers; ++l) {
+      const Linear* L = &lin[7 * l];
+      float* k_cache = caches[2 * l].data_ptr<float>();
+      float* v_cache = caches[2 * l + 1].data_ptr<float>();
+      const int64_t cs = caches[2 * l].size(2);  // positions in the cache
+
+      rms_norm(x, norms[2 * l], eps, B, hidden, normed.data());
+      in.prepare(normed.data(), B, hidden, L[0].int4 || L[1].int4 || L[2].int4 ? G : 0);
+      const Linear* qkv_layers[3] = {&L[0], &L[1], &L[2]};
+      project(qkv_layers, 3, in, B, qkv.data(), ld);
+
+      // RoPE on q and k, and the new key and value into the cache at each row's position
+#pragma omp for schedule(static)
+      for (int64_t item = 0; item < B * (heads + kv_heads); ++item) {
+        const int64_t b = item / (heads + kv_heads), h = item % (heads + kv_heads);
+        const float* c = cp + pp[b] * D;
+        const float* s = sp + pp[b] * D;
+        float* row = qkv.data() + b * ld;
+        if (h < heads) {
+          rope(row + h * D, c, s, D);
+        } else {
+          const int64_t kh = h - heads;
+          float* k = row + Nq + kh * D;
+          rope(k, c, s, D);
+          const int64_t at_pos = b * cache_rows_stride + (kh * cs + pp[b]) * D;
+          std::copy(k, k + D, k_cache + at_pos);
+          std::copy(row + Nq + Nkv + kh * D, row + Nq + Nkv + (kh + 1) * D, v_cache + at_pos);
+        }
+      }
+
+#pragma omp for schedule(static)
+      for (int64_t item = 0; item < B * heads; ++item) {
+        const int64_t b = item / heads, h = item % heads, kh = h / group;
+        const int64_t at_head = b * cache_rows_stride + kh * cs * D;
+        attend(qkv.data() + b * ld + h * D, k_cache + at_head, D, v_cache + at_head, D, D, live[b], p.data(),
+               att.data() + b * Nq + h * D);
+      }
+
+      in.prepare(att.data(), B, Nq, L[3].int4 ? G : 0);
+      add_product(L[3], in, B, x, scratch.data());
+
+      rms_norm(x, norms[2 * l + 1], eps, B, hidden, normed.data());
+      in.prepare(normed.data(), B, hidden, L[4].int4 ? G : 0);
+      gated_product(L[4], L[5], in, B, gated.data(), scratch.data());
+
+      in.prepare(gated.data(), B, I, L[6].int4 ? G : 0);
+      add_product(L[6], in, B, x, scratch.data());
+    }
+
+    rms_norm(x, norms.back(), eps, B, hidden, normed.data());
+    in.prepare(normed.data(), B, hidden, Gh);
+    const Linear* head_layer[1] = {&head};
+    project(head_layer, 1, in, B, logits.data_ptr<float>(), head.N);
+  }
+  return logits;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pocketlm, m) {
+  m.def("decode_step(Tensor x, Tensor pos, Tensor mask, Tensor cos, Tensor sin, Tensor[] weights, "
+        "Tensor(a!)[] caches, int heads, int kv_heads, float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(pocketlm, CPU, m) { m.impl("decode_step", &decode_step); }

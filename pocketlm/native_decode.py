@@ -1,0 +1,83 @@
+"""A quantized model's decode step as one call of pocketlm's AVX2 kernels (csrc/decode_step.cpp).
+
+`LlamaForCausalLM.decode_step` runs through it on CPUs where pocketlm's kernels are used (see
+`cpu_kernels.wanted`) when every projection is an int8 or int4 layer those kernels serve, activations
+are fp32 and the head is quantized. It computes what the Python step computes with the same kernels:
+the tests hold the two to the same logits. On a Zen 3 EPYC it made a SmolLM2 int4 token 9.4 -> X ms
+(BENCHMARKS.md), and it needs no `torch.compile`: decoding is fast from the first token.
+
+Anything it does not serve (fp32 or bf16 weights, LoRA-wrapped layers, CUDA) keeps the Python step,
+compiled or not.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import cpu_kernels
+from .quant import Int4Linear, Int8Linear
+
+_NONE = torch.empty(0)  # an absent bias
+
+
+def _linear(module) -> list[torch.Tensor] | None:
+    """(weights, scales or tables, bias) as the op reads them; None for a layer it cannot run."""
+    bias = _NONE if module.bias is None else module.bias.float().contiguous()
+    if type(module) is Int4Linear:
+        if "_native" not in module.__dict__:
+            module.prepare_kernel()
+        tables = module.__dict__.get("_native")
+        return None if tables is None else [tables[0], tables[1], bias]
+    if type(module) is Int8Linear and module.weight.is_contiguous() and module.scales.dtype == torch.float32:
+        return [module.weight, module.scales.contiguous(), bias]
+    return None
+
+
+def step_weights(model) -> list[torch.Tensor] | None:
+    """Every tensor the op reads, in its order: per layer the input norm, q, k, v, o, the
+    post-attention norm, gate, up, down (each projection as three tensors), then the final norm and the
+    head. None where the model has something the op does not run."""
+    if (model.device.type != "cpu" or model.compute_dtype != torch.float32 or model.config.head_dim % 8
+            or not cpu_kernels.available()):
+        return None
+    weights: list[torch.Tensor] = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        parts = [[layer.input_layernorm.weight.detach()],
+                 *(_linear(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)),
+                 [layer.post_attention_layernorm.weight.detach()],
+                 *(_linear(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))]
+        if any(p is None for p in parts) or type(mlp.gate_proj) is not type(mlp.up_proj):
+            return None
+        weights += [t for p in parts for t in p]
+    head = _linear(model.lm_head)
+    if head is None:
+        return None
+    return weights + [model.model.norm.weight.detach(), *head]
+
+
+class NativeStep:
+    """`decode_step(input_ids, pos, mask)` for a model `step_weights` accepted."""
+
+    def __init__(self, model, weights: list[torch.Tensor]):
+        self.model, self.weights = model, weights
+        c = model.config
+        self.heads, self.kv_heads, self.eps = c.num_attention_heads, c.num_key_value_heads, c.rms_norm_eps
+
+    def __call__(self, input_ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        x = model.model.embed_tokens(input_ids[:, -1]).float()
+        caches = [t for layer in model.model.layers for t in (layer.self_attn.cache.k, layer.self_attn.cache.v)]
+        cos, sin = model.rope(x.device)
+        return torch.ops.pocketlm.decode_step(x, pos + model.prefix_tokens, mask.reshape(x.shape[0], -1).contiguous(),
+                                              cos, sin, self.weights, caches, self.heads, self.kv_heads, self.eps)
+
+
+def serves(model) -> bool:
+    """Whether `decode_step` runs through the kernel for this model (as it stands now)."""
+    return model.native_decoding and step_weights(model) is not None
+
+
+def native_step(model) -> NativeStep | None:
+    weights = step_weights(model)
+    return None if weights is None else NativeStep(model, weights)

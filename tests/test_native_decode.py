@@ -1,0 +1,134 @@
+"""The whole decode step in one kernel call (pocketlm/native_decode.py, csrc/decode_step.cpp) against
+the Python step it replaces: the same logits and cache contents, the same tokens in generation (one
+sequence, several of different lengths, behind a prefix adapter), and the models it must leave alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_model_dir
+
+from pocketlm import cpu_kernels, native_decode
+from pocketlm.checkpoint import load_model
+from pocketlm.engine import SamplingParams, compile_decoder, decode_fn, generate_batch, generate_tokens
+from pocketlm.quant import QuantScheme, quantize_dir
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.load(), reason="needs an x86 CPU with AVX2 and a C++ compiler")
+
+SCHEMES = {"int8": QuantScheme("int8"), "int4-g32": QuantScheme("int4", 32),
+           "int4-g64-symmetric": QuantScheme("int4", 64, symmetric=True)}
+
+
+@pytest.fixture
+def kernels_on(monkeypatch):
+    """The kernels serve the model whatever this CPU would pick (they run on any AVX2 CPU)."""
+    monkeypatch.setitem(cpu_kernels._loaded, "available", True)
+
+
+def quantized(tmp_path, scheme: str, **overrides):
+    src = tiny_model_dir(tmp_path / "fp32", intermediate_size=192, **overrides)
+    model, tokenizer = load_model(quantize_dir(src, tmp_path / scheme, SCHEMES[scheme]))
+    return model, tokenizer
+
+
+def _steps(model, ids: torch.Tensor, pos: torch.Tensor, span: int, native: bool):
+    """Logits of one decode step (batch = the first rows of the cache, attending over `span` positions)
+    and the caches after it, from a copy of the current caches."""
+    layers = model.model.layers
+    saved = [(layer.self_attn.cache.k.clone(), layer.self_attn.cache.v.clone()) for layer in layers]
+    step, model._native_step = model._native_step, (model._native_step if native else None)
+    try:
+        logits = model.decode_step(ids, pos, model.decode_mask(pos, span))
+        caches = [(layer.self_attn.cache.k.clone(), layer.self_attn.cache.v.clone()) for layer in layers]
+    finally:
+        model._native_step = step
+        for layer, (k, v) in zip(layers, saved):
+            layer.self_attn.cache.k.copy_(k)
+            layer.self_attn.cache.v.copy_(v)
+    return logits, caches
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+@torch.inference_mode()
+def test_the_step_equals_the_python_step(kernels_on, tmp_path, scheme, bias):
+    model, _ = quantized(tmp_path, scheme, attention_bias=bias, mlp_bias=bias)
+    model.setup_cache(4, 64)
+    assert model._native_step is not None
+    lengths = [5, 17, 30]  # three rows at their own positions; the fourth cache row is idle
+    for row, n in enumerate(lengths):
+        model(torch.randint(0, 300, (1, n)), start=0, cache_row=row)
+    ids, pos = torch.randint(0, 300, (3, 1)), torch.tensor(lengths)
+    got, got_caches = _steps(model, ids, pos, span=40, native=True)  # as a server steps its busy rows
+    want, want_caches = _steps(model, ids, pos, span=40, native=False)
+    assert got.shape == want.shape == (3, 300)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for (k, v), (k_want, v_want) in zip(got_caches, want_caches):
+        torch.testing.assert_close(k, k_want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v, v_want, atol=1e-5, rtol=1e-5)
+    assert got_caches[0][0][2, :, 30].abs().sum() > 0  # the new keys were written at each row's position
+
+
+def _greedy(model, ids, n=24):
+    return list(generate_tokens(model, ids, SamplingParams(max_new_tokens=n, ignore_eos=True)))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4-g32"])
+def test_generation_gives_the_python_steps_tokens(kernels_on, tmp_path, scheme):
+    model, tokenizer = quantized(tmp_path, scheme, tie_word_embeddings=True)
+    prompts = [tokenizer.encode(p) for p in ("the theory of", "a", "once upon a time there was")]
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    native = [_greedy(model, ids) for ids in prompts], generate_batch(model, prompts, params)
+    model.native_decoding = False
+    python = [_greedy(model, ids) for ids in prompts], generate_batch(model, prompts, params)
+    assert native == python
+    assert len({tuple(t) for t in native[0]}) > 1
+
+
+def test_generation_behind_a_prefix_adapter(kernels_on, tmp_path):
+    from pocketlm.adapt.adapters import attach, prefix_config
+
+    model, tokenizer = quantized(tmp_path, "int4-g32")
+    attach(model, prefix_config(model, 6, False))
+    with torch.no_grad():
+        model.prefix.encoder.embedding.weight.normal_()
+    ids = tokenizer.encode("the theory of")
+    native = _greedy(model, ids)
+    model.setup_cache(1, 64)
+    assert model._native_step is not None
+    model.native_decoding = False
+    assert native == _greedy(model, ids)
+
+
+def test_models_it_does_not_serve_keep_the_python_step(tmp_path, monkeypatch):
+    monkeypatch.setitem(cpu_kernels._loaded, "available", True)
+    fp32, _ = load_model(tiny_model_dir(tmp_path / "fp32"))
+    assert native_decode.step_weights(fp32) is None  # float weights
+    model, _ = quantized(tmp_path / "q", "int4-g32")
+    model.setup_cache(1, 64, dtype=torch.bfloat16)
+    assert model._native_step is None  # a bf16 cache
+    model.native_decoding = False
+    model.setup_cache(1, 64)
+    assert model._native_step is None  # switched off
+    monkeypatch.setitem(cpu_kernels._loaded, "available", False)
+    assert native_decode.step_weights(model) is None  # a CPU the kernels are not for
+
+
+def test_compiling_a_model_the_step_serves_compiles_nothing(kernels_on, tmp_path):
+    model, tokenizer = quantized(tmp_path, "int8")
+    compile_decoder(model)
+    assert model._compiled_step is None and decode_fn(model) == model.decode_step
+    assert len(_greedy(model, tokenizer.encode("the"), 4)) == 4
+
+
+@torch.inference_mode()
+def test_bad_inputs_are_refused_with_what_was_expected(kernels_on, tmp_path):
+    model, _ = quantized(tmp_path, "int4-g32")
+    model.setup_cache(1, 64)
+    step = model._native_step
+    ids, pos = torch.tensor([[3]]), torch.tensor([70])
+    with pytest.raises(RuntimeError, match="position 70 is outside the 64 cache positions"):
+        step(ids, pos, torch.ones(1, 64, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="tensors per layer"):
+        torch.ops.pocketlm.decode_step(torch.zeros(1, 64), torch.tensor([0]), torch.ones(1, 8, dtype=torch.bool),
+                                       *model.rope(torch.device("cpu")), step.weights[:-1], [], 4, 2, 1e-5)
