@@ -59,6 +59,17 @@ def worker(name: str, args) -> dict:
     return r.to_dict()
 
 
+def rounds(results: list) -> list[list]:
+    """The runs split where a contender comes back: `--only a,b,a,b` is two rounds, and each round's
+    ratios compare runs made minutes apart, not the fastest run of one round with a peer of another."""
+    out: list[list] = [[]]
+    for r in results:
+        if any(r.name == seen.name for seen in out[-1]):
+            out.append([])
+        out[-1].append(r)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -97,13 +108,14 @@ def main() -> None:
     print(f"SmolLM2-135M-Instruct, prompt {args.prompt_tokens} tokens, {args.tokens} new tokens, greedy, "
           f"median of {args.repeats}\n")
     print(format_table(results, bandwidth))
-    ours = [r for r in results if not r.name.startswith(("llama.cpp", "transformers"))]
-    peers = [r for r in results if r not in ours]
-    if ours and peers:
-        best = max(ours, key=lambda r: r.decode_tokens_per_s)
-        print()
-        for line in ratios(best, peers):
-            print(line)
+    for round_results in rounds(results):
+        ours = [r for r in round_results if not r.name.startswith(("llama.cpp", "transformers"))]
+        peers = [r for r in round_results if r not in ours]
+        if ours and peers:
+            best = max(ours, key=lambda r: r.decode_tokens_per_s)
+            print()
+            for line in ratios(best, peers):
+                print(line)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "bandwidth_gbs": bandwidth,
                                                "results": [r.to_dict() for r in results]}, indent=2))

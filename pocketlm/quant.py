@@ -22,7 +22,8 @@ of the 28 the memory reads here), against 30.6 ms for PyTorch's bf16 GEMV. Other
 (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) or dequantize to the activation dtype.
 On CPUs with AVX2 but not AVX-512, products of fewer than EXACT_ROWS rows run pocketlm's own kernels
 (cpu_kernels: fp32 products, q/k/v and gate/up in one call each; int4 codes in `int4_words`'s layout),
-eager or compiled. Where those cannot be built, the compiled one-row products read the codes as 32-bit
+eager or compiled, and a quantized model's whole decode step is one call of them (native_decode).
+Where those cannot be built, the compiled one-row products read the codes as 32-bit
 words (ROW_LAYOUT "words"), and int4 gets an inductor loop of its own (`_int8_row_product`,
 `_int4_row_product`).
 """

@@ -32,3 +32,20 @@ def test_train_matmul_floor_benchmark_runs():
     assert run.returncode == 0, run.stderr[-2000:]
     # the FLOP count is arithmetic on the recipe's shape: 4 layers x 3 products x 2 x 768 tokens x weights
     assert "3.64 GFLOP" in run.stdout and "SGEMM" in run.stdout
+
+
+def test_decode_benchmark_compares_repeated_contenders_within_their_round():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from decode import rounds
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+    class Run:
+        def __init__(self, name):
+            self.name = name
+
+    runs = [Run(n) for n in ("int4", "llama.cpp", "transformers", "int4", "llama.cpp", "int8")]
+    assert [[r.name for r in group] for group in rounds(runs)] == [
+        ["int4", "llama.cpp", "transformers"], ["int4", "llama.cpp", "int8"]]
+    assert rounds(runs[:2]) == [runs[:2]]
