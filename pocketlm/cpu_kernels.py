@@ -29,7 +29,7 @@ from .hub import cache_dir
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_kernels.cpp", "decode_step.cpp")]
 HEADERS = [Path(__file__).parent / "csrc" / "kernels.h"]
-SWITCH = "POCKETLM_CPU_KERNELS"  # "0" turns the kernels off
+SWITCH = "POCKETLM_CPU_KERNELS"  # "0" turns the kernels off; "all" uses them on AVX-512 CPUs too
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w"]
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,11 @@ _loaded: dict[str, bool] = {}
 
 def wanted() -> bool:
     """Whether this CPU is one the kernels are for: AVX2 without AVX-512 (where inductor's loops and
-    PyTorch's int4 kernel are fast already), and not switched off."""
-    return os.environ.get(SWITCH, "1") != "0" and torch.backends.cpu.get_cpu_capability() == "AVX2"
+    PyTorch's int4 kernel are fast already, and the kernels have not been measured), and not switched
+    off. POCKETLM_CPU_KERNELS=all asks for them on AVX-512 CPUs too, to measure them there."""
+    switch = os.environ.get(SWITCH, "1")
+    capability = torch.backends.cpu.get_cpu_capability()
+    return switch != "0" and (capability == "AVX2" or (switch == "all" and capability.startswith("AVX512")))
 
 
 def available() -> bool:

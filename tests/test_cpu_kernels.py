@@ -115,3 +115,12 @@ def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv(cpu_kernels.SWITCH, "0")
     monkeypatch.setattr(cpu_kernels, "_loaded", {})
     assert not cpu_kernels.wanted() and not cpu_kernels.available()
+
+
+@pytest.mark.parametrize("switch,capability,expected", [
+    ("1", "AVX2", True), ("1", "AVX512", False), ("all", "AVX512", True), ("all", "AVX512_BF16", True),
+    ("0", "AVX2", False), ("all", "DEFAULT", False)])
+def test_which_cpus_use_the_kernels(monkeypatch, switch, capability, expected):
+    monkeypatch.setenv(cpu_kernels.SWITCH, switch)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert cpu_kernels.wanted() is expected
