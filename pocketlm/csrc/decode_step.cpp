@@ -193,8 +193,9 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
               "pocketlm::decode_step: expected ", kPerLayer, " tensors per layer and 4 for the head, got ",
               weights.size());
   const int64_t n_layers = (weights.size() - 4) / kPerLayer;
-  TORCH_CHECK(static_cast<int64_t>(caches.size()) == 2 * n_layers, "pocketlm::decode_step: expected a key and a value cache for each of ",
-              n_layers, " layers, got ", caches.size(), " tensors");
+  TORCH_CHECK(static_cast<int64_t>(caches.size()) == 2 * n_layers,
+              "pocketlm::decode_step: expected a key and a value cache for each of ", n_layers, " layers, got ",
+              caches.size(), " tensors");
   TORCH_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0, "pocketlm::decode_step: heads (", heads,
               ") must be a multiple of kv_heads (", kv_heads, ")");
   TORCH_CHECK(pos.scalar_type() == at::kLong && pos.is_contiguous() && pos.numel() == B,
@@ -241,9 +242,9 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
   for (int64_t i = 0; i < 2 * n_layers; ++i) {
     const at::Tensor& c = caches[i];
     TORCH_CHECK(c.scalar_type() == at::kFloat && c.is_contiguous() && c.dim() == 4 && c.size(0) >= B &&
-                    c.size(1) == kv_heads && c.size(2) >= S && c.size(3) == D,
-                "pocketlm::decode_step: caches must be contiguous fp32 (rows >= ", B, ", ", kv_heads, ", positions >= ", S,
-                ", ", D, ")");
+                    c.size(1) == kv_heads && c.size(2) >= S && c.size(3) == D && c.sizes() == caches[0].sizes(),
+                "pocketlm::decode_step: caches must be contiguous fp32 of one shape (rows >= ", B, ", ", kv_heads,
+                ", positions >= ", S, ", ", D, ")");
   }
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
                   sin.is_contiguous() && cos.dim() == 2 && cos.size(1) == D && sin.sizes() == cos.sizes(),
