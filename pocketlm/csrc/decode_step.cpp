@@ -2,10 +2,10 @@
 // layer's RMSNorm, q/k/v products, RoPE, KV-cache write, attention, output projection, SwiGLU MLP and
 // residuals, then the final norm and the output head, for a few rows of one new token each.
 //
-// Why one op: called one kernel at a time, a SmolLM2 step on 2 cores spent about 5 of its 9.4 ms
-// outside the products (dispatch, starting threads for each of 180 kernel calls, inductor's Python
-// wrapper), and the token loop around it 1-2 ms more. Here the threads start once per step and meet at
-// six barriers per layer; residual adds and the SiLU run in the products' last loop.
+// Why one op: called one kernel at a time (120 product calls, 30 attention calls and inductor's glue), a
+// compiled int4 SmolLM2 step on 2 cores took 9.4 ms, of which the products 6-7, inductor's Python wrapper
+// about 2, and the token loop around it 1-2 ms more (BENCHMARKS.md). Here the threads start once per
+// step and meet at six barriers per layer; residual adds and the SiLU run in the products' last loop.
 //
 // Numerics are those of the Python step with pocketlm's kernels: fp32 activations, exact products of
 // the quantized weights; only the order of sums differs.
@@ -258,7 +258,8 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
   float* x = x_t.data_ptr<float>();
   at::Tensor logits = at::empty({B, head.N}, x_in.options());
   std::vector<float> qkv(B * (Nq + 2 * Nkv)), att(B * Nq), gated(B * I);
-  const int64_t ld = Nq + 2 * Nkv, cache_rows_stride = kv_heads * caches[0].size(2) * D;
+  const int64_t cache_len = caches[0].size(2);  // every cache has this shape (checked above)
+  const int64_t ld = Nq + 2 * Nkv, cache_rows_stride = kv_heads * cache_len * D;
   const bool* mp = mask.data_ptr<bool>();
   const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
   const int64_t group = heads / kv_heads;
@@ -276,7 +277,6 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
       const Linear* L = &lin[7 * l];
       float* k_cache = caches[2 * l].data_ptr<float>();
       float* v_cache = caches[2 * l + 1].data_ptr<float>();
-      const int64_t cs = caches[2 * l].size(2);  // positions in the cache
 
       rms_norm(x, norms[2 * l], eps, B, hidden, normed.data());
       in.prepare(normed.data(), B, hidden, L[0].int4 || L[1].int4 || L[2].int4 ? G : 0);
@@ -296,7 +296,7 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
           const int64_t kh = h - heads;
           float* k = row + Nq + kh * D;
           rope(k, c, s, D);
-          const int64_t at_pos = b * cache_rows_stride + (kh * cs + pp[b]) * D;
+          const int64_t at_pos = b * cache_rows_stride + (kh * cache_len + pp[b]) * D;
           std::copy(k, k + D, k_cache + at_pos);
           std::copy(row + Nq + Nkv + kh * D, row + Nq + Nkv + (kh + 1) * D, v_cache + at_pos);
         }
@@ -305,7 +305,7 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
 #pragma omp for schedule(static)
       for (int64_t item = 0; item < B * heads; ++item) {
         const int64_t b = item / heads, h = item % heads, kh = h / group;
-        const int64_t at_head = b * cache_rows_stride + kh * cs * D;
+        const int64_t at_head = b * cache_rows_stride + kh * cache_len * D;
         attend(qkv.data() + b * ld + h * D, k_cache + at_head, D, v_cache + at_head, D, D, live[b], p.data(),
                att.data() + b * Nq + h * D);
       }
