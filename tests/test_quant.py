@@ -298,8 +298,12 @@ def test_speculative_decoding_gives_exactly_the_greedy_tokens(tiny, tmp_path):
             assert stats.drafted > 0 and 0 <= stats.accepted <= stats.drafted
 
 
-def test_speculative_decoding_with_itself_accepts_everything(tiny):
-    model, tokenizer = load_model(tiny)
+@pytest.mark.parametrize("weights", ["fp32", "int4"])
+def test_speculative_decoding_with_itself_accepts_everything(tiny, tmp_path, weights):
+    """The draft's proposals come from its decode step (for int4 on an AVX2 CPU, the whole-step kernel), the
+    target's checks from a forward pass: as the same model they must agree on every token."""
+    path = tiny if weights == "fp32" else quantize_dir(tiny, tmp_path / "int4", QuantScheme("int4", 32))
+    model, tokenizer = load_model(path)
     tokens, stats = speculative_generate(model, model, tokenizer.encode("the theory"), 16, k=4)
     assert stats.acceptance_rate == 1.0 and tokens == _greedy(model, tokenizer.encode("the theory"), 16)
 
