@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .errors import PocketLMError
+from .errors import ConfigError, PocketLMError
 
 app = typer.Typer(
     help="pocketlm: small, fast, task-specific language models on an ordinary CPU.",
@@ -34,6 +34,19 @@ def _load(model: str, compile: bool = False):
     return lm, tokenizer
 
 
+def _load_draft(draft: str | None, lm, tokenizer):
+    """The draft model for speculative decoding, checked against the target's vocabulary and tokenizer."""
+    if draft is None:
+        return None
+    from .speculative import check_compatible
+
+    draft_lm, draft_tokenizer = _load(draft)
+    check_compatible(lm, draft_lm, tokenizer, draft_tokenizer)
+    return draft_lm
+
+
+DRAFT_HELP = ("a smaller model with the same tokenizer for speculative decoding (greedy): it proposes tokens, the "
+              "model checks them in one pass, the output is the model's own; an int4 copy (`pocketlm quantize`) fits")
 COMPILE_HELP = "compile the decode step with torch.compile (1-2 minutes once for SmolLM2 on 2 cores; then 2-4x faster on the CPU)"
 
 
@@ -98,7 +111,7 @@ def generate_cmd(
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="stop string (repeatable)"),
     chat_template: bool = typer.Option(False, "--chat", help="wrap the prompt in the model's chat template"),
     compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
-    draft: Optional[str] = typer.Option(None, help="a smaller model with the same tokenizer for speculative decoding (greedy)"),
+    draft: Optional[str] = typer.Option(None, help=DRAFT_HELP),
     draft_tokens: int = typer.Option(4, help="tokens the draft proposes per step"),
 ):
     """Continue a prompt, streaming the text."""
@@ -106,12 +119,7 @@ def generate_cmd(
 
     params = _params(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
     lm, tokenizer = _load(model, compile)
-    draft_lm = None
-    if draft is not None:
-        from .speculative import check_compatible
-
-        draft_lm, draft_tokenizer = _load(draft)
-        check_compatible(lm, draft_lm, tokenizer, draft_tokenizer)
+    draft_lm = _load_draft(draft, lm, tokenizer)
     source = chat_prompt(tokenizer, [{"role": "user", "content": prompt}]) if chat_template else prompt
     if not chat_template:
         sys.stdout.write(prompt)
@@ -139,6 +147,8 @@ def chat_cmd(
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
+    draft: Optional[str] = typer.Option(None, help=DRAFT_HELP),
+    draft_tokens: int = typer.Option(4, help="tokens the draft proposes per step"),
 ):
     """Chat with a model in the terminal (streams; /reset clears the conversation, /exit or Ctrl-D quits)."""
     from .engine import fit_conversation, stream
@@ -147,12 +157,18 @@ def chat_cmd(
     params = _params(max_tokens, temperature, 0, top_p, 1.0, seed, None)
     with err.status(f"loading {model} ..."):
         lm, tokenizer = _load(model, compile)
+        draft_lm = _load_draft(draft, lm, tokenizer)
+    if draft_lm is not None and params.temperature != 0:
+        raise ConfigError("speculative decoding is greedy; use temperature 0 with a draft model")
     if not tokenizer.chat_template:
         raise PocketLMError(f"{model} has no chat template; use `pocketlm generate` for plain text continuation")
     messages = [{"role": "system", "content": system}] if system else []
     interactive = sys.stdin.isatty()
     if interactive:
         err.print("[dim]chatting; /reset clears the conversation, /exit or Ctrl-D quits[/dim]")
+    from .speculative import SpeculativeStats
+
+    drafting = SpeculativeStats()  # the draft's record over the whole conversation
     while True:
         try:
             line = input("you> " if interactive else "")
@@ -175,9 +191,9 @@ def chat_cmd(
             err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
             continue
         sys.stdout.write("assistant> ")
-        reply = []
+        reply, info = [], {}
         try:
-            for piece in stream(lm, tokenizer, ids, params):
+            for piece in stream(lm, tokenizer, ids, params, result=info, draft=draft_lm, draft_tokens=draft_tokens):
                 reply.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -185,6 +201,13 @@ def chat_cmd(
             pass  # stop this answer, keep what was said
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": "".join(reply)})
+        if "speculative" in info:
+            drafting.drafted += info["speculative"].drafted
+            drafting.accepted += info["speculative"].accepted
+            drafting.target_passes += info["speculative"].target_passes
+    if drafting.target_passes:
+        err.print(f"[dim]draft acceptance {drafting.acceptance_rate:.0%}, "
+                  f"{drafting.tokens_per_pass:.2f} tokens per target pass[/dim]")
 
 
 @app.command("prepare")
@@ -275,7 +298,6 @@ def bench_cmd(
     from . import bench
     from .checkpoint import read_provenance
     from .convert.gguf import export_gguf
-    from .errors import ConfigError
     from .hub import resolve_model
 
     peers = list(vs or [])
@@ -327,7 +349,6 @@ def eval_cmd(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .errors import ConfigError
     from .evaluate.loaders import BUILTIN
     from .evaluate.report import results_table
     from .evaluate.runner import evaluate_dir
@@ -365,7 +386,6 @@ def merge_cmd(
     """Fold a LoRA adapter into its base model's weights: a plain model directory to export or quantize."""
     from .adapt.adapters import is_adapter_dir, load_adapted, read_adapter_config
     from .checkpoint import save_model_dir
-    from .errors import ConfigError
 
     if not is_adapter_dir(adapter):
         raise ConfigError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")

@@ -163,3 +163,25 @@ def test_chat_command_survives_a_too_long_message(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "does not fit the model's context of 64" in result.stderr
     assert result.stdout.count("assistant> ") == 7  # every message that fits got an answer
+
+
+def test_chat_command_with_a_draft_model_answers_as_without(tmp_path):
+    """Speculative decoding in a conversation: an int4 copy drafts, the answers are the model's own."""
+    import subprocess
+    import sys
+
+    from pocketlm.quant import QuantScheme, quantize_dir
+
+    d = tiny_model_dir(tmp_path / "m")
+    draft = quantize_dir(d, tmp_path / "int4", QuantScheme("int4", 32))
+    chat = [sys.executable, "-m", "pocketlm", "chat", str(d), "--max-tokens", "12"]
+    talk = "the theory\nof the cat\n"
+    plain = subprocess.run(chat, input=talk, capture_output=True, text=True, timeout=300)
+    spec = subprocess.run(chat + ["--draft", str(draft), "--draft-tokens", "3"], input=talk, capture_output=True,
+                          text=True, timeout=300)
+    assert plain.returncode == 0 and spec.returncode == 0, plain.stderr + spec.stderr
+    assert spec.stdout == plain.stdout and spec.stdout.count("assistant> ") == 2
+    assert "draft acceptance" in spec.stderr and "draft acceptance" not in plain.stderr
+    sampled = subprocess.run(chat + ["--draft", str(draft), "-t", "0.7"], input=talk, capture_output=True, text=True,
+                             timeout=300)
+    assert sampled.returncode != 0 and "greedy" in sampled.stderr and "Traceback" not in sampled.stderr
