@@ -4,9 +4,10 @@ For each chat prompt the fp32 model's plain greedy decoding (`generate_tokens`) 
 with an int4 group-32 draft (`speculative_generate`, k draft tokens per target pass) produce the same tokens
 (checked here); the figures are the tokens per second of each, the draft's acceptance rate and the tokens
 each target pass yields. Plain and speculative runs alternate prompt by prompt, so drift on a shared
-machine touches both alike.
+machine touches both alike. With --temperature above 0 both sample (seeded); their tokens then differ,
+and that sampled speculative tokens follow the target's distribution is checked by tests/test_quant.py.
 
-    python benchmarks/speculative.py [--tokens 96] [--k 3,4,6] [--repeats 2] [--json out.json]
+    python benchmarks/speculative.py [--tokens 96] [--k 3,4,6] [--repeats 2] [--temperature 0] [--json out.json]
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def main() -> None:
     ap.add_argument("--k", default="3,4,6", help="draft tokens per target pass, comma-separated")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -50,7 +53,9 @@ def main() -> None:
         draft, _ = load_model(quantize_dir(base, Path(tmp) / "int4", QuantScheme("int4", 32)))
     ks = [int(k) for k in args.k.split(",")]
     prompts = [chat_prompt(tokenizer, [{"role": "user", "content": q}]) for q in PROMPTS]
-    params = SamplingParams(max_new_tokens=args.tokens, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=args.tokens, ignore_eos=True, temperature=args.temperature,
+                            top_p=args.top_p, seed=0)
+    greedy = args.temperature == 0
 
     def plain(ids):
         return list(generate_tokens(target, ids, params))
@@ -68,9 +73,9 @@ def main() -> None:
             rates["plain fp32"].append(len(reference) / (time.perf_counter() - started))
             for k in ks:
                 started = time.perf_counter()
-                tokens, stats = speculative_generate(target, draft, ids, args.tokens, k=k)
+                tokens, stats = speculative_generate(target, draft, ids, args.tokens, k=k, sampling=params)
                 rates[f"k={k}"].append(len(tokens) / (time.perf_counter() - started))
-                if tokens != reference:
+                if greedy and tokens != reference:
                     raise SystemExit(f"speculative decoding (k={k}) left the target's greedy tokens")
                 drafted[k] += stats.drafted
                 accepted[k] += stats.accepted
@@ -85,15 +90,18 @@ def main() -> None:
                      "tokens_per_s": round(rate, 1), "speed_up": round(rate / base_rate, 2),
                      "acceptance": None if k is None else round(accepted[k] / drafted[k], 3),
                      "tokens_per_target_pass": None if k is None else round((accepted[k] + passes[k]) / passes[k], 2)})
+    how = ("greedy; every speculative run gave exactly the plain run's tokens" if greedy else
+           f"sampled at temperature {args.temperature}, top-p {args.top_p}")
     print(f"machine: {machine()}; {args.threads} threads; {len(PROMPTS)} chat prompts x {args.repeats}, "
-          f"{args.tokens} new tokens each, greedy; every speculative run gave exactly the plain run's tokens")
+          f"{args.tokens} new tokens each, {how}")
     print(f"{'decoding':40} {'tokens/s':>9} {'vs plain':>9} {'accepted':>9} {'tokens/pass':>12}")
     for row in rows:
         acc = "" if row["acceptance"] is None else f"{row['acceptance']:.0%}"
         per = "" if row["tokens_per_target_pass"] is None else f"{row['tokens_per_target_pass']:.2f}"
         print(f"{row['decoding']:40} {row['tokens_per_s']:9.1f} {row['speed_up']:8.2f}x {acc:>9} {per:>12}")
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"machine": machine(), "temperature": args.temperature, "top_p": args.top_p,
+                                         "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

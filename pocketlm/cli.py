@@ -45,8 +45,8 @@ def _load_draft(draft: str | None, lm, tokenizer):
     return draft_lm
 
 
-DRAFT_HELP = ("a smaller model with the same tokenizer for speculative decoding (greedy): it proposes tokens, the "
-              "model checks them in one pass, the output is the model's own; an int4 copy (`pocketlm quantize`) fits")
+DRAFT_HELP = ("a smaller model with the same tokenizer for speculative decoding: it proposes tokens, the model checks "
+              "them in one pass, the output is distributed as the model's own; an int4 copy (`pocketlm quantize`) fits")
 COMPILE_HELP = "compile the decode step with torch.compile (1-2 minutes once for SmolLM2 on 2 cores; then 2-4x faster on the CPU)"
 
 
@@ -158,8 +158,6 @@ def chat_cmd(
     with err.status(f"loading {model} ..."):
         lm, tokenizer = _load(model, compile)
         draft_lm = _load_draft(draft, lm, tokenizer)
-    if draft_lm is not None and params.temperature != 0:
-        raise ConfigError("speculative decoding is greedy; use temperature 0 with a draft model")
     if not tokenizer.chat_template:
         raise PocketLMError(f"{model} has no chat template; use `pocketlm generate` for plain text continuation")
     messages = [{"role": "system", "content": system}] if system else []

@@ -66,6 +66,12 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     """Pick the next token from (batch, vocab) logits: greedy, or temperature + top-k + top-p sampling."""
     if params.temperature == 0:
         return logits.argmax(-1)
+    return torch.multinomial(token_probs(logits, params), 1, generator=generator).squeeze(-1)
+
+
+def token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution sampling draws from (temperature > 0): softmax of logits / temperature over the tokens
+    top-k and top-p keep, zero elsewhere."""
     logits = logits.float() / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
@@ -77,8 +83,7 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         drop = (probs.cumsum(-1) - probs) >= params.top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits.softmax(-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,7 +311,7 @@ def stream(model, tokenizer: Tokenizer, prompt: str | list[int], params: Samplin
     """Yield text pieces of the continuation of `prompt` (text or token ids).
 
     If `result` is given it is filled with token_ids, prompt_tokens and finish_reason when the stream
-    ends (and `speculative`, the draft's statistics, when a `draft` model proposes tokens; greedy only).
+    ends (and `speculative`, the draft's statistics, when a `draft` model proposes tokens).
     """
     params = params or SamplingParams()
     prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -318,13 +323,11 @@ def stream(model, tokenizer: Tokenizer, prompt: str | list[int], params: Samplin
     if draft is not None:
         from .speculative import SpeculativeStats, speculative_tokens
 
-        if params.temperature != 0 or params.repetition_penalty != 1.0:
-            raise ConfigError("speculative decoding is greedy; use temperature 0 and no repetition penalty with a draft model")
         stats = SpeculativeStats()
         if result is not None:
             result["speculative"] = stats
         tokens = speculative_tokens(model, draft, prompt_ids, params.max_new_tokens, draft_tokens,
-                                    set() if params.ignore_eos else stop_ids, stats)
+                                    set() if params.ignore_eos else stop_ids, stats, params)
     else:
         tokens = generate_tokens(model, prompt_ids, params, stop_ids)
     for token in tokens:

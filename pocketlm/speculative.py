@@ -1,9 +1,14 @@
-"""Speculative decoding (greedy): a cheap draft model proposes k tokens, the target checks them all in
-one forward pass and keeps the longest prefix it agrees with, plus its own next token.
+"""Speculative decoding: a cheap draft model proposes k tokens, the target checks them all in one forward
+pass and keeps the longest prefix it accepts, plus one token of its own.
 
-The output is the target's greedy output token for token (the target decides every token); the gain
-is that one target pass can yield up to k + 1 tokens. The draft must share the target's tokenizer,
-for example a quantized copy of the target or a small model distilled from it.
+Greedy, a proposal is accepted when it is the target's argmax, so the output is the target's greedy output
+token for token. Sampling (temperature > 0, with top-k / top-p), a proposal x drawn from the draft's
+distribution q is accepted with probability min(1, p(x) / q(x)) under the target's distribution p, and at
+the first rejection the target's token is drawn from max(0, p - q), renormalised (Leviathan et al. 2023,
+"Fast Inference from Transformers via Speculative Decoding"): every token is distributed exactly as the
+target's own sampling would draw it. The gain is that one target pass can yield up to k + 1 tokens. The
+draft must share the target's tokenizer, for example a quantized copy of the target or a small model
+distilled from it.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import Iterator
 
 import torch
 
-from .engine import cache_length, check_prompt, decode_fn
+from .engine import SamplingParams, cache_length, check_prompt, decode_fn, token_probs
 from .errors import ConfigError
 
 
@@ -44,18 +49,27 @@ def check_compatible(target, draft, target_tokenizer=None, draft_tokenizer=None)
 
 
 def speculative_generate(target, draft, prompt_ids: list[int], max_new_tokens: int, k: int = 4,
-                         stop_ids: set[int] = frozenset()) -> tuple[list[int], SpeculativeStats]:
-    """Greedy continuation of `prompt_ids` by `target`, drafted `k` tokens at a time by `draft`."""
+                         stop_ids: set[int] = frozenset(),
+                         sampling: SamplingParams | None = None) -> tuple[list[int], SpeculativeStats]:
+    """Continuation of `prompt_ids` by `target` (greedy, or sampled under `sampling`'s temperature, top-k,
+    top-p and seed), drafted `k` tokens at a time by `draft`."""
     stats = SpeculativeStats()
-    return list(speculative_tokens(target, draft, prompt_ids, max_new_tokens, k, stop_ids, stats)), stats
+    tokens = speculative_tokens(target, draft, prompt_ids, max_new_tokens, k, stop_ids, stats, sampling)
+    return list(tokens), stats
 
 
 @torch.inference_mode()
 def speculative_tokens(target, draft, prompt_ids: list[int], max_new_tokens: int, k: int = 4,
-                       stop_ids: set[int] = frozenset(), stats: SpeculativeStats | None = None) -> Iterator[int]:
-    """Yield the target's greedy tokens as they are accepted; `stats` (if given) is updated as it goes."""
+                       stop_ids: set[int] = frozenset(), stats: SpeculativeStats | None = None,
+                       sampling: SamplingParams | None = None) -> Iterator[int]:
+    """Yield the target's tokens as they are accepted; `stats` (if given) is updated as it goes."""
     if k < 1:
         raise ConfigError(f"the number of draft tokens k must be >= 1; got {k}")
+    if sampling is not None and sampling.repetition_penalty != 1.0:
+        raise ConfigError("speculative decoding takes no repetition penalty; leave it at 1 with a draft model")
+    greedy = sampling is None or sampling.temperature == 0
+    # sampling happens on the CPU (vocabulary-sized vectors), so the draft and the target may sit on other devices
+    generator = torch.Generator().manual_seed(sampling.seed) if not greedy and sampling.seed is not None else None
     check_compatible(target, draft)
     context = min(target.config.max_position_embeddings, draft.config.max_position_embeddings)
     check_prompt(prompt_ids, context)
@@ -80,27 +94,51 @@ def speculative_tokens(target, draft, prompt_ids: list[int], max_new_tokens: int
             logits = draft_step(torch.tensor([[token]], device=d_dev), torch.tensor([start + i], device=d_dev))[0]
         return logits
 
+    def draw(probs: torch.Tensor) -> int:
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    def distribution(logits: torch.Tensor) -> torch.Tensor:
+        return token_probs(logits, sampling).cpu()
+
     try:
         seq = list(prompt_ids)
-        out = [int(target(torch.tensor([seq], device=t_dev), last_only=True)[0, -1].argmax())]
+        logits = target(torch.tensor([seq], device=t_dev), last_only=True)[0, -1]
+        out = [int(logits.argmax()) if greedy else draw(distribution(logits))]
         yield out[0]
         draft_fed = 0  # positions of `seq` already in the draft's cache
         while len(out) < max_new and out[-1] not in stop_ids:
             full = seq + out
             # draft: catch up on tokens it has not seen, then propose k tokens one at a time
-            proposals = [int(draft_logits(full[draft_fed:], draft_fed).argmax())]
-            for i in range(k - 1):
-                proposals.append(int(draft_logits(proposals[-1:], len(full) + i).argmax()))
+            proposals, q = [], []
+            logits = draft_logits(full[draft_fed:], draft_fed)
+            for i in range(k):
+                if i:
+                    logits = draft_logits(proposals[-1:], len(full) + i - 1)
+                if greedy:
+                    proposals.append(int(logits.argmax()))
+                else:
+                    q.append(distribution(logits))
+                    proposals.append(draw(q[-1]))
             # target: one pass over the last accepted token and the k proposals
             chunk = torch.tensor([[full[-1]] + proposals], device=t_dev)
-            preds = target(chunk, start=len(full) - 1)[0].argmax(-1).tolist()
-            n = 0
-            while n < k and proposals[n] == preds[n]:
-                n += 1
+            logits = target(chunk, start=len(full) - 1)[0]
+            if greedy:  # accept while the proposals are the target's own argmax
+                preds = logits.argmax(-1).tolist()
+                n = 0
+                while n < k and proposals[n] == preds[n]:
+                    n += 1
+                own = preds[n]
+            else:  # accept x with probability min(1, p(x) / q(x)); at a rejection draw from max(0, p - q)
+                p = distribution(logits)
+                n = 0
+                while n < k and float(torch.rand((), generator=generator)) * q[n][proposals[n]] < p[n][proposals[n]]:
+                    n += 1
+                residual = (p[n] - q[n]).clamp(min=0) if n < k else p[n]
+                own = draw(residual if residual.sum() > 0 else p[n])
             stats.drafted += k
             stats.accepted += n
             stats.target_passes += 1
-            new = proposals[:n] + [preds[n]]
+            new = proposals[:n] + [own]
             for token in new:
                 out.append(token)
                 yield token

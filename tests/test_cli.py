@@ -167,4 +167,7 @@ def test_generate_with_a_draft_model(model_dir, tmp_path):
     assert spec.returncode == 0, spec.stderr
     assert spec.stdout == plain.stdout
     assert "draft acceptance 100%" in spec.stderr
-    assert_clean_error(pocketlm("generate", model_dir, "x", "--draft", model_dir, "-t", "0.7"), "greedy")
+    sampled = pocketlm("generate", model_dir, "the theory", "-n", "12", "--draft", model_dir, "-t", "0.8", "--seed", "3")
+    assert sampled.returncode == 0 and "draft acceptance 100%" in sampled.stderr, sampled.stderr
+    assert_clean_error(pocketlm("generate", model_dir, "x", "--draft", model_dir, "--repetition-penalty", "1.2"),
+                       "repetition penalty")

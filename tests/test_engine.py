@@ -182,6 +182,6 @@ def test_chat_command_with_a_draft_model_answers_as_without(tmp_path):
     assert plain.returncode == 0 and spec.returncode == 0, plain.stderr + spec.stderr
     assert spec.stdout == plain.stdout and spec.stdout.count("assistant> ") == 2
     assert "draft acceptance" in spec.stderr and "draft acceptance" not in plain.stderr
-    sampled = subprocess.run(chat + ["--draft", str(draft), "-t", "0.7"], input=talk, capture_output=True, text=True,
-                             timeout=300)
-    assert sampled.returncode != 0 and "greedy" in sampled.stderr and "Traceback" not in sampled.stderr
+    sampled = subprocess.run(chat + ["--draft", str(draft), "-t", "0.7", "--seed", "1"], input=talk,
+                             capture_output=True, text=True, timeout=300)
+    assert sampled.returncode == 0 and sampled.stdout.count("assistant> ") == 2, sampled.stderr

@@ -308,6 +308,63 @@ def test_speculative_decoding_with_itself_accepts_everything(tiny, tmp_path, wei
     assert stats.acceptance_rate == 1.0 and tokens == _greedy(model, tokenizer.encode("the theory"), 16)
 
 
+@pytest.mark.parametrize("draft_kind", ["int4", "other"])
+def test_speculative_sampling_draws_from_the_targets_distribution(tiny, tmp_path, draft_kind):
+    """Sampled speculative decoding must give each token exactly the target's sampling distribution, whatever
+    the draft: an int4 copy, whose proposals are accepted about three times in four, or another random model,
+    whose proposals are nearly always rejected. Top-k 5 keeps few tokens in play. The first three tokens of
+    1,500 seeded runs are compared with their exact distribution (from the target's own probabilities) by
+    total variation; a draw of the same size straight from that distribution sets the scale. Accepting every
+    proposal fails this test with either draft, drawing a rejected position from p instead of max(0, p - q)
+    with the int4 draft (checked by hand)."""
+    from pocketlm.engine import token_probs
+
+    target, tokenizer = load_model(tiny)
+    draft, _ = load_model(quantize_dir(tiny, tmp_path / "int4", QuantScheme("int4", 32)) if draft_kind == "int4" else
+                          tiny_model_dir(tmp_path / "other", seed=1, hidden_size=64, intermediate_size=128))
+    prompt = tokenizer.encode("the theory")
+    params = SamplingParams(temperature=1.0, top_k=5)
+
+    def probs(ids):
+        with torch.no_grad():
+            return token_probs(target(torch.tensor([ids]))[0, -1], params)
+
+    exact: dict[tuple[int, ...], float] = {}  # P(x1, x2, x3) under the target alone
+    p1 = probs(prompt)
+    for x1 in p1.nonzero().flatten().tolist():
+        p2 = probs(prompt + [x1])
+        for x2 in p2.nonzero().flatten().tolist():
+            p3 = probs(prompt + [x1, x2])
+            for x3 in p3.nonzero().flatten().tolist():
+                exact[(x1, x2, x3)] = float(p1[x1] * p2[x2] * p3[x3])
+    keys = list(exact)
+    runs, seen, accepted, drafted = 1500, {}, 0, 0
+    for seed in range(runs):
+        sampling = SamplingParams(temperature=1.0, top_k=5, seed=seed)
+        tokens, stats = speculative_generate(target, draft, prompt, 3, k=2, sampling=sampling)
+        seen[tuple(tokens)] = seen.get(tuple(tokens), 0) + 1
+        accepted, drafted = accepted + stats.accepted, drafted + stats.drafted
+    assert set(seen) <= set(exact)  # nothing the target's top-5 would not produce
+
+    def total_variation(counts, marginal):
+        groups = {}
+        for key in keys:
+            groups.setdefault(marginal(key), [0.0, 0])
+            groups[marginal(key)][0] += exact[key]
+            groups[marginal(key)][1] += counts.get(key, 0)
+        return 0.5 * sum(abs(p - n / runs) for p, n in groups.values())
+
+    reference = torch.multinomial(torch.tensor([exact[key] for key in keys]), runs, replacement=True,
+                                  generator=torch.Generator().manual_seed(0))
+    direct = {}
+    for i in reference.tolist():
+        direct[keys[i]] = direct.get(keys[i], 0) + 1
+    for marginal in (lambda key: key[:2], lambda key: key[2]):  # (x1, x2) jointly, and x3
+        assert total_variation(seen, marginal) < 2 * total_variation(direct, marginal) + 0.02
+    if draft_kind == "int4":
+        assert 0.3 < accepted / drafted < 0.95  # both acceptance and rejection were exercised
+
+
 def test_speculative_decoding_refuses_another_vocabulary(tiny, tmp_path):
     target, _ = load_model(tiny)
     other, _ = load_model(tiny_model_dir(tmp_path / "other", vocab_size=320))
