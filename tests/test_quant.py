@@ -163,6 +163,38 @@ def test_quantized_save_load_round_trip(tiny, tiny_tied, tmp_path, scheme, which
     assert err < (0.05 if scheme.method == "int8" else 0.5)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_files_store_scales_as_fp16_and_load_them_exactly(tiny, tmp_path, symmetric):
+    """The int4 scales and mins are fp16 values; the file keeps them as fp16 (as Q4_1 does), and a directory
+    written before, with fp32 scales, loads to the same model."""
+    from safetensors import safe_open
+
+    from pocketlm.checkpoint import WEIGHTS, load_config, read_provenance
+
+    scheme = QuantScheme("int4", 32, symmetric=symmetric)
+    out = quantize_dir(tiny, tmp_path / "q4", scheme)
+    with safe_open(str(out / WEIGHTS), framework="pt") as f:
+        dtypes = {key: f.get_slice(key).get_dtype() for key in f.keys()}
+    assert {d for k, d in dtypes.items() if k.endswith(("_proj.scales", "_proj.mins"))} == {"F16"}
+    assert {d for k, d in dtypes.items() if k.endswith("_proj.weight")} == {"U8"}
+
+    model, tokenizer = load_model(out)
+    reference, _ = load_model(tiny)
+    quantize_model(reference, scheme)
+    loaded, expected = model.state_dict(), reference.state_dict()
+    assert loaded.keys() == expected.keys()
+    for key in expected:
+        assert loaded[key].dtype == expected[key].dtype and torch.equal(loaded[key], expected[key]), key
+
+    # a directory from before, with the scales and mins in fp32
+    old = save_model_dir(tmp_path / "old", load_config(out), reference.state_dict(), tokenizer,
+                         provenance=read_provenance(out))
+    assert (old / WEIGHTS).stat().st_size > (out / WEIGHTS).stat().st_size
+    ids = torch.tensor([tokenizer.encode("the theory of the thing")])
+    with torch.no_grad():
+        assert torch.equal(load_model(old)[0](ids), model(ids))
+
+
 def test_quantizing_twice_and_bad_group_size_fail_clearly(tiny, tmp_path):
     out = quantize_dir(tiny, tmp_path / "q8", QuantScheme("int8"))
     with pytest.raises(ConfigError, match="already quantized"):
