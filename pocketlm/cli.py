@@ -200,9 +200,7 @@ def chat_cmd(
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": "".join(reply)})
         if "speculative" in info:
-            drafting.drafted += info["speculative"].drafted
-            drafting.accepted += info["speculative"].accepted
-            drafting.target_passes += info["speculative"].target_passes
+            drafting.add(info["speculative"])
     if drafting.target_passes:
         err.print(f"[dim]draft acceptance {drafting.acceptance_rate:.0%}, "
                   f"{drafting.tokens_per_pass:.2f} tokens per target pass[/dim]")

@@ -36,6 +36,12 @@ class SpeculativeStats:
     def tokens_per_pass(self) -> float:
         return (self.accepted + self.target_passes) / self.target_passes if self.target_passes else 0.0
 
+    def add(self, other: "SpeculativeStats") -> None:
+        """Count `other`'s run in too (a conversation's answers)."""
+        self.drafted += other.drafted
+        self.accepted += other.accepted
+        self.target_passes += other.target_passes
+
 
 def check_compatible(target, draft, target_tokenizer=None, draft_tokenizer=None) -> None:
     if target.config.vocab_size != draft.config.vocab_size:
