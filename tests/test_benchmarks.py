@@ -49,3 +49,16 @@ def test_decode_benchmark_compares_repeated_contenders_within_their_round():
     assert [[r.name for r in group] for group in rounds(runs)] == [
         ["int4", "llama.cpp", "transformers"], ["int4", "llama.cpp", "int8"]]
     assert rounds(runs[:2]) == [runs[:2]]
+
+
+def test_few_rows_benchmark_runs_and_batched_tokens_agree(smollm2_dir, tmp_path):
+    out = tmp_path / "few_rows.json"
+    run = subprocess.run([sys.executable, "benchmarks/few_rows.py", "--tokens", "12", "--repeats", "1",
+                          "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert sorted(results["matmuls"]) == [str(rows) for rows in range(1, 9)]
+    for batch, figures in results["batched_decode"].items():
+        # SmolLM2's greedy tokens do not depend on which way round the few-row matmuls are computed
+        assert figures["same_tokens"], f"batch {batch}: W @ x^T changed the greedy tokens"
+        assert figures["on_tokens_per_s"] > 0 and figures["off_tokens_per_s"] > 0

@@ -89,3 +89,30 @@ def test_training_attention_path_matches_inference(tmp_path):
     assert (trained - reference).abs().max().item() < 1e-5
     trained.sum().backward()
     assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_f_linear_for_every_row_count(bias):
+    # Linear computes 2-6 rows as W @ x^T (faster on a CPU); every row count must give F.linear's result.
+    from pocketlm.model import FEW_ROWS, Linear
+
+    torch.manual_seed(0)
+    layer = Linear(96, 160, bias=bias)
+    torch.nn.init.normal_(layer.weight)
+    if bias:
+        torch.nn.init.normal_(layer.bias)
+    for shape in [(r, 96) for r in range(1, 9)] + [(2, 3, 96), (1, 5, 96)]:
+        x = torch.randn(*shape, requires_grad=True)
+        y = layer(x)
+        expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        assert y.shape == expected.shape and y.is_contiguous()
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+        (grad,) = torch.autograd.grad(y.square().sum(), x)
+        (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-3)
+    assert 2 in FEW_ROWS and 6 in FEW_ROWS
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)  # the compiled decode step takes the same path
+    with torch.no_grad():
+        x = torch.randn(1, 3, 96)
+        torch.testing.assert_close(compiled(x), torch.nn.functional.linear(x, layer.weight, layer.bias),
+                                   rtol=1e-5, atol=1e-4)
