@@ -18,7 +18,6 @@ from . import cpu_kernels, native_decode
 from .config import ModelConfig
 from .quant import fused_projections
 
-
 FEW_ROWS = range(2, 7)  # rows where W @ x^T beats x @ W^T on a CPU (see Linear.forward)
 
 
