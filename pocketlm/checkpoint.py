@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .config import ModelConfig
+from .cpu_features import warn_if_bf16_is_slow
 from .errors import CheckpointError, PocketLMError
 from .tokenizer import Tokenizer
 
@@ -343,6 +344,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
     """
     from .model import LlamaForCausalLM  # local import: the model is only needed when loading weights
 
+    warn_if_bf16_is_slow(dtype, device)
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         from .adapt.adapters import is_adapter_dir, load_adapted

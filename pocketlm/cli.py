@@ -334,7 +334,7 @@ def eval_cmd(
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="demonstrations per question (default: the task's, mostly 0)"),
     limit: Optional[int] = typer.Option(None, help="only the first N examples of each task"),
     max_tokens: Optional[int] = typer.Option(None, help="perplexity tasks: score only the first N tokens"),
-    dtype: Optional[str] = typer.Option(None, help="float32 or bfloat16 (about 2x faster, slightly different scores)"),
+    dtype: Optional[str] = typer.Option(None, help="float32 or bfloat16 (about 2x faster on CPUs with bf16 instructions, slower elsewhere; slightly different scores)"),
     batch_tokens: int = typer.Option(4096, help="tokens per scoring batch (padding included)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="write the results JSON here"),
     log_samples: bool = typer.Option(False, help="include every example's scores and prediction in the JSON"),
@@ -446,7 +446,7 @@ def serve_cmd(
     max_batch: Optional[int] = typer.Option(None, help="sequences decoded together per model (default 32)"),
     max_context: Optional[int] = typer.Option(None, help="tokens per sequence (default 2048, capped by the model)"),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: all cores)"),
-    dtype: Optional[str] = typer.Option(None, help="float32 (default; the numbers `pocketlm eval` gives) or bfloat16 (faster on CPUs with bf16 instructions)"),
+    dtype: Optional[str] = typer.Option(None, help="float32 (default; the numbers `pocketlm eval` gives) or bfloat16 (faster on CPUs with bf16 instructions, slower elsewhere)"),
 ):
     """Serve models over an OpenAI-compatible HTTP API, with A/B variants, feedback, metrics and a web page."""
     import torch

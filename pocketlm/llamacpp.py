@@ -10,18 +10,11 @@ AVX-512 kernels there; elsewhere it runs with its defaults.
 from __future__ import annotations
 
 import contextlib
-import functools
 import runpy
 import sys
 from pathlib import Path
 
-
-@functools.cache
-def cpu_has_amx() -> bool:
-    try:
-        return "amx_int8" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+from .cpu_features import cpu_has_amx
 
 
 @contextlib.contextmanager

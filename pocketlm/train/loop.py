@@ -25,6 +25,7 @@ from rich.console import Console
 
 from ..checkpoint import save_model_dir
 from ..config import ModelConfig
+from ..cpu_features import cpu_has_bf16, warn_if_bf16_is_slow
 from ..errors import ConfigError
 from ..model import LlamaForCausalLM
 from .objectives import LANGUAGE_MODELLING, SFT, Objective, distillation, dpo
@@ -72,19 +73,11 @@ def autocast_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
     if choice == "float32":
         return None
     if choice == "bfloat16":
+        warn_if_bf16_is_slow(torch.bfloat16, device)
         return torch.bfloat16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     return torch.bfloat16 if cpu_has_bf16() else None
-
-
-def cpu_has_bf16() -> bool:
-    """bf16 matmuls pay off only with native support (AVX512-BF16 or AMX); elsewhere they are emulated."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 # ---------------------------------------------------------------------------------------------
