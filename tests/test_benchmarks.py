@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -51,6 +53,7 @@ def test_decode_benchmark_compares_repeated_contenders_within_their_round():
     assert rounds(runs[:2]) == [runs[:2]]
 
 
+@pytest.mark.slow  # the real SmolLM2
 def test_few_rows_benchmark_runs_and_batched_tokens_agree(smollm2_dir, tmp_path):
     out = tmp_path / "few_rows.json"
     run = subprocess.run([sys.executable, "benchmarks/few_rows.py", "--tokens", "12", "--repeats", "1",
