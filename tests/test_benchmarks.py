@@ -65,3 +65,11 @@ def test_few_rows_benchmark_runs_and_batched_tokens_agree(smollm2_dir, tmp_path)
         # SmolLM2's greedy tokens do not depend on which way round the few-row matmuls are computed
         assert figures["same_tokens"], f"batch {batch}: W @ x^T changed the greedy tokens"
         assert figures["on_tokens_per_s"] > 0 and figures["off_tokens_per_s"] > 0
+
+
+@pytest.mark.slow  # the real SmolLM2
+def test_bf16_cpu_benchmark_runs(smollm2_dir):
+    run = subprocess.run([sys.executable, "benchmarks/bf16_cpu.py", "--repeats", "1"], cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "bfloat16 / float32 time: forward" in run.stdout
