@@ -6,6 +6,7 @@ import json
 import math
 import random
 from collections import Counter
+from itertools import combinations
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from pocketlm.serve.drift import (
     drift_report,
     format_drift,
     kl_divergence,
+    permutation_p,
     psi,
     quantile_bin_counts,
     write_drift_metrics,
@@ -260,7 +262,46 @@ def test_hand_made_drift_numbers(tmp_path, tok):
     assert report["tokens"]["kl"] == pytest.approx(float((q * np.log(q / p)).sum()), rel=1e-9)
     assert report["tokens"]["new_tokens"] == 1  # "d"
     assert report["windows"]["reference"]["requests"] == 3 and report["windows"]["recent"]["requests"] == 2
-    assert report["drift"] and "tokens_psi" in report["tripped"]
+    # a PSI of 5 is far over 0.2, but 5 requests can be dealt into windows of 3 and 2 only 10 ways: chance
+    assert report["tokens"]["psi"] > 1 and report["tokens"]["psi_p"] >= 0.1
+    assert not report["drift"] and any("too few to tell it from chance" in n for n in report["notes"])
+
+
+def test_permutation_p_matches_enumerating_every_deal():
+    # 7 values dealt 4 / 3: all 35 deals enumerated against the random deals drift uses
+    values = np.array([1.0, 2.0, 2.5, 4.0, 7.0, 8.0, 9.5])
+    statistic = lambda ref, rec: abs(values[ref].mean() - values[rec].mean())  # noqa: E731
+    observed = statistic(np.arange(4), np.arange(4, 7))
+    deals = [(np.array(ref), np.array([i for i in range(7) if i not in ref])) for ref in combinations(range(7), 4)]
+    exact = np.mean([statistic(ref, rec) >= observed - 1e-12 for ref, rec in deals])
+    p = permutation_p(statistic, 4, 3, observed, permutations=4999)
+    assert exact == pytest.approx(1 / 35)  # the four lowest against the three highest: the one extreme deal
+    assert p == pytest.approx(exact, abs=0.015)
+
+
+def test_drift_small_windows_of_the_same_traffic_not_flagged(tmp_path, tok, stories):
+    # 40 against 12 prompts of the same traffic: PSI alone clears 0.2 nearly every time (empty bins),
+    # the permutation test almost never
+    over_threshold = flagged = 0
+    for trial in range(20):
+        pick = random.Random(trial).sample(stories, 52)
+        log = RequestLog(tmp_path / f"d{trial}.db")
+        _insert(log, pick[:40], 1000, tok)
+        _insert(log, pick[40:], 5000, tok)
+        report = drift_report(log, tok, recent=(5000.0, math.inf))
+        over_threshold += report["length"]["psi"] > 0.2 or report["tokens"]["psi"] > 0.2
+        flagged += report["drift"]
+    assert over_threshold >= 15 and flagged <= 1
+
+
+def test_drift_small_windows_of_different_prompts_flagged(tmp_path, tok, stories):
+    log = RequestLog(tmp_path / "d.db")
+    _insert(log, stories[:40], 1000, tok)
+    rng = random.Random(1)
+    _insert(log, [f"def f{i}(x):\n    return x * {rng.randint(10**12, 10**18)}\n" * 8 for i in range(12)], 5000, tok)
+    report = drift_report(log, tok, recent=(5000.0, math.inf))
+    assert set(report["tripped"]) == {"length_psi", "tokens_psi"}
+    assert report["length"]["psi_p"] < 0.01 and report["tokens"]["psi_p"] < 0.01
 
 
 def test_drift_same_distribution_not_flagged(tmp_path, tok, stories):
@@ -292,6 +333,7 @@ def test_drift_different_prompts_flagged(tmp_path, tok, stories):
         report["tokens"]["psi"])
     assert registry.get_sample_value("pocketlm_drift_kl_tokens") == pytest.approx(report["tokens"]["kl"])
     assert registry.get_sample_value("pocketlm_drift_flag") == 1.0
+    assert registry.get_sample_value("pocketlm_drift_psi_p", {"distribution": "length"}) == report["length"]["psi_p"]
     text = write_drift_metrics(report, tmp_path / "textfile" / "drift.prom").read_text()
     assert 'pocketlm_drift_psi{distribution="length"}' in text and "pocketlm_drift_flag 1.0" in text
 

@@ -19,7 +19,16 @@ so a bin empty in one window costs a large but finite amount. Token ids seen in 
 left out (they would add exactly nothing).
 
 Drift is flagged when a PSI exceeds `psi_threshold` (the usual reading: < 0.1 none, 0.1-0.2
-moderate, > 0.2 significant) or the perplexity ratio exceeds `ppl_ratio_threshold`.
+moderate, > 0.2 large, customarily "significant", a word left here to the p-value) and is unlikely to
+be chance (`psi_p` below `alpha`), or when the perplexity ratio exceeds `ppl_ratio_threshold`.
+
+Chance matters for small windows: two samples of one distribution differ by a PSI of about
+(bins - 1) * (1/n_reference + 1/n_recent) on average, and a bin left empty by a small sample costs
+ln(1/epsilon) times its share, so a dozen requests against forty clear 0.2 easily.
+`psi_p` is a permutation test: the requests of both windows are dealt into two windows of the same sizes
+at random, `PERMUTATIONS` times, and psi_p is the share of deals whose PSI (computed the same way, bins
+and all) is at least the observed one. Whole requests are dealt, so the tokens of one prompt stay
+together, as they are not independent draws.
 """
 
 from __future__ import annotations
@@ -34,7 +43,9 @@ from ..errors import ConfigError
 from .report import connect, load_requests
 
 PSI_MODERATE = 0.1
-PSI_SIGNIFICANT = 0.2
+PSI_SIGNIFICANT = 0.2  # PSI's customary name for this level; the report says "large"
+ALPHA = 0.01  # a PSI over the threshold trips only if chance would give one this large less often than this
+PERMUTATIONS = 499  # random deals of the requests for psi_p: it resolves steps of 1/500, below ALPHA
 EPSILON = 1e-6
 NEEDS_PROMPTS = ("token and perplexity figures need the prompt text: start the server with `log_prompts: true` "
                  "and run again once new traffic is logged")
@@ -64,8 +75,22 @@ def kl_divergence(recent_counts, reference_counts, epsilon: float = EPSILON) -> 
     return float(np.sum(rec * np.log(rec / ref)))
 
 
+def permutation_p(statistic, n_reference: int, n_recent: int, observed: float,
+                  permutations: int = PERMUTATIONS, seed: int = 0) -> float:
+    """The share of random deals of the n_reference + n_recent items into windows of those sizes whose
+    `statistic(reference_indices, recent_indices)` is at least `observed` (counting the observed deal,
+    so never 0)."""
+    rng = np.random.default_rng(seed)
+    items = np.arange(n_reference + n_recent)
+    as_large = 0
+    for _ in range(permutations):
+        dealt = rng.permutation(items)
+        as_large += statistic(dealt[:n_reference], dealt[n_reference:]) >= observed - 1e-12
+    return (1 + as_large) / (1 + permutations)
+
+
 def psi_level(value: float) -> str:
-    return "none" if value < PSI_MODERATE else "moderate" if value <= PSI_SIGNIFICANT else "significant"
+    return "none" if value < PSI_MODERATE else "moderate" if value <= PSI_SIGNIFICANT else "large"
 
 
 def quantile_bin_counts(reference, recent, bins: int = 10) -> tuple[list[float], np.ndarray, np.ndarray]:
@@ -116,42 +141,62 @@ def length_figures(ref_lengths: list[int], rec_lengths: list[int], bins: int, ep
     edges, ref_counts, rec_counts = quantile_bin_counts(ref_lengths, rec_lengths, bins)
     value = psi(ref_counts, rec_counts, epsilon)
     ks = ks_2samp(ref_lengths, rec_lengths)
-    return {"psi": value, "level": psi_level(value), "ks_statistic": float(ks.statistic), "ks_p": float(ks.pvalue),
+    pooled = np.asarray(list(ref_lengths) + list(rec_lengths), dtype=float)
+    p = permutation_p(lambda ref, rec: psi(*quantile_bin_counts(pooled[ref], pooled[rec], bins)[1:], epsilon),
+                      len(ref_lengths), len(rec_lengths), value)
+    return {"psi": value, "psi_p": p, "level": psi_level(value), "ks_statistic": float(ks.statistic),
+            "ks_p": float(ks.pvalue),
             "bin_edges": edges, "reference_counts": ref_counts.tolist(), "recent_counts": rec_counts.tolist(),
             "reference_mean": float(np.mean(ref_lengths)), "recent_mean": float(np.mean(rec_lengths)),
             "reference_median": float(np.median(ref_lengths)), "recent_median": float(np.median(rec_lengths))}
 
 
-def token_counts(texts: list[str], tokenizer) -> dict[int, int]:
-    """How often each token id occurs in the texts (no special tokens added)."""
-    counts: dict[int, int] = {}
-    for text in texts:
-        for i in tokenizer.encode(text, add_special_tokens=False):
-            counts[i] = counts.get(i, 0) + 1
-    return counts
-
-
 TOKEN_BINS = 50
+
+
+def bin_tokens(ref_counts: np.ndarray, rec_counts: np.ndarray, token_bins: int = TOKEN_BINS):
+    """Both windows' token counts (dense, indexed by token id) in bins: the reference's most frequent
+    tokens, one each (ties by id), and one bin for all the rest. Over a whole vocabulary, a few hundred
+    prompts leave most ids unseen on one side, and smoothing those zeros alone would make two samples of
+    the same traffic look drifted. Returns (the binned token ids, reference counts, recent counts)."""
+    seen = np.flatnonzero(ref_counts)
+    support = seen[np.lexsort((seen, -ref_counts[seen]))][:token_bins]
+    ref_v = np.append(ref_counts[support], ref_counts.sum() - ref_counts[support].sum())
+    rec_v = np.append(rec_counts[support], rec_counts.sum() - rec_counts[support].sum())
+    return support, ref_v, rec_v
 
 
 def token_figures(ref_texts: list[str], rec_texts: list[str], tokenizer, epsilon: float,
                   token_bins: int = TOKEN_BINS) -> dict[str, Any]:
-    ref, rec = token_counts(ref_texts, tokenizer), token_counts(rec_texts, tokenizer)
-    if not ref or not rec:
-        raise ConfigError(f"the {'reference' if not ref else 'recent'} prompts encode to no tokens; "
+    from scipy.sparse import csr_matrix
+
+    # one row of token counts per prompt (no special tokens added), reference prompts first
+    encoded = [tokenizer.encode(text, add_special_tokens=False) for text in ref_texts + rec_texts]
+    rows = np.repeat(np.arange(len(encoded)), [len(ids) for ids in encoded])
+    cols = np.fromiter((i for ids in encoded for i in ids), dtype=np.int64, count=len(rows))
+    width = int(cols.max()) + 1 if len(cols) else 1
+    per_prompt = csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(encoded), width))
+    n_ref = len(ref_texts)
+    ref = np.asarray(per_prompt[:n_ref].sum(0)).ravel()
+    rec = np.asarray(per_prompt[n_ref:].sum(0)).ravel()
+    if not ref.sum() or not rec.sum():
+        raise ConfigError(f"the {'reference' if not ref.sum() else 'recent'} prompts encode to no tokens; "
                           f"check that the tokenizer belongs to the served model")
-    # Bins: the reference's most frequent tokens, one each, and one bin for all the rest. Over a whole
-    # vocabulary, a few hundred prompts leave most ids unseen on one side, and smoothing those zeros
-    # alone would make two samples of the same traffic look drifted.
-    support = sorted(ref, key=lambda i: (-ref[i], i))[:token_bins]
-    ref_v = np.array([ref.get(i, 0) for i in support] + [sum(ref.values()) - sum(ref.get(i, 0) for i in support)],
-                     dtype=float)
-    rec_v = np.array([rec.get(i, 0) for i in support] + [sum(rec.values()) - sum(rec.get(i, 0) for i in support)],
-                     dtype=float)
+    support, ref_v, rec_v = bin_tokens(ref, rec, token_bins)
     value = psi(ref_v, rec_v, epsilon)
-    return {"psi": value, "level": psi_level(value), "kl": kl_divergence(rec_v, ref_v, epsilon),
+
+    def dealt_psi(ref_idx, rec_idx) -> float:
+        ref_c = np.asarray(per_prompt[ref_idx].sum(0)).ravel()
+        rec_c = np.asarray(per_prompt[rec_idx].sum(0)).ravel()
+        if not ref_c.sum() or not rec_c.sum():
+            return 0.0
+        return psi(*bin_tokens(ref_c, rec_c, token_bins)[1:], epsilon)
+
+    p = permutation_p(dealt_psi, n_ref, len(rec_texts), value)
+    return {"psi": value, "psi_p": p, "level": psi_level(value), "kl": kl_divergence(rec_v, ref_v, epsilon),
             "reference_tokens": int(ref_v.sum()), "recent_tokens": int(rec_v.sum()),
-            "distinct_tokens": len(set(ref) | set(rec)), "bins": len(support) + 1, "new_tokens": sum(1 for i in rec if i not in ref)}
+            "distinct_tokens": int(np.count_nonzero(ref + rec)), "bins": len(support) + 1,
+            "new_tokens": int(np.count_nonzero((rec > 0) & (ref == 0)))}
 
 
 def _spread(items: list, limit: int | None) -> list:
@@ -201,7 +246,7 @@ def _window_text(window: tuple[float, float]) -> list[float | None]:
 def drift_report(log_or_url, tokenizer=None, model=None, *, reference: tuple[float, float] | None = None,
                  recent: tuple[float, float] | None = None, recent_fraction: float = 0.25,
                  experiment: str | None = None, variant: str | None = None, psi_threshold: float = PSI_SIGNIFICANT,
-                 ppl_ratio_threshold: float = 1.5, bins: int = 10, epsilon: float = EPSILON,
+                 alpha: float = ALPHA, ppl_ratio_threshold: float = 1.5, bins: int = 10, epsilon: float = EPSILON,
                  max_prompts: int | None = 200) -> dict[str, Any]:
     """The drift report as a JSON-ready dict: {"drift", "tripped", "windows", "length", "tokens",
     "perplexity", "notes", "thresholds"}; "tokens" / "perplexity" are None when they could not be
@@ -244,15 +289,22 @@ def drift_report(log_or_url, tokenizer=None, model=None, *, reference: tuple[flo
             notes.append(f"{missing} request(s) without prompt text left out of the token figures")
 
     tripped = []
-    if length["psi"] > psi_threshold:
-        tripped.append("length_psi")
-    if tokens is not None and tokens["psi"] > psi_threshold:
-        tripped.append("tokens_psi")
+    windows = {"length": (len(ref_rows), len(rec_rows)), "tokens": (len(ref_texts), len(rec_texts))}
+    for name, figures in (("length", length), ("tokens", tokens)):
+        if figures is None or figures["psi"] <= psi_threshold:
+            continue
+        if figures["psi_p"] < alpha:
+            tripped.append(f"{name}_psi")
+        else:
+            notes.append(f"{name} PSI {figures['psi']:.3f} is over {psi_threshold}, but {windows[name][0]} and "
+                         f"{windows[name][1]} requests are too few to tell it from chance (p {figures['psi_p']:.2g}, "
+                         f"needs < {alpha}): not flagged; compare larger windows")
     if perplexity is not None and perplexity["ratio"] > ppl_ratio_threshold:
         tripped.append("perplexity_ratio")
     return {
         "drift": bool(tripped), "tripped": tripped,
-        "thresholds": {"psi": psi_threshold, "perplexity_ratio": ppl_ratio_threshold, "epsilon": epsilon},
+        "thresholds": {"psi": psi_threshold, "alpha": alpha, "perplexity_ratio": ppl_ratio_threshold,
+                       "epsilon": epsilon},
         "windows": {"reference": {"start": _window_text(ref_window)[0], "end": _window_text(ref_window)[1],
                                   "requests": len(ref_rows), "prompts_with_text": len(ref_texts)},
                     "recent": {"start": _window_text(rec_window)[0], "end": _window_text(rec_window)[1],
@@ -272,9 +324,13 @@ def drift_metrics(report: dict, registry=None):
     registry = CollectorRegistry() if registry is None else registry
     psi_gauge = Gauge("pocketlm_drift_psi", "Population stability index, recent vs reference prompts",
                       ["distribution"], registry=registry)
-    psi_gauge.labels(distribution="length").set(report["length"]["psi"])
+    p_gauge = Gauge("pocketlm_drift_psi_p", "Share of random deals of the requests into the two windows with a PSI "
+                    "at least as large (small: not chance)", ["distribution"], registry=registry)
+    for name in ("length", "tokens"):
+        if report[name] is not None:
+            psi_gauge.labels(distribution=name).set(report[name]["psi"])
+            p_gauge.labels(distribution=name).set(report[name]["psi_p"])
     if report["tokens"] is not None:
-        psi_gauge.labels(distribution="tokens").set(report["tokens"]["psi"])
         Gauge("pocketlm_drift_kl_tokens", "KL(recent || reference) of prompt token frequencies, nats",
               registry=registry).set(report["tokens"]["kl"])
     if report["perplexity"] is not None:
@@ -300,11 +356,12 @@ def format_drift(report: dict) -> str:
     w, length = report["windows"], report["length"]
     out = [f"drift: {'YES (' + ', '.join(report['tripped']) + ')' if report['drift'] else 'no'}",
            f"windows: reference {w['reference']['requests']} requests, recent {w['recent']['requests']} requests",
-           f"prompt length: PSI {length['psi']:.3f} ({length['level']}), KS {length['ks_statistic']:.3f} "
+           f"prompt length: PSI {length['psi']:.3f} ({length['level']}, p {length['psi_p']:.2g}), "
+           f"KS {length['ks_statistic']:.3f} "
            f"(p {length['ks_p']:.3g}), mean {length['reference_mean']:.1f} -> {length['recent_mean']:.1f} tokens"]
     tokens, ppl = report["tokens"], report["perplexity"]
     if tokens is not None:
-        out.append(f"tokens: PSI {tokens['psi']:.3f} ({tokens['level']}), "
+        out.append(f"tokens: PSI {tokens['psi']:.3f} ({tokens['level']}, p {tokens['psi_p']:.2g}), "
                    f"KL(recent||reference) {tokens['kl']:.3f} nats, "
                    f"{tokens['new_tokens']} token ids unseen in the reference; over the reference's "
                    f"{tokens['bins'] - 1} most frequent tokens and the rest")
@@ -312,6 +369,6 @@ def format_drift(report: dict) -> str:
         out.append(f"perplexity: reference {ppl['reference']:.2f}, recent {ppl['recent']:.2f}, "
                    f"ratio {ppl['ratio']:.2f}")
     t = report["thresholds"]
-    out.append(f"thresholds: PSI > {t['psi']}, perplexity ratio > {t['perplexity_ratio']}")
+    out.append(f"thresholds: PSI > {t['psi']} with p < {t['alpha']}, perplexity ratio > {t['perplexity_ratio']}")
     out += [f"note: {n}" for n in report["notes"]]
     return "\n".join(out) + "\n"
