@@ -431,8 +431,8 @@ def test_cli_serve_answers_and_ab_report_and_drift_read_its_log(tiny, tmp_path):
     url = f"http://127.0.0.1:{port}"
     try:
         assert wait_for(lambda: _healthy(url), timeout=60), proc.stderr.read() if proc.poll() is not None else ""
-        for i in range(12):
-            prompt = "the cat sat on the mat" if i < 8 else "1234 5678 9012 3456 7890 " * 4
+        for i in range(24):  # 6 recent requests against 18: enough for drift's permutation test to reach p < 0.01
+            prompt = "the cat sat on the mat" if i < 18 else "1234 5678 9012 3456 7890 " * 4
             reply = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 2})
             assert reply.status_code == 200
             httpx.post(url + "/v1/feedback", json={"id": reply.json()["id"], "rating": 1 if i % 2 else -1})
