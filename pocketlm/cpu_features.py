@@ -44,4 +44,5 @@ def warn_if_bf16_is_slow(dtype: torch.dtype | None, device: str | torch.device =
     """One line when bf16 was asked for on a CPU that would emulate it (unknown CPUs are not warned about)."""
     if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and _flags() is not None and not cpu_has_bf16():
         log.warning("this CPU has no bf16 instructions (AVX512-BF16, AMX or Arm BF16): bfloat16 is emulated and can "
-                    "run several times slower than float32 (SmolLM2 on an AVX2 CPU: 5-7x for prompts and scoring, 1.3-2x for batched decoding); float32 is the faster choice")
+                    "run several times slower than float32 (SmolLM2 on an AVX2 CPU: 5-7x for prompts and scoring, "
+                    "1.3-2x for batched decoding); float32 is the faster choice")
