@@ -502,6 +502,9 @@ def drift_cmd(
     experiment: Optional[str] = typer.Option(None, help="only this experiment's requests"),
     variant: Optional[str] = typer.Option(None, help="only this variant's requests"),
     recent_fraction: float = typer.Option(0.25, help="the newest fraction of requests is compared with the rest"),
+    psi_threshold: float = typer.Option(0.2, help="a PSI above this may flag drift (0.1-0.2 is the usual 'moderate')"),
+    alpha: float = typer.Option(0.01, help="...if a permutation test puts the chance of so large a PSI below this"),
+    ppl_ratio: float = typer.Option(1.5, help="the model's perplexity, recent over reference, above this flags drift"),
     metrics_file: Optional[Path] = typer.Option(None, help="also write the figures as Prometheus metrics (textfile collector)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON"),
 ):
@@ -513,7 +516,13 @@ def drift_cmd(
     lm = tokenizer = None
     if model:
         lm, tokenizer = _load(model)
-    report = drift_report(db, tokenizer, lm, experiment=experiment, variant=variant, recent_fraction=recent_fraction)
+    for name, value, expected in (("--psi-threshold", psi_threshold, "a number above 0, e.g. 0.2"),
+                                  ("--alpha", alpha, "a number between 0 and 1, e.g. 0.01"),
+                                  ("--ppl-ratio", ppl_ratio, "a number above 0, e.g. 1.5")):
+        if not (value > 0 and (name != "--alpha" or value < 1)):
+            raise ConfigError(f"{name} is {value}; expected {expected}")
+    report = drift_report(db, tokenizer, lm, experiment=experiment, variant=variant, recent_fraction=recent_fraction,
+                          psi_threshold=psi_threshold, alpha=alpha, ppl_ratio_threshold=ppl_ratio)
     sys.stdout.write(format_drift(report) + "\n")
     if metrics_file:
         err.print(f"metrics: {write_drift_metrics(report, metrics_file)}", highlight=False)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import subprocess
+import sys
 from collections import Counter
 from itertools import combinations
 
@@ -378,3 +380,24 @@ def test_drift_bad_input(tmp_path, tok):
         drift_report(log, tok, reference=(0.0, 10.0), recent=(1000.0, 2000.0))
     with pytest.raises(ConfigError, match="recent_fraction"):
         drift_report(log, tok, recent_fraction=1.5)
+
+
+def test_drift_cli_thresholds(tmp_path, tok, stories):
+    db = tmp_path / "d.db"
+    log = RequestLog(db)
+    _insert(log, stories[:40], 1000, tok)
+    _insert(log, stories[40:52], 5000, tok)
+
+    def drift(*args):
+        return subprocess.run([sys.executable, "-m", "pocketlm", "drift", "--db", str(db), "--recent-fraction", "0.23",
+                               *args], capture_output=True, text=True)
+
+    default = drift()
+    assert default.returncode == 0 and "drift: no" in default.stdout and "too few to tell" in default.stdout
+    loose = drift("--alpha", "0.99")  # any PSI over 0.2 now counts: these small windows trip on prompt length
+    assert loose.returncode == 1 and "length_psi" in loose.stdout and "p < 0.99" in loose.stdout
+    strict = drift("--alpha", "0.99", "--psi-threshold", "1000")
+    assert strict.returncode == 0 and "PSI > 1000.0" in strict.stdout
+    bad = drift("--alpha", "1.5")
+    assert bad.returncode == 1
+    assert bad.stderr.strip() == "error: --alpha is 1.5; expected a number between 0 and 1, e.g. 0.01"
