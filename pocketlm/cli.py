@@ -516,11 +516,6 @@ def drift_cmd(
     lm = tokenizer = None
     if model:
         lm, tokenizer = _load(model)
-    for name, value, expected in (("--psi-threshold", psi_threshold, "a number above 0, e.g. 0.2"),
-                                  ("--alpha", alpha, "a number between 0 and 1, e.g. 0.01"),
-                                  ("--ppl-ratio", ppl_ratio, "a number above 0, e.g. 1.5")):
-        if not (value > 0 and (name != "--alpha" or value < 1)):
-            raise ConfigError(f"{name} is {value}; expected {expected}")
     report = drift_report(db, tokenizer, lm, experiment=experiment, variant=variant, recent_fraction=recent_fraction,
                           psi_threshold=psi_threshold, alpha=alpha, ppl_ratio_threshold=ppl_ratio)
     sys.stdout.write(format_drift(report) + "\n")

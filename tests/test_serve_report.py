@@ -380,6 +380,10 @@ def test_drift_bad_input(tmp_path, tok):
         drift_report(log, tok, reference=(0.0, 10.0), recent=(1000.0, 2000.0))
     with pytest.raises(ConfigError, match="recent_fraction"):
         drift_report(log, tok, recent_fraction=1.5)
+    with pytest.raises(ConfigError, match="alpha is 0; expected a number between 0 and 1"):
+        drift_report(log, tok, alpha=0)
+    with pytest.raises(ConfigError, match="psi_threshold is -1; expected a number above 0"):
+        drift_report(log, tok, psi_threshold=-1)
 
 
 def test_drift_cli_thresholds(tmp_path, tok, stories):
@@ -400,4 +404,4 @@ def test_drift_cli_thresholds(tmp_path, tok, stories):
     assert strict.returncode == 0 and "PSI > 1000.0" in strict.stdout
     bad = drift("--alpha", "1.5")
     assert bad.returncode == 1
-    assert bad.stderr.strip() == "error: --alpha is 1.5; expected a number between 0 and 1, e.g. 0.01"
+    assert bad.stderr.strip() == "error: alpha is 1.5; expected a number between 0 and 1, e.g. 0.01"

@@ -252,6 +252,12 @@ def drift_report(log_or_url, tokenizer=None, model=None, *, reference: tuple[flo
     "perplexity", "notes", "thresholds"}; "tokens" / "perplexity" are None when they could not be
     computed (the notes say why). Only requests with prompt_tokens > 0 count (0: never tokenized).
     `max_prompts` caps the prompts per window the model scores (evenly spaced; None: all)."""
+    if not 0.0 < alpha < 1.0:
+        raise ConfigError(f"alpha is {alpha}; expected a number between 0 and 1, e.g. 0.01")
+    for name, value, example in (("psi_threshold", psi_threshold, 0.2),
+                                 ("ppl_ratio_threshold", ppl_ratio_threshold, 1.5)):
+        if not value > 0:
+            raise ConfigError(f"{name} is {value}; expected a number above 0, e.g. {example}")
     engine = connect(log_or_url)
     rows = [r for r in load_requests(engine, experiment, variant=variant) if (r["prompt_tokens"] or 0) > 0]
     if not rows:
