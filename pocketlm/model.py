@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernels, native_decode
+from . import cpu_kernels, native_decode, train_attention
 from .config import ModelConfig
 from .quant import fused_projections
 
@@ -121,12 +121,16 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.n_heads * self.head_dim, d, bias=bias)
         self.cache: KVCache | None = None
 
-    def _qkv(self, x, cos, sin):
+    def _heads(self, x):
+        """q, k, v as (batch, seq, heads, head_dim) views of the projections."""
         b, t, _ = x.shape
         q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
-        q = q.reshape(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.reshape(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.reshape(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return (q.reshape(b, t, self.n_heads, self.head_dim), k.reshape(b, t, self.n_kv_heads, self.head_dim),
+                v.reshape(b, t, self.n_kv_heads, self.head_dim))
+
+    def _qkv(self, x, cos, sin):
+        """q, k, v as (batch, heads, seq, head_dim), RoPE applied to q and k."""
+        q, k, v = (z.transpose(1, 2) for z in self._heads(x))
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def decode(self, x, cos, sin, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -143,6 +147,9 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, start: int, mask: torch.Tensor | None, row: int | None = None,
                 prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         b, t, _ = x.shape
+        if self._kernel_trains(x, start, mask, prefix):
+            q, k, v = self._heads(x)
+            return self.o_proj(train_attention.causal_attention(q, k, v, cos, sin).reshape(b, t, -1))
         q, k, v = self._qkv(x, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(start, k, v, row)
@@ -156,6 +163,13 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+    def _kernel_trains(self, x, start: int, mask: torch.Tensor | None, prefix) -> bool:
+        """Training on a CPU from position 0 (an additive causal bias, no cache, no prefix adapter): RoPE and
+        attention run as one kernel call (pocketlm.train_attention)."""
+        return (mask is not None and mask.dtype != torch.bool and start == 0 and prefix is None
+                and self.cache is None and train_attention.serves(x))
 
 
 def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 
+from .. import train_attention
 from ..checkpoint import save_model_dir
 from ..config import ModelConfig
 from ..cpu_features import cpu_has_bf16, warn_if_bf16_is_slow
@@ -215,6 +216,8 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
     if runtime.world > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
     step_loss = lambda batch: objective.loss(wrapped, batch)  # noqa: E731
+    if runtime.device.type == "cpu":
+        train_attention.available()  # built and loaded now: a compiled graph cannot do it
     if t.compile:  # forward, loss and their backward in one compiled graph
         step_loss = torch.compile(step_loss)
     logger = _Logger(log_path, out_dir, recipe, enabled=runtime.main)
