@@ -219,7 +219,8 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
     if runtime.device.type == "cpu":
         train_attention.available()  # built and loaded now: a compiled graph cannot do it
     if t.compile:  # forward, loss and their backward in one compiled graph
-        step_loss = torch.compile(step_loss)
+        # on a CPU the graph's wrapper is C++ instead of Python: 2-4% of a shakespeare-char step (BENCHMARKS.md)
+        step_loss = torch.compile(step_loss, options={"cpp_wrapper": runtime.device.type == "cpu"})
     logger = _Logger(log_path, out_dir, recipe, enabled=runtime.main)
     show = (recipe.log.progress if progress is None else progress) and runtime.main
     bar = _Progress(recipe.train.max_steps, state.step, enabled=show)
