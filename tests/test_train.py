@@ -259,3 +259,26 @@ def test_two_machines_without_a_shared_file_system(shared_data, prepared, tmp_pa
     one, two = losses(tmp_path / "one" / "run"), losses(tmp_path / "two" / "run")
     assert sorted(one) == sorted(two) == list(range(1, 11))
     assert max(abs(one[s] - two[s]) for s in one) <= 1e-5
+
+
+def test_clipping_through_fused_adamw_equals_clip_grad_norm():
+    """The fused AdamW's gradient divisor gives the update that clip_grad_norm_ and AdamW give, in both
+    regimes: a norm over the limit (clipped) and under it (left alone)."""
+    from pocketlm.train.loop import clip_gradients
+
+    for max_norm in (0.05, 1e6):
+        models = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 3)) for _ in range(2)]
+        models[1].load_state_dict(models[0].state_dict())
+        optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True) for m in models]
+        x = torch.randn(32, 8)
+        for step in range(3):
+            for m in models:
+                m(x * (step + 1)).pow(2).mean().backward()
+            norm = clip_gradients(models[0], optimizers[0], max_norm)
+            expected = torch.nn.utils.clip_grad_norm_(models[1].parameters(), max_norm)
+            assert torch.allclose(norm, expected)
+            for o in optimizers:
+                o.step()
+                o.zero_grad()
+        for a, b in zip(models[0].parameters(), models[1].parameters()):
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
