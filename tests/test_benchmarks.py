@@ -28,6 +28,20 @@ def test_train_throughput_benchmark_runs(tmp_path):
         assert math.isfinite(figures["val_loss"]) and figures["val_loss"] < math.log(65)
 
 
+def test_train_attention_benchmark_runs(tmp_path):
+    from pocketlm import train_attention
+
+    if not train_attention.available():
+        pytest.skip("needs an x86 CPU with AVX2 and a C++ compiler")
+    out = tmp_path / "attention.json"
+    run = subprocess.run([sys.executable, "benchmarks/train_attention.py", "--steps", "12", "--repeats", "3",
+                          "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert len(results["attention"]) == 8 and all(r["kernel_ms"] > 0 and r["pytorch_ms"] > 0 for r in results["attention"])
+    assert 0 < results["step"]["kernel_ms"] < 10_000 and 0 < results["step"]["pytorch_ms"] < 10_000
+
+
 def test_train_matmul_floor_benchmark_runs():
     run = subprocess.run([sys.executable, "benchmarks/train_matmul_floor.py"], cwd=REPO, capture_output=True,
                          text=True, timeout=300)
