@@ -26,6 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
+from few_rows import median_ms  # noqa: E402
 from load_and_decode import machine  # noqa: E402
 
 from pocketlm import train_attention  # noqa: E402
@@ -37,17 +38,6 @@ SHAPES = [  # batch, seq, heads, kv heads, head_dim
     (2, 512, 9, 3, 64),
     (1, 1024, 9, 3, 64),
 ]
-
-
-def median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(times)
 
 
 def attention_alone(repeats: int) -> list[dict]:
