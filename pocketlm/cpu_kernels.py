@@ -4,7 +4,9 @@ one query over the KV cache, and a quantized model's whole decode step (see nati
 The sources are in `csrc/`. They are compiled with the system's C++ compiler on first use, in about
 25 s, into ~/.cache/pocketlm/cpu_kernels/ (POCKETLM_CACHE moves it), and loaded as the torch ops
 `pocketlm::int4_linear`, `pocketlm::int8_linear`, `pocketlm::decode_attention` and
-`pocketlm::decode_step`. Eager code and `torch.compile`d graphs call them alike.
+`pocketlm::decode_step`. Eager code and `torch.compile`d graphs call them alike. The same library holds
+the causal attention used for CPU training (train_attention.cpp; see train_attention.py), which is not
+limited to AVX2-only CPUs.
 
 They are used on x86 CPUs with AVX2 but without AVX-512. There inductor's int4 loop is bound by
 arithmetic: on a Zen 3 EPYC a compiled int4 SmolLM2 step took 15.8 ms with inductor's loops and 11.4-12.0

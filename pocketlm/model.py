@@ -164,7 +164,6 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
-
     def _kernel_trains(self, x, start: int, mask: torch.Tensor | None, prefix) -> bool:
         """Training on a CPU from position 0 (an additive causal bias, no cache, no prefix adapter): RoPE and
         attention run as one kernel call (pocketlm.train_attention)."""
