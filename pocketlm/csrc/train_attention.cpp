@@ -10,7 +10,7 @@
 // Like flash attention, the backward recomputes the probabilities from the saved log-sum-exp of each
 // query's scores instead of keeping them. Everything is computed in fp32 whatever the input dtype (fp32
 // or bf16), and masked (future) positions are never computed. Registered as
-// pocketlm::causal_attention and pocketlm::causal_attention_backward; pocketlm/train_kernels.py gives
+// pocketlm::causal_attention and pocketlm::causal_attention_backward; pocketlm/train_attention.py gives
 // them autograd and shapes for torch.compile.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
