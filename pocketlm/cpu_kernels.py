@@ -73,8 +73,9 @@ def _load() -> bool:
             torch.ops.load_library(str(library))
             _register_shapes()
     except (KernelBuildError, OSError) as e:  # OSError: a library the dynamic loader refuses
-        log.warning("pocketlm's AVX2 kernels are not available (%s); quantized decoding uses PyTorch's slower "
-                    "kernels. Install g++ to get them, or set %s=0 to silence this.", e, SWITCH)
+        log.warning("pocketlm's AVX2 kernels are not available (%s); quantized decoding and CPU training's "
+                    "attention use PyTorch's slower kernels. Install g++ to get them, or set %s=0 to silence "
+                    "this.", e, SWITCH)
         return False
     return True
 
