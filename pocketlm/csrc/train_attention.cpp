@@ -289,17 +289,18 @@ struct Workspace {
     for (int64_t i = 0; i < T; ++i) rope(qp + i * qst, cos + i * D, sin + i * D, D, scale, &q[i * Dp]);
   }
 
-  // p = softmax of the causal scores q k^T, row by row, from each row's maximum (forward: lse is
-  // written) or from the saved log-sum-exp (backward: lse is read); zero past the diagonal
-  void probabilities(float* lse, bool forward) {
+  // Forward: p = softmax of the causal scores q k^T, row by row from each row's maximum; writes each row's
+  // log-sum-exp to lse. Backward (saved_lse given, lse null): p again, from the log-sum-exp saved then.
+  // Zero past the diagonal either way.
+  void probabilities(const float* saved_lse, float* lse) {
     product(q.data(), Dp, 1, kt.data(), Tp, p.data(), Tp, T, Tp, D, Range::Full, true, false);
     for (int64_t i = 0; i < T; ++i) {
       float* row = &p[i * Tp];
       const int64_t n = i + 1;
-      const float shift = forward ? row_max(row, n) : lse[i];
+      const float shift = saved_lse ? saved_lse[i] : row_max(row, n);
       exp_shifted(row, n, shift);
       std::fill(row + n, row + Tp, 0.f);
-      if (forward) {
+      if (lse) {
         const float total = row_dot(row, nullptr, n), inverse = 1.f / total;
         for (int64_t j = 0; j < n; ++j) row[j] *= inverse;
         lse[i] = shift + std::log(total);
@@ -326,7 +327,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
                          v.stride(1), cos, sin);
       for (int64_t h = g * s.group(); h < (g + 1) * s.group(); ++h) {
         w.load_queries(qp + b * q.stride(0) + h * q.stride(2), q.stride(1), cos, sin, scale);
-        w.probabilities(lp + (b * s.H + h) * s.T, true);
+        w.probabilities(nullptr, lp + (b * s.H + h) * s.T);
         product(w.p.data(), w.Tp, 1, w.v.data(), w.Dp, o.data(), w.Dp, s.T, w.Dp, s.T, Range::Lower, false, false);
         for (int64_t i = 0; i < s.T; ++i) {
           convert(&o[i * w.Dp], s.D, op + ((b * s.T + i) * s.H + h) * s.D);
@@ -358,7 +359,7 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
       for (int64_t h = g * s.group(); h < (g + 1) * s.group(); ++h) {
         const bool first = h == g * s.group();
         w.load_queries(qp + b * q.stride(0) + h * q.stride(2), q.stride(1), cos, sin, scale);
-        w.probabilities(const_cast<float*>(lp) + (b * s.H + h) * s.T, false);
+        w.probabilities(lp + (b * s.H + h) * s.T, nullptr);
         for (int64_t i = 0; i < s.T; ++i) {
           convert(gp + ((b * s.T + i) * s.H + h) * D, D, &w.go[i * Dp]);
         }
