@@ -5,10 +5,13 @@ cosine to 1e-4 with 100 warmup steps, AdamW betas (0.9, 0.99), weight decay 0.1,
 fp32, no compile). nanoGPT itself is not installable from a package registry, so the peer run here is
 nanoGPT's model and loop written out in this file (same architecture, init and optimizer), fed the same batches;
 nanoGPT's own figure on this machine class (shared/MEASUREMENTS.md) is printed beside it. The machine
-is shared and its speed drifts over minutes, so the two runs are interleaved step by step: after each
-pocketlm step the peer takes one step, and each is timed on its own.
+is shared and its speed drifts over minutes, so the two runs are interleaved: after every `--block`
+pocketlm steps the peer takes as many, and each step is timed on its own. A block of 25 steps lasts about
+a second, short against the machine's drift, and long enough that each run keeps its own data in the caches
+as it does when it trains alone; `--block 1` alternates single steps, which makes each step start with the
+other run's data in the 32 MB L3 (measured both ways in BENCHMARKS.md).
 
-    python benchmarks/train_throughput.py [--steps 2000] [--json out.json]
+    python benchmarks/train_throughput.py [--steps 2000] [--block 25] [--set train.parallel=ops] [--json out.json]
 """
 
 from __future__ import annotations
@@ -83,6 +86,16 @@ class NanoGPTShapedPeer:
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.99))
         self.step_count, self.ms = 0, []
+        self.threads = torch.get_num_threads()  # nanoGPT's: PyTorch's default, every op across the cores
+
+    def steps_until(self, step: int) -> None:
+        """Take steps until `step` are done, with the peer's own thread count (pocketlm's loop may run
+        its ops on one thread each: train.parallel)."""
+        ours = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        while self.step_count < step:
+            self.step()
+        torch.set_num_threads(ours)
 
     def step(self) -> None:
         from pocketlm.train.batches import batch_starts, windows
@@ -114,16 +127,21 @@ class NanoGPTShapedPeer:
         return float(np.mean(losses))
 
 
-def run_interleaved(steps: int, workdir: Path) -> dict:
-    """pocketlm's loop with one peer step after each of its own steps: both see the same machine load."""
+def run_interleaved(steps: int, block: int, workdir: Path, overrides: list[str]) -> dict:
+    """pocketlm's loop with `block` peer steps after each `block` of its own: both see the same machine load."""
     from pocketlm.train import load_recipe, train
     from pocketlm.train.data_source import load_training_data
 
     recipe = load_recipe(RECIPE, overrides=[f"out_dir={workdir / 'pocketlm'}", f"train.max_steps={steps}",
-                                            "log.interval=1", "log.progress=false", "eval.sample_prompt=null"])
+                                            "log.interval=1", "log.progress=false", "eval.sample_prompt=null", *overrides])
     peer = NanoGPTShapedPeer(recipe, load_training_data(recipe, is_main=True))
+
+    def peer_block(record: dict) -> None:
+        if record["step"] % block == 0 or record["step"] == steps:
+            peer.steps_until(record["step"])
+
     started = time.perf_counter()
-    train(recipe, on_step=lambda record: peer.step())
+    train(recipe, on_step=peer_block)
     wall = time.perf_counter() - started
     records = [json.loads(l) for l in (workdir / "pocketlm" / "log.jsonl").read_text().splitlines()]
     ours_ms = [r["ms"] for r in records[10:] if "val_loss" not in r]  # skip compile warm-up and eval steps
@@ -131,7 +149,8 @@ def run_interleaved(steps: int, workdir: Path) -> dict:
     peer_ms = [ms for i, ms in enumerate(peer.ms[10:], start=11) if i not in eval_steps]
     return {
         "pocketlm": {"ms_per_iter": statistics.median(ours_ms), "val_loss": [r["val_loss"] for r in records if "val_loss" in r][-1],
-                     "setup": f"Llama (RoPE, SwiGLU, RMSNorm), {recipe.train.dtype} autocast, compile={recipe.train.compile}",
+                     "setup": f"Llama (RoPE, SwiGLU, RMSNorm), {recipe.train.dtype} autocast, compile={recipe.train.compile}, "
+                              f"parallel={recipe.train.parallel}",
                      "val_curve": {r["step"]: r["val_loss"] for r in records if "val_loss" in r}},
         "nanoGPT-shaped peer": {"ms_per_iter": statistics.median(peer_ms), "val_loss": peer.val_loss(),
                                 "setup": "nanoGPT's model and loop written out, fp32 eager"},
@@ -142,15 +161,18 @@ def run_interleaved(steps: int, workdir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--block", type=int, default=25, help="steps each run takes before the other takes as many")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe override for pocketlm's run, e.g. train.parallel=ops")
     parser.add_argument("--json")
     args = parser.parse_args()
     tokens_per_iter = 12 * 64
     with tempfile.TemporaryDirectory() as tmp:
-        results = run_interleaved(args.steps, Path(tmp))
+        results = run_interleaved(args.steps, args.block, Path(tmp), args.set)
     ours, peer = results["pocketlm"], results["nanoGPT-shaped peer"]
     print(f"machine: {machine()}")
     print(f"shakespeare-char shape: 4 layers, 4 heads, 128 dims, block 64, batch 12, {args.steps} iterations, "
-          f"steps interleaved (one pocketlm step, one peer step), {results['wall_s']:.0f} s in all")
+          f"interleaved in blocks of {args.block} step{'s' if args.block > 1 else ''}, {results['wall_s']:.0f} s in all")
     print(f"{'':24}{'ms/iter':>9}{'tokens/s':>10}{'val loss':>10}  setup")
     for name in ("pocketlm", "nanoGPT-shaped peer"):
         r = results[name]

@@ -282,3 +282,57 @@ def test_clipping_through_fused_adamw_equals_clip_grad_norm():
                 o.zero_grad()
         for a, b in zip(models[0].parameters(), models[1].parameters()):
             assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+# ---- batch threads -------------------------------------------------------------------------------
+def test_batch_threads_match_one_thread_and_repeat_exactly(prepared, tmp_path):
+    """Two threads with half the batch each (train.parallel=batch) train as one thread with the whole batch
+    does, to rounding, and two such runs give the same losses to the last bit, also across a resume."""
+    decay = {"train.max_steps": 20, "optim.decay_steps": 20, "checkpoint.interval": 5}
+    one = tiny_recipe(tmp_path / "one", prepared, **decay)
+    two = tiny_recipe(tmp_path / "two", prepared, **decay, **{"train.threads": 2, "train.parallel": "batch"})
+    again = tiny_recipe(tmp_path / "again", prepared, **decay, **{"train.threads": 2, "train.parallel": "batch"})
+    train(load_recipe(one))
+    train(load_recipe(two))
+    train(load_recipe(again, overrides=["train.max_steps=12"]))
+    train(load_recipe(again, overrides=["resume=true"]))  # from the step-10 checkpoint, steps 11-12 redone
+    single, threaded, resumed = (losses(tmp_path / d / "run") for d in ("one", "two", "again"))
+    assert sorted(single) == sorted(threaded) == sorted(resumed) == list(range(1, 21))
+    assert max(abs(single[s] - threaded[s]) for s in single) <= 1e-5
+    assert threaded != single  # the halves were really summed apart (rounding differs), not one batch
+    assert resumed == threaded
+
+
+def test_batch_thread_count_and_pool():
+    import threading
+
+    from pocketlm.train.batch_threads import BatchThreads, batch_thread_count
+
+    cpu = torch.device("cpu")
+    assert batch_thread_count("auto", 2, 12, cpu, 1, False) == 2
+    assert batch_thread_count("auto", 4, 6, cpu, 1, False) == 3  # as many as split the rows evenly
+    assert batch_thread_count("auto", 2, 7, cpu, 1, False) == 1
+    assert batch_thread_count("ops", 2, 12, cpu, 1, False) == 1
+    assert batch_thread_count("auto", 2, 12, cpu, 2, False) == 1  # DDP
+    assert batch_thread_count("auto", 2, 12, cpu, 1, True) == 1  # dropout: random numbers in varying order
+    assert batch_thread_count("batch", 2, 12, cpu, 1, True) == 2
+    assert batch_thread_count("auto", 2, 12, torch.device("meta"), 1, False) == 1
+
+    before = torch.get_num_threads()
+    pool = BatchThreads(2)
+    try:
+        seen = pool.map(lambda x: (x * x, threading.get_ident(), torch.get_num_threads()), [3, 4])
+        assert [s[0] for s in seen] == [9, 16]
+        assert seen[0][1] == threading.get_ident() != seen[1][1]  # the caller runs the first item
+        assert [s[2] for s in seen] == [1, 1]
+        assert pool.map_chunks(lambda x: x + 1, list(range(7))) == list(range(1, 8))
+
+        def fails(x):
+            if x == 2:
+                raise ValueError("slice 2")
+            return x
+        with pytest.raises(ValueError, match="slice 2"):
+            pool.map(fails, [1, 2])
+    finally:
+        pool.close()
+    assert torch.get_num_threads() == before

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from rich.console import Console
 
 from .. import train_attention
+from .batch_threads import BatchThreads, batch_thread_count, sum_gradients
 from ..checkpoint import save_model_dir
 from ..config import ModelConfig
 from ..cpu_features import cpu_has_bf16, warn_if_bf16_is_slow
@@ -243,74 +244,102 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
             batch.update(cache.lookup(picks, runtime.device))
         return batch
 
+    random_forward = recipe.adapter is not None and recipe.adapter.type == "lora" and recipe.adapter.dropout > 0
+    slices = batch_thread_count(t.parallel, torch.get_num_threads(), per_micro, runtime.device, runtime.world,
+                                random_forward)
+    threads = BatchThreads(slices) if slices > 1 else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def slice_gradients(batch, scale):
+        """(scaled loss, metrics, gradients) of one slice of a micro-batch, on the calling thread."""
+        with autocast():
+            loss, metrics = step_loss(batch)
+            loss = loss * scale
+        return loss.detach(), metrics, torch.autograd.grad(loss, trainable, allow_unused=True)
+
     model.train()
     tokens_per_step = t.batch_size * data.train.tokens_per_row
     last_train_loss = last_val_loss = None
-    while state.step < t.max_steps:
-        step_started = time.perf_counter()
-        lr = lr_at(state.step, recipe)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        picks = data.train.picks(recipe.seed, state.step, t.batch_size)
-        # per micro-batch loss scale: a mean over micro-batches, or a token sum over the step's labelled tokens
-        # (times the processes, whose gradients DDP averages)
-        scale = (runtime.world / max(1, data.train.labelled_tokens(picks)) if objective.token_sum
-                 else 1 / t.grad_accum)
-        total = torch.zeros((), device=runtime.device)
-        sums: dict[str, torch.Tensor] = {}
-        for micro in range(t.grad_accum):
-            first = (micro * runtime.world + runtime.rank) * per_micro
-            batch = make_batch(picks[first:first + per_micro])
-            sync = micro == t.grad_accum - 1 or runtime.world == 1
-            with (nullcontext() if sync else wrapped.no_sync()), autocast():
-                loss, metrics = step_loss(batch)
-                loss = loss * scale
-            loss.backward()
-            total += loss.detach()
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0) + value.float() / t.grad_accum
-        grad_norm = clip_gradients(model, optimizer, t.grad_clip) if t.grad_clip > 0 else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if runtime.world > 1:
-            dist.all_reduce(total, op=dist.ReduceOp.AVG)
-            for value in sums.values():
-                dist.all_reduce(value, op=dist.ReduceOp.AVG)
-        state.step += 1
-        state.tokens_seen += tokens_per_step
-        last_train_loss = float(total)
-        elapsed_ms = (time.perf_counter() - step_started) * 1000
-        record = {"step": state.step, "loss": last_train_loss, "lr": lr, "ms": round(elapsed_ms, 3),
-                  "tokens": state.tokens_seen, **{k: float(v) for k, v in sums.items()}}
-        if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
-        bar.update(state.step, last_train_loss, elapsed_ms)
+    first_step = state.step
+    try:
+        while state.step < t.max_steps:
+            step_started = time.perf_counter()
+            lr = lr_at(state.step, recipe)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            picks = data.train.picks(recipe.seed, state.step, t.batch_size)
+            # per micro-batch loss scale: a mean over micro-batches (and their thread slices), or a token sum
+            # over the step's labelled tokens (times the processes, whose gradients DDP averages)
+            scale = (runtime.world / max(1, data.train.labelled_tokens(picks)) if objective.token_sum
+                     else 1 / (t.grad_accum * slices))
+            total = torch.zeros((), device=runtime.device)
+            sums: dict[str, torch.Tensor] = {}
+            for micro in range(t.grad_accum):
+                first = (micro * runtime.world + runtime.rank) * per_micro
+                rows = picks[first:first + per_micro]
+                if threads is None:
+                    sync = micro == t.grad_accum - 1 or runtime.world == 1
+                    with (nullcontext() if sync else wrapped.no_sync()), autocast():
+                        loss, metrics = step_loss(make_batch(rows))
+                        loss = loss * scale
+                    loss.backward()
+                    results = [(loss.detach(), metrics)]
+                else:
+                    per = per_micro // slices
+                    batches = [make_batch(rows[i * per:(i + 1) * per]) for i in range(slices)]
+                    # the first step compiles the graph: on one thread (compiling on two at once can hang)
+                    run = (lambda f, xs: [f(x) for x in xs]) if state.step == first_step else threads.map
+                    results = run(lambda batch: slice_gradients(batch, scale), batches)
+                    sum_gradients(trainable, [r[2] for r in results])
+                for loss, metrics, *_ in results:
+                    total += loss
+                    for key, value in metrics.items():
+                        sums[key] = sums.get(key, 0) + value.float() / (t.grad_accum * slices)
+            grad_norm = clip_gradients(model, optimizer, t.grad_clip) if t.grad_clip > 0 else None
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if runtime.world > 1:
+                dist.all_reduce(total, op=dist.ReduceOp.AVG)
+                for value in sums.values():
+                    dist.all_reduce(value, op=dist.ReduceOp.AVG)
+            state.step += 1
+            state.tokens_seen += tokens_per_step
+            last_train_loss = float(total)
+            elapsed_ms = (time.perf_counter() - step_started) * 1000
+            record = {"step": state.step, "loss": last_train_loss, "lr": lr, "ms": round(elapsed_ms, 3),
+                      "tokens": state.tokens_seen, **{k: float(v) for k, v in sums.items()}}
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            bar.update(state.step, last_train_loss, elapsed_ms)
 
-        is_eval = state.step % recipe.eval.interval == 0 or state.step == t.max_steps
-        is_best = False
-        if is_eval:
-            val_loss, val_metrics = evaluate(model, data.val, objective, recipe, runtime.device, autocast)
-            record["val_loss"] = last_val_loss = val_loss
-            record.update({f"val_{k}": v for k, v in val_metrics.items()})
-            is_best = state.best_val_loss is None or val_loss < state.best_val_loss
-            if is_best:
-                state.best_val_loss = val_loss
-            if runtime.main:
-                sample = _sample(model, data.tokenizer, recipe)
-                if sample is not None:
-                    record["sample"] = sample
-                extra = "".join(f", val {k} {v:.4f}" for k, v in val_metrics.items())
-                bar.note(f"step {state.step}: train loss {last_train_loss:.4f}, val loss {val_loss:.4f}{extra}"
-                         + (f", sample: {sample!r}" if sample else ""))
-        if runtime.main and (state.step % recipe.log.interval == 0 or is_eval):
-            logger.write(record)
-        if runtime.main and on_step is not None:
-            on_step(record)
-        if state.step % recipe.checkpoint.interval == 0 or state.step == t.max_steps:
-            if runtime.main:
-                save_checkpoint(ckpt_root, model, optimizer, state, recipe.checkpoint.keep_last,
-                                recipe.checkpoint.keep_best, is_best)
-            _barrier(runtime)
+            is_eval = state.step % recipe.eval.interval == 0 or state.step == t.max_steps
+            is_best = False
+            if is_eval:
+                val_loss, val_metrics = evaluate(model, data.val, objective, recipe, runtime.device, autocast, threads)
+                record["val_loss"] = last_val_loss = val_loss
+                record.update({f"val_{k}": v for k, v in val_metrics.items()})
+                is_best = state.best_val_loss is None or val_loss < state.best_val_loss
+                if is_best:
+                    state.best_val_loss = val_loss
+                if runtime.main:
+                    sample = _sample(model, data.tokenizer, recipe)
+                    if sample is not None:
+                        record["sample"] = sample
+                    extra = "".join(f", val {k} {v:.4f}" for k, v in val_metrics.items())
+                    bar.note(f"step {state.step}: train loss {last_train_loss:.4f}, val loss {val_loss:.4f}{extra}"
+                             + (f", sample: {sample!r}" if sample else ""))
+            if runtime.main and (state.step % recipe.log.interval == 0 or is_eval):
+                logger.write(record)
+            if runtime.main and on_step is not None:
+                on_step(record)
+            if state.step % recipe.checkpoint.interval == 0 or state.step == t.max_steps:
+                if runtime.main:
+                    save_checkpoint(ckpt_root, model, optimizer, state, recipe.checkpoint.keep_last,
+                                    recipe.checkpoint.keep_best, is_best)
+                _barrier(runtime)
+    finally:
+        if threads is not None:
+            threads.close()
     bar.close()
 
     final = out_dir / "model"
@@ -413,24 +442,34 @@ def _on_each_machine(runtime: Runtime, work: Callable[[], None]) -> None:
 
 @torch.no_grad()
 def evaluate(model, val, objective: Objective, recipe: Recipe, device: torch.device,
-             autocast=nullcontext) -> tuple[float, dict[str, float]]:
+             autocast=nullcontext, threads: BatchThreads | None = None) -> tuple[float, dict[str, float]]:
     """Mean validation loss (and the objective's metrics) over eval.iters fixed batches, the same at
-    every evaluation; row data (SFT, DPO) is read in order, at most once."""
-    model.eval()
+    every evaluation; row data (SFT, DPO) is read in order, at most once. With `threads`, each thread
+    evaluates a run of the batches."""
     t = recipe.train
     per = max(1, t.batch_size // t.grad_accum)
-    losses, metrics = [], {}
+    batches = []
     for i in range(recipe.eval.iters):
         picks = val.eval_picks(recipe.seed, i, per)
         if picks is None or len(picks) == 0:
             break
-        with autocast():
+        batches.append(picks)
+
+    def one(picks) -> tuple[float, dict[str, float]]:
+        with torch.no_grad(), autocast():  # grad mode and autocast are per thread
             loss, found = objective.eval_loss(model, val.batch(picks, device))
-        losses.append(float(loss))
+        return float(loss), {key: float(value) for key, value in found.items()}
+
+    model.eval()
+    try:
+        results = threads.map_chunks(one, batches) if threads is not None else [one(p) for p in batches]
+    finally:
+        model.train()
+    metrics: dict[str, list[float]] = {}
+    for _, found in results:
         for key, value in found.items():
-            metrics.setdefault(key, []).append(float(value))
-    model.train()
-    return float(np.mean(losses)), {k: float(np.mean(v)) for k, v in metrics.items()}
+            metrics.setdefault(key, []).append(value)
+    return float(np.mean([loss for loss, _ in results])), {k: float(np.mean(v)) for k, v in metrics.items()}
 
 
 def _sample(model, tokenizer, recipe: Recipe) -> str | None:

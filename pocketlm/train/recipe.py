@@ -71,6 +71,9 @@ class TrainSpec(Section):
     compile: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(default=None, gt=0)
+    # how a CPU process uses its threads: "batch" gives each thread a slice of the batch, every op on one
+    # core (batch_threads.py); "ops" splits every op across them; "auto" is "batch" where it applies
+    parallel: Literal["auto", "batch", "ops"] = "auto"
 
 
 class OptimSpec(Section):
