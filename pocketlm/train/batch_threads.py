@@ -4,7 +4,8 @@ slice of the step's batch with every op on a single core, instead of every op be
 Why: for a small model the ops are small, and splitting each one across cores (PyTorch's intra-op
 parallelism) costs a fork and a join per op, about 300 of them a step, while the second core waits through
 the first one's Python and dispatch work. In a shakespeare-char step the second core idled for 31% of the
-step; with a slice of the batch per thread the step took 1.09-1.35x less time (BENCHMARKS.md).
+step; with a slice of the batch per thread the step ran 1.07-1.11x faster, 1.30-1.37x while the machine
+was busy (BENCHMARKS.md).
 
 The slices are micro-batches run at the same time: the loop scales their losses as it scales gradient
 accumulation's, and their gradients are summed in slice order, so a run gives the same numbers every time
