@@ -7,9 +7,9 @@ nanoGPT's model and loop written out in this file (same architecture, init and o
 nanoGPT's own figure on this machine class (shared/MEASUREMENTS.md) is printed beside it. The machine
 is shared and its speed drifts over minutes, so the two runs are interleaved: after every `--block`
 pocketlm steps the peer takes as many, and each step is timed on its own. A block of 25 steps lasts about
-a second, short against the machine's drift, and long enough that each run keeps its own data in the caches
-as it does when it trains alone; `--block 1` alternates single steps, which makes each step start with the
-other run's data in the 32 MB L3 (measured both ways in BENCHMARKS.md).
+a second, short against the machine's drift, and lets each run keep its data in the caches as it does when it
+trains alone; `--block 1` alternates single steps (earlier sessions' figures; the ratio came out the same,
+BENCHMARKS.md).
 
     python benchmarks/train_throughput.py [--steps 2000] [--block 25] [--set train.parallel=ops] [--json out.json]
 """
@@ -158,17 +158,29 @@ def run_interleaved(steps: int, block: int, workdir: Path, overrides: list[str])
     }
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--block", type=int, default=25, help="steps each run takes before the other takes as many")
+    parser.add_argument("--steps", type=_positive, default=2000)
+    parser.add_argument("--block", type=_positive, default=25, help="steps each run takes before the other takes as many")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe override for pocketlm's run, e.g. train.parallel=ops")
     parser.add_argument("--json")
     args = parser.parse_args()
     tokens_per_iter = 12 * 64
+    from pocketlm.errors import ConfigError
+
     with tempfile.TemporaryDirectory() as tmp:
-        results = run_interleaved(args.steps, args.block, Path(tmp), args.set)
+        try:
+            results = run_interleaved(args.steps, args.block, Path(tmp), args.set)
+        except ConfigError as e:  # a bad --set
+            parser.error(str(e))
     ours, peer = results["pocketlm"], results["nanoGPT-shaped peer"]
     print(f"machine: {machine()}")
     print(f"shakespeare-char shape: 4 layers, 4 heads, 128 dims, block 64, batch 12, {args.steps} iterations, "

@@ -24,12 +24,12 @@ import torch.distributed as dist
 from rich.console import Console
 
 from .. import train_attention
-from .batch_threads import BatchThreads, batch_thread_count, sum_gradients
 from ..checkpoint import save_model_dir
 from ..config import ModelConfig
 from ..cpu_features import cpu_has_bf16, warn_if_bf16_is_slow
 from ..errors import ConfigError
 from ..model import LlamaForCausalLM
+from .batch_threads import BatchThreads, batch_thread_count, sum_gradients
 from .objectives import LANGUAGE_MODELLING, SFT, Objective, distillation, dpo
 from .recipe import Recipe
 from .state import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
