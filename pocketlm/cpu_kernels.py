@@ -30,7 +30,7 @@ import torch
 
 from .hub import cache_dir
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_kernels.cpp", "decode_step.cpp", "train_attention.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_kernels.cpp", "decode_step.cpp", "train_attention.cpp", "cpu_allocator.cpp")]
 HEADERS = [Path(__file__).parent / "csrc" / "kernels.h"]
 SWITCH = "POCKETLM_CPU_KERNELS"  # "0" turns the kernels off; "all" uses them on AVX-512 CPUs too
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w"]

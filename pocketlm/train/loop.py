@@ -26,10 +26,12 @@ from rich.console import Console
 from .. import train_attention
 from ..checkpoint import save_model_dir
 from ..config import ModelConfig
+from ..cpu_allocator import cached_cpu_memory
 from ..cpu_features import cpu_has_bf16, warn_if_bf16_is_slow
 from ..errors import ConfigError
 from ..model import LlamaForCausalLM
 from .batch_threads import BatchThreads, batch_thread_count, sum_gradients
+from .flat_adamw import FlatAdamW
 from .objectives import LANGUAGE_MODELLING, SFT, Objective, distillation, dpo
 from .recipe import Recipe
 from .state import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -249,6 +251,8 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
                                 random_forward)
     threads = BatchThreads(slices) if slices > 1 else None
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # with batch threads the end of the step runs on one core: over one flat buffer it is shorter
+    flat = FlatAdamW(optimizer) if threads is not None and FlatAdamW.applies(optimizer, trainable) else None
 
     def slice_gradients(batch, scale):
         """(scaled loss, metrics, gradients) of one slice of a micro-batch, on the calling thread."""
@@ -261,85 +265,96 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
     tokens_per_step = t.batch_size * data.train.tokens_per_row
     last_train_loss = last_val_loss = None
     first_step = state.step
-    try:
-        while state.step < t.max_steps:
-            step_started = time.perf_counter()
-            lr = lr_at(state.step, recipe)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            picks = data.train.picks(recipe.seed, state.step, t.batch_size)
-            # per micro-batch loss scale: a mean over micro-batches (and their thread slices), or a token sum
-            # over the step's labelled tokens (times the processes, whose gradients DDP averages)
-            scale = (runtime.world / max(1, data.train.labelled_tokens(picks)) if objective.token_sum
-                     else 1 / (t.grad_accum * slices))
-            total = torch.zeros((), device=runtime.device)
-            sums: dict[str, torch.Tensor] = {}
-            for micro in range(t.grad_accum):
-                first = (micro * runtime.world + runtime.rank) * per_micro
-                rows = picks[first:first + per_micro]
-                if threads is None:
-                    sync = micro == t.grad_accum - 1 or runtime.world == 1
-                    with (nullcontext() if sync else wrapped.no_sync()), autocast():
-                        loss, metrics = step_loss(make_batch(rows))
-                        loss = loss * scale
-                    loss.backward()
-                    results = [(loss.detach(), metrics)]
+    with cached_cpu_memory(runtime.device.type == "cpu"):  # freed tensor blocks reused (cpu_allocator.py)
+        try:
+            while state.step < t.max_steps:
+                step_started = time.perf_counter()
+                lr = lr_at(state.step, recipe)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                picks = data.train.picks(recipe.seed, state.step, t.batch_size)
+                # per micro-batch loss scale: a mean over micro-batches (and their thread slices), or a token sum
+                # over the step's labelled tokens (times the processes, whose gradients DDP averages)
+                scale = (runtime.world / max(1, data.train.labelled_tokens(picks)) if objective.token_sum
+                         else 1 / (t.grad_accum * slices))
+                total = torch.zeros((), device=runtime.device)
+                sums: dict[str, torch.Tensor] = {}
+                for micro in range(t.grad_accum):
+                    first = (micro * runtime.world + runtime.rank) * per_micro
+                    rows = picks[first:first + per_micro]
+                    if threads is None:
+                        sync = micro == t.grad_accum - 1 or runtime.world == 1
+                        with (nullcontext() if sync else wrapped.no_sync()), autocast():
+                            loss, metrics = step_loss(make_batch(rows))
+                            loss = loss * scale
+                        loss.backward()
+                        results = [(loss.detach(), metrics)]
+                    else:
+                        per = per_micro // slices
+                        batches = [make_batch(rows[i * per:(i + 1) * per]) for i in range(slices)]
+                        # the first step compiles the graph: on one thread (compiling on two at once can hang)
+                        run = (lambda f, xs: [f(x) for x in xs]) if state.step == first_step else threads.map
+                        results = run(lambda batch: slice_gradients(batch, scale), batches)
+                        if flat is not None:
+                            flat.gather(trainable, [r[2] for r in results], accumulate=micro > 0)
+                        else:
+                            sum_gradients(trainable, [r[2] for r in results])
+                    for loss, metrics, *_ in results:
+                        total += loss
+                        for key, value in metrics.items():
+                            sums[key] = sums.get(key, 0) + value.float() / (t.grad_accum * slices)
+                if flat is not None:
+                    grad_norm = flat.clip(t.grad_clip) if t.grad_clip > 0 else None
+                    flat.step()
                 else:
-                    per = per_micro // slices
-                    batches = [make_batch(rows[i * per:(i + 1) * per]) for i in range(slices)]
-                    # the first step compiles the graph: on one thread (compiling on two at once can hang)
-                    run = (lambda f, xs: [f(x) for x in xs]) if state.step == first_step else threads.map
-                    results = run(lambda batch: slice_gradients(batch, scale), batches)
-                    sum_gradients(trainable, [r[2] for r in results])
-                for loss, metrics, *_ in results:
-                    total += loss
-                    for key, value in metrics.items():
-                        sums[key] = sums.get(key, 0) + value.float() / (t.grad_accum * slices)
-            grad_norm = clip_gradients(model, optimizer, t.grad_clip) if t.grad_clip > 0 else None
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if runtime.world > 1:
-                dist.all_reduce(total, op=dist.ReduceOp.AVG)
-                for value in sums.values():
-                    dist.all_reduce(value, op=dist.ReduceOp.AVG)
-            state.step += 1
-            state.tokens_seen += tokens_per_step
-            last_train_loss = float(total)
-            elapsed_ms = (time.perf_counter() - step_started) * 1000
-            record = {"step": state.step, "loss": last_train_loss, "lr": lr, "ms": round(elapsed_ms, 3),
-                      "tokens": state.tokens_seen, **{k: float(v) for k, v in sums.items()}}
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
-            bar.update(state.step, last_train_loss, elapsed_ms)
+                    grad_norm = clip_gradients(model, optimizer, t.grad_clip) if t.grad_clip > 0 else None
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if runtime.world > 1:
+                    dist.all_reduce(total, op=dist.ReduceOp.AVG)
+                    for value in sums.values():
+                        dist.all_reduce(value, op=dist.ReduceOp.AVG)
+                state.step += 1
+                state.tokens_seen += tokens_per_step
+                last_train_loss = float(total)
+                elapsed_ms = (time.perf_counter() - step_started) * 1000
+                record = {"step": state.step, "loss": last_train_loss, "lr": lr, "ms": round(elapsed_ms, 3),
+                          "tokens": state.tokens_seen, **{k: float(v) for k, v in sums.items()}}
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                bar.update(state.step, last_train_loss, elapsed_ms)
 
-            is_eval = state.step % recipe.eval.interval == 0 or state.step == t.max_steps
-            is_best = False
-            if is_eval:
-                val_loss, val_metrics = evaluate(model, data.val, objective, recipe, runtime.device, autocast, threads)
-                record["val_loss"] = last_val_loss = val_loss
-                record.update({f"val_{k}": v for k, v in val_metrics.items()})
-                is_best = state.best_val_loss is None or val_loss < state.best_val_loss
-                if is_best:
-                    state.best_val_loss = val_loss
-                if runtime.main:
-                    sample = _sample(model, data.tokenizer, recipe)
-                    if sample is not None:
-                        record["sample"] = sample
-                    extra = "".join(f", val {k} {v:.4f}" for k, v in val_metrics.items())
-                    bar.note(f"step {state.step}: train loss {last_train_loss:.4f}, val loss {val_loss:.4f}{extra}"
-                             + (f", sample: {sample!r}" if sample else ""))
-            if runtime.main and (state.step % recipe.log.interval == 0 or is_eval):
-                logger.write(record)
-            if runtime.main and on_step is not None:
-                on_step(record)
-            if state.step % recipe.checkpoint.interval == 0 or state.step == t.max_steps:
-                if runtime.main:
-                    save_checkpoint(ckpt_root, model, optimizer, state, recipe.checkpoint.keep_last,
-                                    recipe.checkpoint.keep_best, is_best)
-                _barrier(runtime)
-    finally:
-        if threads is not None:
-            threads.close()
+                is_eval = state.step % recipe.eval.interval == 0 or state.step == t.max_steps
+                is_best = False
+                if is_eval:
+                    val_loss, val_metrics = evaluate(model, data.val, objective, recipe, runtime.device, autocast,
+                                                     threads)
+                    record["val_loss"] = last_val_loss = val_loss
+                    record.update({f"val_{k}": v for k, v in val_metrics.items()})
+                    is_best = state.best_val_loss is None or val_loss < state.best_val_loss
+                    if is_best:
+                        state.best_val_loss = val_loss
+                    if runtime.main:
+                        sample = _sample(model, data.tokenizer, recipe)
+                        if sample is not None:
+                            record["sample"] = sample
+                        extra = "".join(f", val {k} {v:.4f}" for k, v in val_metrics.items())
+                        bar.note(f"step {state.step}: train loss {last_train_loss:.4f}, val loss {val_loss:.4f}{extra}"
+                                 + (f", sample: {sample!r}" if sample else ""))
+                if runtime.main and (state.step % recipe.log.interval == 0 or is_eval):
+                    logger.write(record)
+                if runtime.main and on_step is not None:
+                    on_step(record)
+                if state.step % recipe.checkpoint.interval == 0 or state.step == t.max_steps:
+                    if runtime.main:
+                        save_checkpoint(ckpt_root, model, optimizer, state, recipe.checkpoint.keep_last,
+                                        recipe.checkpoint.keep_best, is_best)
+                    _barrier(runtime)
+        finally:
+            if threads is not None:
+                threads.close()
+            if flat is not None:
+                flat.release()
     bar.close()
 
     final = out_dir / "model"

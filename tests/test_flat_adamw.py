@@ -1,0 +1,104 @@
+"""FlatAdamW (pocketlm/train/flat_adamw.py) against torch.optim.AdamW(fused=True) with clip_grad_norm_, the
+reference it replaces at the end of a batch-thread step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pocketlm.train.flat_adamw import FlatAdamW
+
+
+def model_and_optimizer(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=1e-2, betas=(0.9, 0.99), eps=1e-8, fused=True)
+    return model, optimizer
+
+
+def slice_gradients(model, seed: int) -> list[list[torch.Tensor]]:
+    """Two slices' gradients, large enough that clipping to norm 1 acts."""
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(p.shape, generator=g) * 3 for p in model.parameters()] for _ in range(2)]
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 1e9], ids=["clipped", "unclipped"])
+def test_flat_steps_match_fused_adamw(max_norm):
+    """The same kernel on the same numbers, to rounding: the kernel's vector and scalar paths round
+    differently and fall on other elements in one buffer, and a clipping scale is a divisor here."""
+    reference, ref_opt = model_and_optimizer()
+    model, optimizer = model_and_optimizer()
+    flat = FlatAdamW(optimizer)
+    params = list(model.parameters())
+    for step in range(4):
+        per_slice = slice_gradients(model, step)
+        for p, g0, g1 in zip(reference.parameters(), *per_slice):
+            p.grad = g0 + g1
+        ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm)
+        ref_opt.param_groups[0]["lr"] = ref_opt.param_groups[1]["lr"] = 1e-2 / (step + 1)
+        ref_opt.step()
+
+        flat.gather(params, per_slice, accumulate=False)
+        norm = flat.clip(max_norm)
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-2 / (step + 1)
+        flat.step()
+        assert ref_norm > 1.0 and torch.allclose(norm, ref_norm, rtol=1e-6)
+        for p, r in zip(params, reference.parameters()):
+            torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)
+    # the optimizer's own state is the flat buffers' views, as a checkpoint reads it
+    for p, r in zip(params, reference.parameters()):
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(optimizer.state[p][name], ref_opt.state[r][name], rtol=1e-4, atol=1e-8)
+        assert p.grad.untyped_storage().data_ptr() == flat.grads.untyped_storage().data_ptr()
+    flat.release()
+    assert len({p.untyped_storage().data_ptr() for p in params}) == len(params) and all(p.grad is None for p in params)
+
+
+def test_gather_accumulates_in_order_and_zeroes_unused():
+    model, optimizer = model_and_optimizer()
+    flat = FlatAdamW(optimizer)
+    params = list(model.parameters())
+    a, b = slice_gradients(model, 1)
+    flat.gather(params, [a, b], accumulate=False)
+    flat.gather(params, [a], accumulate=True)  # a second micro-batch
+    for p, x, y in zip(params, a, b):
+        assert torch.equal(p.grad, (x + y) + x)
+    flat.gather(params, [[None, *a[1:]], b], accumulate=False)  # the first parameter unused by one slice
+    assert torch.equal(params[0].grad, b[0])
+
+
+def test_resumed_state_is_carried_into_the_buffers():
+    model, optimizer = model_and_optimizer()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()  # state as a loaded checkpoint leaves it: per-parameter tensors
+    saved = {id(p): {k: v.clone() for k, v in optimizer.state[p].items()} for p in model.parameters()}
+    weights = [p.detach().clone() for p in model.parameters()]
+    FlatAdamW(optimizer)
+    for p, w in zip(model.parameters(), weights):
+        assert torch.equal(p, w)
+        for k, v in saved[id(p)].items():
+            assert torch.equal(optimizer.state[p][k], v)
+
+
+def test_applies_only_to_plain_fused_adamw_over_the_trainable_parameters():
+    model, optimizer = model_and_optimizer()
+    params = list(model.parameters())
+    assert FlatAdamW.applies(optimizer, params)
+    assert not FlatAdamW.applies(optimizer, params[:-1])
+    assert not FlatAdamW.applies(torch.optim.AdamW(params, foreach=True), params)
+    assert not FlatAdamW.applies(torch.optim.AdamW(params, fused=True, amsgrad=True), params)
+    assert not FlatAdamW.applies(torch.optim.SGD(params, lr=0.1), params)
+
+
+def test_unequal_step_counts_are_refused():
+    model, optimizer = model_and_optimizer()
+    first = next(model.parameters())
+    first.grad = torch.ones_like(first)
+    optimizer.step()  # only one parameter stepped
+    with pytest.raises(ValueError, match="step counts differ"):
+        FlatAdamW(optimizer)
