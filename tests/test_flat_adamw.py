@@ -3,6 +3,9 @@ reference it replaces at the end of a batch-thread step."""
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -31,8 +34,8 @@ def test_flat_steps_match_fused_adamw(max_norm):
     differently and fall on other elements in one buffer, and a clipping scale is a divisor here."""
     reference, ref_opt = model_and_optimizer()
     model, optimizer = model_and_optimizer()
-    flat = FlatAdamW(optimizer)
     params = list(model.parameters())
+    flat = FlatAdamW(optimizer, params)
     for step in range(4):
         per_slice = slice_gradients(model, step)
         for p, g0, g1 in zip(reference.parameters(), *per_slice):
@@ -41,7 +44,7 @@ def test_flat_steps_match_fused_adamw(max_norm):
         ref_opt.param_groups[0]["lr"] = ref_opt.param_groups[1]["lr"] = 1e-2 / (step + 1)
         ref_opt.step()
 
-        flat.gather(params, per_slice, accumulate=False)
+        flat.gather(per_slice, accumulate=False)
         norm = flat.clip(max_norm)
         for group in optimizer.param_groups:
             group["lr"] = 1e-2 / (step + 1)
@@ -60,15 +63,17 @@ def test_flat_steps_match_fused_adamw(max_norm):
 
 def test_gather_accumulates_in_order_and_zeroes_unused():
     model, optimizer = model_and_optimizer()
-    flat = FlatAdamW(optimizer)
     params = list(model.parameters())
+    flat = FlatAdamW(optimizer, params)
     a, b = slice_gradients(model, 1)
-    flat.gather(params, [a, b], accumulate=False)
-    flat.gather(params, [a], accumulate=True)  # a second micro-batch
+    flat.gather([a, b], accumulate=False)
+    flat.gather([a], accumulate=True)  # a second micro-batch
     for p, x, y in zip(params, a, b):
         assert torch.equal(p.grad, (x + y) + x)
-    flat.gather(params, [[None, *a[1:]], b], accumulate=False)  # the first parameter unused by one slice
+    flat.gather([[None, *a[1:]], b], accumulate=False)  # the first parameter unused by one slice
     assert torch.equal(params[0].grad, b[0])
+    flat.gather([[None, *a[1:]]], accumulate=False)  # unused by every slice: zero
+    assert torch.equal(params[0].grad, torch.zeros_like(b[0]))
 
 
 def test_resumed_state_is_carried_into_the_buffers():
@@ -78,7 +83,7 @@ def test_resumed_state_is_carried_into_the_buffers():
     optimizer.step()  # state as a loaded checkpoint leaves it: per-parameter tensors
     saved = {id(p): {k: v.clone() for k, v in optimizer.state[p].items()} for p in model.parameters()}
     weights = [p.detach().clone() for p in model.parameters()]
-    FlatAdamW(optimizer)
+    FlatAdamW(optimizer, list(model.parameters()))
     for p, w in zip(model.parameters(), weights):
         assert torch.equal(p, w)
         for k, v in saved[id(p)].items():
@@ -101,4 +106,38 @@ def test_unequal_step_counts_are_refused():
     first.grad = torch.ones_like(first)
     optimizer.step()  # only one parameter stepped
     with pytest.raises(ValueError, match="step counts differ"):
-        FlatAdamW(optimizer)
+        FlatAdamW(optimizer, list(model.parameters()))
+
+
+def test_threads_sharing_the_end_of_the_step_match_one_thread_exactly():
+    """Two threads each summing, clipping and stepping their share (end_of_step) give the same bits as one
+    thread doing it all (gather, clip, step): the same operations on the same numbers."""
+    (one, one_opt), (two, two_opt) = model_and_optimizer(), model_and_optimizer()
+    serial = FlatAdamW(one_opt, list(one.parameters()), parts=2)
+    shared = FlatAdamW(two_opt, list(two.parameters()), parts=2)
+    assert len({id(p) for p in shared._parts[0][0]}) and len(shared._parts[1][0])  # both threads have work
+    pool = ThreadPoolExecutor(2)
+    for step in range(3):
+        per_slice = slice_gradients(one, step)
+        serial.gather(per_slice, accumulate=False)
+        serial.gather(per_slice[:1], accumulate=True)  # a second micro-batch
+        serial_norm = serial.clip(1.0)
+        serial.step()
+        first_micro = list(per_slice)
+        second_micro = [per_slice[0], [None] * len(per_slice[0])]  # the second slice used no parameter
+        list(pool.map(lambda i: shared.end_of_step(i, first_micro, False, False, 1.0), [0, 1]))
+        norms = list(pool.map(lambda i: shared.end_of_step(i, second_micro, True, True, 1.0), [0, 1]))
+        assert torch.equal(norms[0], serial_norm) and torch.equal(norms[1], serial_norm)
+        for p, q in zip(one.parameters(), two.parameters()):
+            assert torch.equal(p, q)
+    assert torch.equal(serial.step_counts, shared.step_counts) and float(shared.step_counts[0]) == 3
+
+
+def test_a_failing_thread_releases_the_others():
+    model, optimizer = model_and_optimizer()
+    flat = FlatAdamW(optimizer, list(model.parameters()), parts=2)
+    pool = ThreadPoolExecutor(1)
+    waiting = pool.submit(flat.end_of_step, 1, [None, None], False, True, 1.0)
+    flat.abort()  # what the loop does when thread 0 fails before its gradients are in
+    with pytest.raises(threading.BrokenBarrierError):
+        waiting.result(timeout=10)

@@ -333,6 +333,13 @@ def test_batch_thread_count_and_pool():
             return x
         with pytest.raises(ValueError, match="slice 2"):
             pool.map(fails, [1, 2])
+
+        def released(x):  # the caller's item is released from a barrier because the other one failed
+            if x == 1:
+                raise threading.BrokenBarrierError
+            raise ValueError("the real failure")
+        with pytest.raises(ValueError, match="the real failure"):
+            pool.map(released, [1, 2])
     finally:
         pool.close()
     assert torch.get_num_threads() == before

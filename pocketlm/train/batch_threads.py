@@ -14,7 +14,8 @@ accumulation's, and their gradients are summed in slice order, so a run gives th
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, Sequence, TypeVar
 
 import torch
@@ -56,9 +57,13 @@ class BatchThreads:
         futures = [self._pool.submit(fn, item) for item in items[1:]]
         try:
             first = fn(items[0])
-        finally:
-            results = [f.result() for f in futures]  # wait for all before an error propagates
-        return [first, *results]
+        except BaseException as error:
+            wait(futures)  # all threads done before the error propagates
+            raise _cause([error, *(f.exception() for f in futures)]) from None
+        errors = [f.exception() for f in futures]
+        if any(errors):
+            raise _cause(errors)
+        return [first, *(f.result() for f in futures)]
 
     def map_chunks(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         """fn over any number of items, split into n contiguous runs, one per thread; results in order."""
@@ -71,6 +76,13 @@ class BatchThreads:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         torch.set_num_threads(self._previous)
+
+
+def _cause(errors: Sequence[BaseException | None]) -> BaseException:
+    """The error to report from threads that failed together: the first that is not a broken barrier
+    (threads released because another one failed), else the first."""
+    errors = [e for e in errors if e is not None]
+    return next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
 
 
 def sum_gradients(params: Sequence[torch.nn.Parameter], per_slice: Sequence[Sequence[torch.Tensor | None]]) -> None:

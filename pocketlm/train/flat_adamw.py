@@ -11,6 +11,7 @@ before; the update is the same fused kernel torch.optim.AdamW(fused=True) calls,
 
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import torch
@@ -31,16 +32,17 @@ class FlatAdamW:
         return ({id(p) for p in params} == {id(p) for p in trainable} and len(params) == len(trainable)
                 and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params))
 
-    def __init__(self, optimizer: torch.optim.Optimizer):
+    def __init__(self, optimizer: torch.optim.Optimizer, trainable: Sequence[torch.Tensor], parts: int = 1):
         self.optimizer = optimizer
         params = [p for group in optimizer.param_groups for p in group["params"]]
         total = sum(p.numel() for p in params)
         self.weights, self.grads = torch.empty(total), torch.zeros(total)
         self.exp_avg, self.exp_avg_sq = torch.zeros(total), torch.zeros(total)
         self.ranges: list[tuple[int, int]] = []  # each group's slice
-        self.steps: list[torch.Tensor] = []  # every parameter's step count (AdamW's state), kept equal
+        self.step_counts = torch.zeros(len(params))  # every parameter's AdamW step (its state's "step" views one)
         self._grad_views: dict[int, torch.Tensor] = {}
         at = 0
+        index = 0
         for group in optimizer.param_groups:
             start = at
             for p in group["params"]:
@@ -51,55 +53,126 @@ class FlatAdamW:
                     if name in state:
                         view.copy_(state[name])
                     state[name] = view
-                state.setdefault("step", torch.tensor(0.0))
-                self.steps.append(state["step"])
+                step = self.step_counts[index]
+                if "step" in state:
+                    step.copy_(state["step"])
+                state["step"] = step
                 weight = self.weights[at:at + n].view_as(p)
                 weight.copy_(p.detach())
                 p.data = weight
                 p.grad = self._grad_views[id(p)] = self.grads[at:at + n].view_as(p)
-                at += n
+                at, index = at + n, index + 1
             self.ranges.append((start, at))
-        if len({float(s) for s in self.steps}) > 1:
+        if len(params) and bool((self.step_counts != self.step_counts[0]).any()):
             raise ValueError("FlatAdamW: the parameters' AdamW step counts differ; they must have been "
                              "stepped together")
         self._params = params
+        self._parts = self._split(parts)
+        self._barrier = threading.Barrier(parts) if parts > 1 else None
+        self._squares: list[torch.Tensor | None] = [None] * parts
+        self._grad_scale: torch.Tensor | None = None
+        self._position = {id(p): k for k, p in enumerate(trainable)}  # where the slices' gradient lists hold p's
 
-    def gather(self, trainable: Sequence[torch.Tensor], per_slice: Sequence[Sequence[torch.Tensor | None]],
-               accumulate: bool) -> None:
-        """Each slice's gradients (torch.autograd.grad's over `trainable`) into the flat gradient, slice by
-        slice in order: copied from the first unless `accumulate` (a later micro-batch), added after."""
-        views = [self._grad_views[id(p)] for p in trainable]
-        for i, grads in enumerate(per_slice):
-            pairs = [(v, g) for v, g in zip(views, grads) if g is not None]
-            if i == 0 and not accumulate:
-                if len(pairs) < len(views):
-                    self.grads.zero_()  # a parameter this step did not use has no gradient
-                torch._foreach_copy_([v for v, _ in pairs], [g for _, g in pairs])
-            elif pairs:
-                torch._foreach_add_([v for v, _ in pairs], [g for _, g in pairs])
-
-    def clip(self, max_norm: float) -> torch.Tensor:
-        """The gradients' total norm; AdamW will scale them to at most max_norm (the divisor it takes as
-        `grad_scale`, as GradScaler unscales with)."""
-        norm = torch.linalg.vector_norm(self.grads)
-        self.optimizer.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0)
+    def end_of_step(self, part: int, per_slice: list, accumulate: bool, update: bool,
+                    max_norm: float) -> torch.Tensor | None:
+        """Run by each of the `parts` batch threads at once, thread `part` after it stored its slice's
+        gradients (torch.autograd.grad's over the trainable parameters) at per_slice[part]: once all are there, each
+        thread sums its share of the parameters' gradients (added to the flat gradient when `accumulate`, a
+        later micro-batch) and, with `update`, clips and steps AdamW on that share. Returns the gradient
+        norm (None without clipping or update). Any thread that fails must call `abort`."""
+        self._barrier.wait()
+        self._sum(part, per_slice, accumulate)
+        if not update:
+            return None
+        self._squares[part] = self._square_sum(part) if max_norm > 0 else None
+        if part == 0:
+            self.step_counts.add_(1)
+        self._barrier.wait()
+        norm = self._scale(max_norm)
+        self._update(part)
         return norm
 
+    def abort(self) -> None:
+        """Release the threads waiting in `end_of_step` (with threading.BrokenBarrierError)."""
+        if self._barrier is not None:
+            self._barrier.abort()
+
+    def gather(self, per_slice: Sequence[Sequence[torch.Tensor | None]], accumulate: bool) -> None:
+        """`end_of_step`'s sum on the calling thread alone: each slice's gradients into the flat gradient,
+        in slice order (added to it when `accumulate`)."""
+        for part in range(len(self._parts)):
+            self._sum(part, per_slice, accumulate)
+
+    def clip(self, max_norm: float) -> torch.Tensor:
+        """The gradients' total norm; `step` will scale them to at most max_norm (AdamW's gradient
+        divisor `grad_scale`, as GradScaler unscales with)."""
+        self._squares = [self._square_sum(part) for part in range(len(self._parts))]
+        return self._scale(max_norm)
+
     def step(self) -> None:
-        """One AdamW update of every parameter, with each group's current hyperparameters."""
-        scale = getattr(self.optimizer, "grad_scale", None)
-        torch._foreach_add_(self.steps, 1)
+        """One AdamW update of every parameter on the calling thread (after `gather` and `clip`)."""
+        self.step_counts.add_(1)
+        for part in range(len(self._parts)):
+            self._update(part)
+
+    # each part is a run of whole parameters, about an equal share of the elements
+    def _split(self, parts: int) -> list[tuple[list[torch.Tensor], int, int]]:
+        sizes = [p.numel() for p in self._params]
+        total, bounds, at = sum(sizes), [0], 0
+        for i, n in enumerate(sizes):
+            at += n
+            if len(bounds) < parts and at >= total * len(bounds) / parts:
+                bounds.append(i + 1)
+        bounds += [len(sizes)] * (parts + 1 - len(bounds))
+        offsets = [sum(sizes[:b]) for b in bounds]
+        return [(self._params[bounds[k]:bounds[k + 1]], offsets[k], offsets[k + 1]) for k in range(parts)]
+
+    def _sum(self, part: int, per_slice, accumulate: bool) -> None:
+        for p in self._parts[part][0]:
+            view = self._grad_views[id(p)]
+            grads = [g[self._position[id(p)]] for g in per_slice]
+            grads = [g for g in grads if g is not None]
+            if accumulate:
+                for g in grads:
+                    view.add_(g)
+            elif not grads:
+                view.zero_()  # a parameter no slice used
+            elif len(grads) == 1:
+                view.copy_(grads[0])
+            else:
+                torch.add(grads[0], grads[1], out=view)
+                for g in grads[2:]:
+                    view.add_(g)
+
+    def _square_sum(self, part: int) -> torch.Tensor:
+        _, lo, hi = self._parts[part]
+        return torch.dot(self.grads[lo:hi], self.grads[lo:hi])
+
+    def _scale(self, max_norm: float) -> torch.Tensor | None:
+        """The norm from the parts' sums of squares (added in part order, so every thread gets the same),
+        and AdamW's divisor for clipping to max_norm (clip_grad_norm_'s coefficient, inverted)."""
+        if max_norm <= 0:
+            self._grad_scale = None
+            return None
+        total = self._squares[0]
+        for square in self._squares[1:]:
+            total = total + square
+        norm = torch.sqrt(total)
+        self._grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0)
+        return norm
+
+    def _update(self, part: int) -> None:
+        _, lo, hi = self._parts[part]
         first = 0
         for group, (start, end) in zip(self.optimizer.param_groups, self.ranges):
-            if end > start:
+            a, b = max(start, lo), min(end, hi)
+            if a < b:
                 beta1, beta2 = group["betas"]
-                torch._fused_adamw_([self.weights[start:end]], [self.grads[start:end]],
-                                    [self.exp_avg[start:end]], [self.exp_avg_sq[start:end]], [],
-                                    [self.steps[first]], lr=group["lr"], beta1=beta1, beta2=beta2,
-                                    weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
-                                    maximize=False, grad_scale=scale, found_inf=None)
+                torch._fused_adamw_([self.weights[a:b]], [self.grads[a:b]], [self.exp_avg[a:b]],
+                                    [self.exp_avg_sq[a:b]], [], [self.step_counts[first]], lr=group["lr"], beta1=beta1,
+                                    beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
+                                    amsgrad=False, maximize=False, grad_scale=self._grad_scale, found_inf=None)
             first += len(group["params"])
-        self.optimizer.grad_scale = None
 
     def release(self) -> None:
         """Give each parameter its own storage again (the model outlives the run's buffers), and drop

@@ -251,8 +251,10 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
                                 random_forward)
     threads = BatchThreads(slices) if slices > 1 else None
     trainable = [p for p in model.parameters() if p.requires_grad]
-    # with batch threads the end of the step runs on one core: over one flat buffer it is shorter
-    flat = FlatAdamW(optimizer) if threads is not None and FlatAdamW.applies(optimizer, trainable) else None
+    # with batch threads the threads also share the end of the step, on flat buffers (flat_adamw.py)
+    flat = (FlatAdamW(optimizer, trainable, slices) if threads is not None and FlatAdamW.applies(optimizer, trainable)
+            else None)
+    slice_grads: list = [None] * slices
 
     def slice_gradients(batch, scale):
         """(scaled loss, metrics, gradients) of one slice of a micro-batch, on the calling thread."""
@@ -260,6 +262,16 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
             loss, metrics = step_loss(batch)
             loss = loss * scale
         return loss.detach(), metrics, torch.autograd.grad(loss, trainable, allow_unused=True)
+
+    def slice_step(i, batch, scale, accumulate, update):
+        """Slice i's gradients, then its share of the gradient sum and (with update) of clipping and AdamW,
+        on the calling thread while the other threads do theirs -> (loss, metrics, gradient norm)."""
+        try:
+            loss, metrics, slice_grads[i] = slice_gradients(batch, scale)
+            return loss, metrics, flat.end_of_step(i, slice_grads, accumulate, update, t.grad_clip)
+        except BaseException:
+            flat.abort()  # the other threads wait for this one's gradients: let them go
+            raise
 
     model.train()
     tokens_per_step = t.batch_size * data.train.tokens_per_row
@@ -279,6 +291,7 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
                          else 1 / (t.grad_accum * slices))
                 total = torch.zeros((), device=runtime.device)
                 sums: dict[str, torch.Tensor] = {}
+                stepped = False  # by the batch threads themselves
                 for micro in range(t.grad_accum):
                     first = (micro * runtime.world + runtime.rank) * per_micro
                     rows = picks[first:first + per_micro]
@@ -293,20 +306,27 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
                         per = per_micro // slices
                         batches = [make_batch(rows[i * per:(i + 1) * per]) for i in range(slices)]
                         # the first step compiles the graph: on one thread (compiling on two at once can hang)
-                        run = (lambda f, xs: [f(x) for x in xs]) if state.step == first_step else threads.map
-                        results = run(lambda batch: slice_gradients(batch, scale), batches)
-                        if flat is not None:
-                            flat.gather(trainable, [r[2] for r in results], accumulate=micro > 0)
+                        compiling = state.step == first_step
+                        if flat is not None and not compiling:
+                            update = micro == t.grad_accum - 1
+                            results = threads.map(lambda i: slice_step(i, batches[i], scale, micro > 0, update),
+                                                  range(slices))
+                            stepped, grad_norm = update, results[0][2]
                         else:
-                            sum_gradients(trainable, [r[2] for r in results])
+                            run = (lambda f, xs: [f(x) for x in xs]) if compiling else threads.map
+                            results = run(lambda batch: slice_gradients(batch, scale), batches)
+                            if flat is not None:
+                                flat.gather([r[2] for r in results], accumulate=micro > 0)
+                            else:
+                                sum_gradients(trainable, [r[2] for r in results])
                     for loss, metrics, *_ in results:
                         total += loss
                         for key, value in metrics.items():
                             sums[key] = sums.get(key, 0) + value.float() / (t.grad_accum * slices)
-                if flat is not None:
+                if flat is not None and not stepped:
                     grad_norm = flat.clip(t.grad_clip) if t.grad_clip > 0 else None
                     flat.step()
-                else:
+                elif flat is None:
                     grad_norm = clip_gradients(model, optimizer, t.grad_clip) if t.grad_clip > 0 else None
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
