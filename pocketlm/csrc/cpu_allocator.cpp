@@ -4,7 +4,8 @@
 // Why: a training step allocates and frees the same few hundred activation and gradient buffers every
 // step, many of them hundreds of KB. glibc serves those with memalign, splits and coalesces them again
 // (malloc_consolidate), or maps and unmaps fresh pages: perf put 6% of a shakespeare-char step in
-// malloc and free, and the same run was 6-10% faster with tcmalloc preloaded (BENCHMARKS.md).
+// malloc and free, and the same run was 6-10% faster with tcmalloc preloaded. Caching the tensors'
+// blocks here gained 2% (oneDNN's own allocations still go to malloc; BENCHMARKS.md).
 //
 // Blocks are 64-byte aligned like c10's default allocator; each carries its size class in a 64-byte
 // header before the data, so a tensor's data pointer is also its deleter's context (as PyTorch expects

@@ -1,14 +1,18 @@
-"""The end of a batch-thread training step on one flat buffer: the threads' gradients summed, their norm
-for clipping, and PyTorch's fused AdamW, each one call over every parameter instead of one per tensor.
+"""The end of a batch-thread training step on flat buffers: the slices' gradients summed, their norm for
+clipping, and PyTorch's fused AdamW, each a few calls over every parameter instead of one per tensor, and
+shared out among the batch threads instead of run by one of them while the others wait.
 
-Why: with batch threads (batch_threads.py) that end of the step runs on one core while the other waits.
-Over a shakespeare-char model's 39 tensors it took 1.7 ms of an 18.7 ms step; on one buffer, 1.3 ms
-(BENCHMARKS.md). The parameters, their gradients and AdamW's moments become views of four flat fp32
-buffers, laid out group by group so that each parameter group is one slice. The optimizer keeps its
-per-parameter state (those views, and a step count per parameter), so checkpoints are written and read as
-before; the update is the same fused kernel torch.optim.AdamW(fused=True) calls, on the same numbers.
+Why: with batch threads (batch_threads.py) the end of the step ran on one core. Over a shakespeare-char
+model's 39 tensors it took 1.7 ms of an 18.7 ms step; over one buffer on one thread, 1.4 ms; shared by the
+two threads (each sums, clips and updates about half of the parameters, meeting twice at a barrier: once
+all gradients are in, once every share's sum of squares is), 1.2 ms (BENCHMARKS.md). It is bound by memory
+traffic: AdamW reads and writes 16 bytes of state per parameter, out of cache after the step's activations.
+
+The parameters, their gradients and AdamW's moments and step counts become views of flat fp32 buffers,
+laid out group by group so that each parameter group is one slice. The optimizer keeps its per-parameter
+state (those views), so checkpoints are written and read as before; the update is the kernel
+torch.optim.AdamW(fused=True) calls, and one thread or several give the same bits.
 """
-
 from __future__ import annotations
 
 import threading
