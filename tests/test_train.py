@@ -303,6 +303,19 @@ def test_batch_threads_match_one_thread_and_repeat_exactly(prepared, tmp_path):
     assert resumed == threaded
 
 
+def test_batch_threads_accumulate_micro_batches_as_one_thread_does(prepared, tmp_path):
+    """With gradient accumulation the threads sum each micro-batch into the flat gradient and step AdamW
+    only after the last one (flat_adamw.py): the same training as one thread, to rounding."""
+    decay = {"train.max_steps": 12, "optim.decay_steps": 12, "train.grad_accum": 2}
+    one = tiny_recipe(tmp_path / "one", prepared, **decay)
+    two = tiny_recipe(tmp_path / "two", prepared, **decay, **{"train.threads": 2, "train.parallel": "batch"})
+    train(load_recipe(one))
+    train(load_recipe(two))
+    single, threaded = losses(tmp_path / "one" / "run"), losses(tmp_path / "two" / "run")
+    assert sorted(single) == sorted(threaded) == list(range(1, 13))
+    assert max(abs(single[s] - threaded[s]) for s in single) <= 1e-5
+
+
 def test_batch_thread_count_and_pool():
     import threading
 
