@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(not cpu_kernels.load(), reason="needs an x86 CPU
 
 
 def test_freed_blocks_are_reused_and_given_back():
-    with cached_memory() as on:
+    with cpu_allocator.cached_cpu_memory() as on:
         assert on
         a = torch.empty(300_000)  # 1.2 MB
         where = a.data_ptr()
@@ -28,7 +28,7 @@ def test_freed_blocks_are_reused_and_given_back():
 
 def test_cap_bounds_the_blocks_held(monkeypatch):
     monkeypatch.setattr(cpu_allocator, "CAP_BYTES", 3 << 20)
-    with cached_memory():
+    with cpu_allocator.cached_cpu_memory():
         blocks = [torch.empty(250_000) for _ in range(5)]  # 5 x 1 MB
         del blocks
         assert held() <= 3 << 20
@@ -41,7 +41,7 @@ def test_tensors_outlive_the_block_and_training_math_is_unchanged():
     (x @ w).square().sum().backward()
     expected = w.grad.clone()
     w.grad = None
-    with cached_memory():
+    with cpu_allocator.cached_cpu_memory():
         for _ in range(3):
             w.grad = None
             (x @ w).square().sum().backward()
@@ -57,10 +57,6 @@ def test_switched_off_with_the_kernels(monkeypatch):
         assert not on
     with cpu_allocator.cached_cpu_memory(enabled=False) as on:
         assert not on
-
-
-def cached_memory():
-    return cpu_allocator.cached_cpu_memory()
 
 
 def held() -> int:

@@ -115,7 +115,7 @@ def test_threads_sharing_the_end_of_the_step_match_one_thread_exactly():
     (one, one_opt), (two, two_opt) = model_and_optimizer(), model_and_optimizer()
     serial = FlatAdamW(one_opt, list(one.parameters()), parts=2)
     shared = FlatAdamW(two_opt, list(two.parameters()), parts=2)
-    assert len({id(p) for p in shared._parts[0][0]}) and len(shared._parts[1][0])  # both threads have work
+    assert shared._parts[0][0] and shared._parts[1][0]  # both threads have work
     pool = ThreadPoolExecutor(2)
     for step in range(3):
         per_slice = slice_gradients(one, step)

@@ -13,16 +13,16 @@
 // so batches of varying length share blocks. The free blocks held are capped: a free that would exceed
 // the cap first returns every held block to the system.
 //
-// Registered as pocketlm::cpu_caching_allocator(bool enable, int cap_bytes) -> int (the bytes held
-// before the call) and pocketlm::cpu_cached_bytes() -> int; train/ turns it on for a run and off after. Blocks still alive when it is turned
-// off go back to the system when freed.
+// Registered as pocketlm::cpu_caching_allocator(bool enable, int cap_bytes) and
+// pocketlm::cpu_cached_bytes() -> int (the free bytes held); train/ turns it on for a run and off after.
+// Blocks still alive when it is turned off go back to the system when freed.
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -75,19 +75,16 @@ class CachingCPUAllocator final : public c10::Allocator {
     return held_;
   }
 
-  // turn caching on or off; returns the bytes held before
-  int64_t set(bool enable, int64_t cap) {
+  // turn caching on or off (off gives every held block back)
+  void set(bool enable, int64_t cap) {
     std::vector<void*> drop;
-    int64_t held;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      held = int64_t(held_);
       enabled_ = enable;
       cap_ = size_t(std::max<int64_t>(cap, 0));
       if (!enable) take_all(drop);
     }
     for (void* data : drop) std::free(static_cast<char*>(data) - kHeader);
-    return held;
   }
 
  private:
@@ -133,16 +130,15 @@ class CachingCPUAllocator final : public c10::Allocator {
 
 c10::Allocator* g_previous = nullptr;
 
-int64_t cpu_caching_allocator(bool enable, int64_t cap_bytes) {
+void cpu_caching_allocator(bool enable, int64_t cap_bytes) {
   CachingCPUAllocator& ours = CachingCPUAllocator::instance();
-  const int64_t held = ours.set(enable, cap_bytes);
+  ours.set(enable, cap_bytes);
   if (enable && c10::GetCPUAllocator() != &ours) {
     g_previous = c10::GetCPUAllocator();
     c10::SetCPUAllocator(&ours, /*priority=*/0);
   } else if (!enable && c10::GetCPUAllocator() == &ours && g_previous != nullptr) {
     c10::SetCPUAllocator(g_previous, /*priority=*/0);
   }
-  return held;
 }
 
 int64_t cpu_cached_bytes() { return int64_t(CachingCPUAllocator::instance().held()); }
@@ -150,6 +146,6 @@ int64_t cpu_cached_bytes() { return int64_t(CachingCPUAllocator::instance().held
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pocketlm, m) {
-  m.def("cpu_caching_allocator(bool enable, int cap_bytes) -> int", &cpu_caching_allocator);
+  m.def("cpu_caching_allocator(bool enable, int cap_bytes) -> ()", &cpu_caching_allocator);
   m.def("cpu_cached_bytes() -> int", &cpu_cached_bytes);
 }

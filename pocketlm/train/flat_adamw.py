@@ -45,8 +45,7 @@ class FlatAdamW:
         self.ranges: list[tuple[int, int]] = []  # each group's slice
         self.step_counts = torch.zeros(len(params))  # every parameter's AdamW step (its state's "step" views one)
         self._grad_views: dict[int, torch.Tensor] = {}
-        at = 0
-        index = 0
+        at = index = 0  # where p starts in the buffers; its place among the parameters
         for group in optimizer.param_groups:
             start = at
             for p in group["params"]:

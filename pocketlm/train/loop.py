@@ -323,13 +323,13 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
                         total += loss
                         for key, value in metrics.items():
                             sums[key] = sums.get(key, 0) + value.float() / (t.grad_accum * slices)
-                if flat is not None and not stepped:
-                    grad_norm = flat.clip(t.grad_clip) if t.grad_clip > 0 else None
-                    flat.step()
-                elif flat is None:
+                if flat is None:
                     grad_norm = clip_gradients(model, optimizer, t.grad_clip) if t.grad_clip > 0 else None
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                elif not stepped:
+                    grad_norm = flat.clip(t.grad_clip) if t.grad_clip > 0 else None
+                    flat.step()
                 if runtime.world > 1:
                     dist.all_reduce(total, op=dist.ReduceOp.AVG)
                     for value in sums.values():
