@@ -56,7 +56,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
 
 
 def _register() -> bool:
-    """Shapes for torch.compile and the backward for autograd (once per process)."""
+    """Shapes for torch.compile (once per process; the backward for autograd is registered in C++)."""
 
     @torch.library.register_fake("pocketlm::causal_attention")
     def _(q, k, v, cos, sin):
@@ -67,14 +67,4 @@ def _register() -> bool:
     def _(dout, q, k, v, cos, sin, lse):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
-    def setup_context(ctx, inputs, output):
-        q, k, v, cos, sin = inputs
-        ctx.save_for_backward(q, k, v, cos, sin, output[1])
-
-    def backward(ctx, dout, _dlse):
-        q, k, v, cos, sin, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.pocketlm.causal_attention_backward(dout, q, k, v, cos, sin, lse)
-        return dq, dk, dv, None, None
-
-    torch.library.register_autograd("pocketlm::causal_attention", backward, setup_context=setup_context)
     return True

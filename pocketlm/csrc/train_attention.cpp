@@ -16,11 +16,13 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <immintrin.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -249,13 +251,24 @@ Shape check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
 // Dp (a multiple of 16) and rows of positions to Tp, with zeros, so products run on whole blocks.
 struct Workspace {
   int64_t T, D, Tp, Dp;
-  std::vector<float> q, k, v, kt, vt, p, dp, go, dq, dk, dv;  // (T, Dp) but kt, vt (D, Tp); p, dp (T, Tp)
+  // (T, Dp) but kt, vt (D, Tp); p, dp (T, Tp); o (the forward's output) (T, Dp)
+  std::vector<float> q, k, v, kt, vt, p, dp, go, dq, dk, dv, o;
 
   Workspace(int64_t T, int64_t D, bool backward)
-      : T(T), D(D), Tp(padded(T)), Dp(padded(D)), q(T * Dp, 0.f), k(T * Dp, 0.f), v(T * Dp, 0.f),
-        kt(D * Tp, 0.f), vt(backward ? D * Tp : 0, 0.f), p(T * Tp, 0.f), dp(backward ? T * Tp : 0, 0.f),
-        go(backward ? T * Dp : 0, 0.f), dq(backward ? T * Dp : 0, 0.f), dk(backward ? T * Dp : 0, 0.f),
-        dv(backward ? T * Dp : 0, 0.f) {}
+      : T(T), D(D), Tp(padded(T)), Dp(padded(D)), q(T * Dp, 0.f), k(T * Dp, 0.f),
+        v(T * Dp, 0.f), kt(D * Tp, 0.f), vt(backward ? D * Tp : 0, 0.f), p(T * Tp, 0.f),
+        dp(backward ? T * Tp : 0, 0.f), go(backward ? T * Dp : 0, 0.f), dq(backward ? T * Dp : 0, 0.f),
+        dk(backward ? T * Dp : 0, 0.f), dv(backward ? T * Dp : 0, 0.f), o(backward ? 0 : T * Dp, 0.f) {}
+
+  // This thread's workspace for the shape, kept between calls: a training step calls the kernels 8 times
+  // a thread, and fresh zeroed vectors each time went through malloc's slow paths. Every call writes what
+  // it reads except the zero padding, which no call writes.
+  static Workspace& cached(int64_t T, int64_t D, bool backward) {
+    thread_local std::unique_ptr<Workspace> forward_space, backward_space;
+    auto& w = backward ? backward_space : forward_space;
+    if (!w || w->T != T || w->D != D) w = std::make_unique<Workspace>(T, D, backward);
+    return *w;
+  }
 
   // keys (RoPE applied) and values of one kv head, rows kst / vst apart, both also transposed (the values
   // only for the backward: vt is empty in the forward)
@@ -319,8 +332,8 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   float* lp = lse.data_ptr<float>();
   const float scale = 1.f / std::sqrt(float(s.D));
   at::parallel_for(0, s.B * s.G, 1, [&](int64_t begin, int64_t end) {
-    Workspace w(s.T, s.D, false);
-    std::vector<float> o(s.T * w.Dp);
+    Workspace& w = Workspace::cached(s.T, s.D, false);
+    std::vector<float>& o = w.o;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / s.G, g = task % s.G;
       w.load_keys_values(kp + b * k.stride(0) + g * k.stride(2), k.stride(1), vp + b * v.stride(0) + g * v.stride(2),
@@ -350,7 +363,7 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   T* dvp = dv.data_ptr<T>();
   const float scale = 1.f / std::sqrt(float(s.D));
   at::parallel_for(0, s.B * s.G, 1, [&](int64_t begin, int64_t end) {
-    Workspace w(s.T, s.D, true);
+    Workspace& w = Workspace::cached(s.T, s.D, true);
     const int64_t Tp = w.Tp, Dp = w.Dp, D = s.D;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / s.G, g = task % s.G;
@@ -420,6 +433,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(
   return {dq, dk, dv};
 }
 
+// Autograd for causal_attention in C++, not Python (torch.library.register_autograd): a compiled graph
+// calls the op through the dispatcher's Autograd key, so a Python autograd kernel took the GIL four times
+// a forward (once a layer), in the middle of a batch thread's compiled forward. Both ops are called
+// through the dispatcher, so torch.compile traces them as ops.
+class CausalAttention : public torch::autograd::Function<CausalAttention> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q,
+                                                const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                                                const at::Tensor& sin) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("pocketlm::causal_attention", "")
+                               .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                          const at::Tensor&, const at::Tensor&,
+                                                                          const at::Tensor&)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, lse] = op.call(q, k, v, cos, sin);
+    ctx->save_for_backward({q, k, v, cos, sin, lse});
+    ctx->mark_non_differentiable({lse});
+    return {out, lse};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("pocketlm::causal_attention_backward", "")
+                               .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                   const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+    const auto saved = ctx->get_saved_variables();
+    auto [dq, dk, dv] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5]);
+    return {dq, dk, dv, at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> causal_attention_autograd(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v, const at::Tensor& cos,
+                                                             const at::Tensor& sin) {
+  auto outs = CausalAttention::apply(q, k, v, cos, sin);
+  return {outs[0], outs[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pocketlm, m) {
@@ -432,3 +486,5 @@ TORCH_LIBRARY_IMPL(pocketlm, CPU, m) {
   m.impl("causal_attention", &causal_attention);
   m.impl("causal_attention_backward", &causal_attention_backward);
 }
+
+TORCH_LIBRARY_IMPL(pocketlm, Autograd, m) { m.impl("causal_attention", &causal_attention_autograd); }
