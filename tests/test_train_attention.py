@@ -153,6 +153,15 @@ def test_compiled_training_step_has_one_graph_and_matches_eager(tmp_path):
         assert torch.allclose(grad, eager_grads[name], atol=1e-5, rtol=1e-4), name
 
 
+def test_autograd_is_registered_in_cpp():
+    """A Python autograd kernel would be called back, under the GIL, from every compiled forward (batch
+    threads then wait on each other): the Autograd kernel must be the C++ one."""
+    assert train_attention.available()
+    dump = torch._C._dispatch_dump("pocketlm::causal_attention")
+    autograd = next(line for line in dump.splitlines() if line.startswith("Autograd"))
+    assert "train_attention.cpp" in autograd, autograd
+
+
 def test_switched_off_by_environment():
     code = "from pocketlm import train_attention; print(train_attention.available())"
     env = {**os.environ, "POCKETLM_CPU_KERNELS": "0"}
