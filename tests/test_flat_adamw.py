@@ -141,3 +141,19 @@ def test_a_failing_thread_releases_the_others():
     flat.abort()  # what the loop does when thread 0 fails before its gradients are in
     with pytest.raises(threading.BrokenBarrierError):
         waiting.result(timeout=10)
+
+
+def test_flat_gradients_sum_as_per_parameter_ones():
+    """A slice's gradients may come as one flat tensor in the buffers' order (joint_graph.py): summed and
+    accumulated as the same gradients handed over per parameter."""
+    model, optimizer = model_and_optimizer()
+    params = list(model.parameters())
+    flat = FlatAdamW(optimizer, params, parts=2)
+    first, second = slice_gradients(model, 0), slice_gradients(model, 1)
+    as_flat = [torch.cat([grads[i].reshape(-1) for i in flat.order]) for grads in first]
+    flat.gather(first, accumulate=False)
+    flat.gather(second, accumulate=True)
+    expected = flat.grads.clone()
+    flat.gather(as_flat, accumulate=False)
+    flat.gather(second, accumulate=True)
+    assert torch.equal(flat.grads, expected)

@@ -316,6 +316,43 @@ def test_batch_threads_accumulate_micro_batches_as_one_thread_does(prepared, tmp
     assert max(abs(single[s] - threaded[s]) for s in single) <= 1e-5
 
 
+def test_compiled_batch_threads_run_each_slice_as_one_graph(prepared, tmp_path, monkeypatch):
+    """With train.compile each batch thread runs its slice's forward and backward as one compiled graph
+    (joint_graph.py), its gradients laid out flat for the threads' shared AdamW: the same training as one
+    uncompiled thread, to rounding."""
+    from pocketlm.train.joint_graph import JointGradients
+
+    used = []
+    original = JointGradients.__call__
+
+    def spy(self, batch, scale):
+        found = original(self, batch, scale)
+        used.append(found is not None and self.flat_order is not None)
+        return found
+
+    monkeypatch.setattr(JointGradients, "__call__", spy)
+    decay = {"train.max_steps": 8, "optim.decay_steps": 8}
+    one = tiny_recipe(tmp_path / "one", prepared, **decay)
+    compiled = tiny_recipe(tmp_path / "compiled", prepared, **decay,
+                           **{"train.threads": 2, "train.parallel": "batch", "train.compile": True})
+    train(load_recipe(one))
+    train(load_recipe(compiled))
+    single, joint = losses(tmp_path / "one" / "run"), losses(tmp_path / "compiled" / "run")
+    assert sorted(single) == sorted(joint) == list(range(1, 9))
+    assert max(abs(single[s] - joint[s]) for s in single) <= 1e-4
+    assert len(used) == 2 * 8 and all(used)
+
+
+def test_lookahead_makes_each_step_once_a_run_at_a_time():
+    from pocketlm.train.loop import Lookahead
+
+    made = []
+    ahead = Lookahead(lambda step: made.append(step) or step * 10, end=20, ahead=8)
+    assert [ahead(s) for s in range(5, 20)] == [s * 10 for s in range(5, 20)]
+    assert made == list(range(5, 20))  # from the first step asked for (a resumed run), never past the end
+    assert ahead(3) == 30  # a step out of sequence is made on demand
+
+
 def test_batch_thread_count_and_pool():
     import threading
 
