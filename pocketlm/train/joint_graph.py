@@ -5,8 +5,10 @@ Why: `torch.compile` of the loss compiles a forward graph and a backward graph. 
 dynamo's frame hook and AOTAutograd's Python wrappers, the autograd engine, and the backward's wrappers,
 largely holding the GIL while the other batch thread waits for it. Here the loss and `torch.autograd.grad`
 are traced together with make_fx into one graph of aten ops, in which the gradients are plain outputs, and
-inductor compiles it as it compiles an inference graph: one entry a slice. On a shakespeare-char step with
-two batch threads the slices ran about 7% faster than with the compiled loss and autograd (BENCHMARKS.md).
+inductor compiles it as it compiles an inference graph, called directly (`torch._inductor.compile`: no
+frame hook, no guards; the batch's shapes and strides pick the graph). On a shakespeare-char step with two
+batch threads the slices ran about 7% faster than with the compiled loss and autograd, and another 3-4%
+without dynamo's entry (BENCHMARKS.md).
 
 The trace runs on fake tensors with static shapes, once per batch shape. Whatever depends on tensor values
 (a boolean mask, `.item()`) cannot be traced that way: for such an objective, or a model that samples random
@@ -33,7 +35,8 @@ class JointGradients:
     """`(batch, scale) -> (scaled loss, metrics, gradients of trainable)`, like the loop's compiled loss
     followed by torch.autograd.grad, or None for a batch whose graph cannot be traced (the caller then
     takes that path itself). Parameters are graph inputs, read at every call: updating them in place
-    (FlatAdamW) or replacing them is fine. Safe to call from several threads at once."""
+    (FlatAdamW) or replacing them with tensors of the same shape, type and layout is fine. Safe to call
+    from several threads at once."""
 
     def __init__(self, loss: LossFn, model: torch.nn.Module, trainable: list[torch.Tensor],
                  autocast: Callable[[], AbstractContextManager], flat_order: list[int] | None = None):
@@ -49,41 +52,30 @@ class JointGradients:
         if missing:
             raise ValueError("JointGradients: a trainable tensor is not one of the model's parameters")
         self.trainable_at = [ids[id(p)] for p in trainable]
-        self._graphs: dict[tuple, Callable | None] = {}  # compiled graph per batch signature; None: untraceable
+        self._graphs: dict[tuple, _Graph | None] = {}  # compiled graph per batch signature; None: untraceable
         self._lock = threading.Lock()  # one trace and compile at a time (two at once can hang)
 
     def __call__(self, batch: dict[str, torch.Tensor], scale: float) -> Result | None:
         keys = sorted(batch)
         if not all(isinstance(batch[k], torch.Tensor) for k in keys):
             return None
-        signature = tuple((k, tuple(batch[k].shape), batch[k].dtype, batch[k].device) for k in keys)
+        # the compiled code has no guards: it is for tensors of these shapes, strides, types and devices
+        signature = tuple((k, tuple(v.shape), v.stride(), v.dtype, v.device) for k, v in ((k, batch[k]) for k in keys))
         graph = self._graphs.get(signature, False)
         if graph is False:
             with self._lock:
                 graph = self._graphs.get(signature, False)
                 if graph is False:
-                    graph = self._build(keys, batch)
-                    if graph is not None:
-                        try:
-                            out = self._run(graph, keys, batch, scale)  # compiles here
-                        except Exception as error:  # noqa: BLE001 - any failure: the usual path instead
-                            self._give_up(signature, error)
-                            return None
-                        self._graphs[signature] = graph
-                        return out
-                    self._graphs[signature] = None
-        return None if graph is None else self._run(graph, keys, batch, scale)
+                    graph = self._graphs[signature] = self._build(keys, batch)
+        return None if graph is None else graph(self.params, scale, [batch[k] for k in keys])
 
-    def _run(self, graph: Callable, keys: list[str], batch: dict, scale: float) -> Result:
-        with torch.no_grad():
-            loss, metrics, grads = graph([p.detach() for p in self.params],
-                                         torch.tensor(scale, dtype=torch.float32), [batch[k] for k in keys])
-        return loss, metrics, grads if self.flat_order is not None else tuple(grads)
-
-    def _build(self, keys: list[str], batch: dict) -> Callable | None:
+    def _build(self, keys: list[str], batch: dict) -> _Graph | None:
         model, names, trainable_at, flat_order = self.model, self.names, self.trainable_at, self.flat_order
+        n = len(self.params)
+        layout: dict[str, list] = {}  # what the trace found: the metrics' names, the unused parameters
 
-        def slice_step(params, scale, tensors):
+        def slice_step(*inputs):  # flat tensors in and out: what inductor compiles without wrappers
+            params, scale, tensors = inputs[:n], inputs[n], inputs[n + 1:]
             weights = dict(zip(names, params))
             with torch.enable_grad(), self.autocast():
                 loss, metrics = self.loss(lambda *a, **kw: torch.func.functional_call(model, weights, a, kw),
@@ -91,27 +83,48 @@ class JointGradients:
                 loss = loss * scale
             wrt = [params[i] for i in trainable_at]
             grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+            layout["metrics"] = sorted(metrics)
+            layout["unused"] = [i for i, g in enumerate(grads) if g is None]
             if flat_order is not None:
-                grads = torch.cat([(torch.zeros_like(wrt[i]) if grads[i] is None else grads[i]).reshape(-1).float()
-                                   for i in flat_order])
-            return loss.detach(), {k: v.detach() for k, v in metrics.items()}, grads
+                grads = [torch.cat([(torch.zeros_like(wrt[i]) if grads[i] is None else grads[i]).reshape(-1).float()
+                                    for i in flat_order])]
+            return (loss.detach(), *(metrics[k].detach() for k in layout["metrics"]),
+                    *(g for g in grads if g is not None))
 
         wanted = set(trainable_at)
-        params = [p.detach().requires_grad_(i in wanted) for i, p in enumerate(self.params)]
+        inputs = [*(p.detach().requires_grad_(i in wanted) for i, p in enumerate(self.params)), torch.tensor(1.0),
+                  *(batch[k] for k in keys)]
         try:
             # once for real first: tables the model builds on first use (RoPE's, the causal mask) must be
             # real tensors, not the trace's fakes; the trace reads them as constants
             with torch.no_grad(), self.autocast():
                 self.loss(model, batch)
-            traced = make_fx(slice_step, tracing_mode="fake", _allow_non_fake_inputs=True)(
-                params, torch.tensor(1.0), [batch[k] for k in keys])
+            traced = make_fx(slice_step, tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)
+            with torch.no_grad():
+                compiled = torch._inductor.compile(traced, [t.detach() for t in inputs], options={"cpp_wrapper": True})
         except Exception as error:  # noqa: BLE001 - untraceable (value-dependent): the usual path instead
-            self._give_up(None, error)
+            self._give_up(error)
             return None
-        return torch.compile(traced, fullgraph=True, options={"cpp_wrapper": True})
+        return _Graph(compiled, layout["metrics"], layout["unused"], len(trainable_at), flat_order is not None)
 
-    def _give_up(self, signature, error: Exception) -> None:
-        if signature is not None:
-            self._graphs[signature] = None
+    def _give_up(self, error: Exception) -> None:
         log.info("training slices: forward and backward stay separate graphs (%s: %s)",
                  type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+
+
+class _Graph:
+    """One compiled slice step and how to read its flat outputs."""
+
+    def __init__(self, compiled: Callable, metrics: list[str], unused: list[int], n_grads: int, flat: bool):
+        self.compiled, self.metrics, self.unused, self.n_grads, self.flat = compiled, metrics, unused, n_grads, flat
+
+    def __call__(self, params: list[torch.Tensor], scale: float, tensors: list[torch.Tensor]) -> Result:
+        with torch.no_grad():
+            out = self.compiled(*(p.detach() for p in params), torch.tensor(scale, dtype=torch.float32), *tensors)
+        m = len(self.metrics)
+        loss, metrics, grads = out[0], dict(zip(self.metrics, out[1:1 + m])), list(out[1 + m:])
+        if self.flat:
+            return loss, metrics, grads[0]
+        for i in self.unused:
+            grads.insert(i, None)
+        return loss, metrics, tuple(grads)
