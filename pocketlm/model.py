@@ -29,7 +29,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows in FEW_ROWS and x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32:
+        few = FEW_ROWS.start <= rows < FEW_ROWS.stop  # comparisons, not `in`: torch.compile can trace a symbolic row count
+        if few and x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32:
             # 2-6 rows (batched decode, a speculative check, compiled or not): MKL's x @ W^T copies the whole
             # weight matrix on every call and takes twice one row's time; W @ x^T streams it once (1.4-2.4x
             # faster on SmolLM2's matrices, AMD EPYC; BENCHMARKS.md)
