@@ -12,7 +12,8 @@ without dynamo's entry (BENCHMARKS.md).
 
 The trace runs on fake tensors with static shapes, once per batch shape. Whatever depends on tensor values
 (a boolean mask, `.item()`) cannot be traced that way: for such an objective, or a model that samples random
-numbers (dropout), the loop keeps the compiled loss and autograd, and says so once.
+numbers (dropout), the loop keeps the compiled loss and autograd, and logs why once (INFO, this module's
+logger).
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ class JointGradients:
         except Exception as error:  # noqa: BLE001 - untraceable (value-dependent): the usual path instead
             self._give_up(error)
             return None
-        return _Graph(compiled, layout["metrics"], layout["unused"], len(trainable_at), flat_order is not None)
+        return _Graph(compiled, layout["metrics"], layout["unused"], flat_order is not None)
 
     def _give_up(self, error: Exception) -> None:
         log.info("training slices: forward and backward stay separate graphs (%s: %s)",
@@ -115,8 +116,8 @@ class JointGradients:
 class _Graph:
     """One compiled slice step and how to read its flat outputs."""
 
-    def __init__(self, compiled: Callable, metrics: list[str], unused: list[int], n_grads: int, flat: bool):
-        self.compiled, self.metrics, self.unused, self.n_grads, self.flat = compiled, metrics, unused, n_grads, flat
+    def __init__(self, compiled: Callable, metrics: list[str], unused: list[int], flat: bool):
+        self.compiled, self.metrics, self.unused, self.flat = compiled, metrics, unused, flat
 
     def __call__(self, params: list[torch.Tensor], scale: float, tensors: list[torch.Tensor]) -> Result:
         with torch.no_grad():
