@@ -29,7 +29,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-Result = tuple[torch.Tensor, dict[str, torch.Tensor], tuple[torch.Tensor | None, ...]]
+# (loss, metrics, gradients): a tuple in `trainable`'s order, or one flat tensor (flat_order)
+Result = tuple[torch.Tensor, dict[str, torch.Tensor], tuple[torch.Tensor | None, ...] | torch.Tensor]
 
 
 class JointGradients:
@@ -49,8 +50,7 @@ class JointGradients:
         self.names = [name for name, _ in named]
         self.params = [p for _, p in named]
         ids = {id(p): i for i, p in enumerate(self.params)}
-        missing = [p for p in trainable if id(p) not in ids]
-        if missing:
+        if any(id(p) not in ids for p in trainable):
             raise ValueError("JointGradients: a trainable tensor is not one of the model's parameters")
         self.trainable_at = [ids[id(p)] for p in trainable]
         self._graphs: dict[tuple, _Graph | None] = {}  # compiled graph per batch signature; None: untraceable
@@ -61,7 +61,7 @@ class JointGradients:
         if not all(isinstance(batch[k], torch.Tensor) for k in keys):
             return None
         # the compiled code has no guards: it is for tensors of these shapes, strides, types and devices
-        signature = tuple((k, tuple(v.shape), v.stride(), v.dtype, v.device) for k, v in ((k, batch[k]) for k in keys))
+        signature = tuple((k, tuple(batch[k].shape), batch[k].stride(), batch[k].dtype, batch[k].device) for k in keys)
         graph = self._graphs.get(signature, False)
         if graph is False:
             with self._lock:
@@ -104,14 +104,10 @@ class JointGradients:
             with torch.no_grad():
                 compiled = torch._inductor.compile(traced, [t.detach() for t in inputs], options={"cpp_wrapper": True})
         except Exception as error:  # noqa: BLE001 - untraceable (value-dependent): the usual path instead
-            self._give_up(error)
+            log.info("training slices: forward and backward stay separate graphs (%s: %s)",
+                     type(error).__name__, str(error).splitlines()[0] if str(error) else "")
             return None
         return _Graph(compiled, layout["metrics"], layout["unused"], flat_order is not None)
-
-    def _give_up(self, error: Exception) -> None:
-        log.info("training slices: forward and backward stay separate graphs (%s: %s)",
-                 type(error).__name__, str(error).splitlines()[0] if str(error) else "")
-
 
 class _Graph:
     """One compiled slice step and how to read its flat outputs."""
