@@ -6,6 +6,7 @@ character and stop cleanly at stop strings; `generate` collects a whole answer.
 
 from __future__ import annotations
 
+import math
 import types
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -17,10 +18,16 @@ from .errors import ConfigError, ContextLengthError
 from .tokenizer import Tokenizer
 
 
+# Temperatures below this decode greedily: dividing logits by a smaller one is numerically meaningless
+# (the softmax is a one-hot on the largest logit anyway). vLLM uses the same threshold (_SAMPLING_EPS).
+GREEDY_BELOW = 1e-5
+SEED_RANGE = 2**64  # torch.Generator takes seeds in [0, 2**64); any integer seed is folded into it
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 means greedy
+    temperature: float = 0.0  # 0 (or anything below GREEDY_BELOW) means greedy
     top_k: int = 0  # 0 means no top-k cut
     top_p: float = 1.0
     repetition_penalty: float = 1.0
@@ -31,10 +38,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         checks = [
             (self.max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {self.max_new_tokens}"),
-            (self.temperature >= 0, f"temperature must be >= 0 (0 is greedy), got {self.temperature}"),
+            (0 <= self.temperature < math.inf, f"temperature must be a number >= 0 (0 is greedy), got {self.temperature}"),
             (self.top_k >= 0, f"top_k must be >= 0 (0 turns it off), got {self.top_k}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}"),
+            (0 < self.repetition_penalty < math.inf,
+             f"repetition_penalty must be a number > 0 (1 turns it off), got {self.repetition_penalty}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -42,6 +50,17 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in self.stop if s]
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+
+def seeded_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """A generator for `seed` (any integer, folded into the generator's range), or None without one."""
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed % SEED_RANGE)
 
 
 @dataclass
@@ -56,31 +75,50 @@ class Generation:
 # sampling
 # ---------------------------------------------------------------------------------------------
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style penalty (as transformers): divide positive logits of seen tokens, multiply negative ones."""
+    """CTRL-style penalty (as transformers): divide positive logits of seen tokens, multiply negative ones.
+    A penalty near 0 can push a logit to inf; sampling treats those as the largest finite value."""
     scores = logits.gather(-1, seen)
     scores = torch.where(scores > 0, scores / penalty, scores * penalty)
     return logits.scatter(-1, seen, scores)
 
 
+class NonFiniteLogitsError(RuntimeError):
+    """A row's logits have no finite maximum (NaN or inf from the model): there is nothing to sample from."""
+
+
+def finite_logits(logits: torch.Tensor) -> torch.Tensor:
+    """float32 logits with NaN as -inf (never chosen) and +inf as the largest finite value, so that penalties
+    and biases pushed to the extremes still leave a distribution; raises NonFiniteLogitsError for a row
+    with nothing finite left."""
+    logits = torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
+    if not torch.isfinite(logits.amax(-1)).all():
+        raise NonFiniteLogitsError("the model gave no finite logit for this sequence")
+    return logits
+
+
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     """Pick the next token from (batch, vocab) logits: greedy, or temperature + top-k + top-p sampling."""
-    if params.temperature == 0:
-        return logits.argmax(-1)
+    if params.greedy:
+        return finite_logits(logits).argmax(-1)
     return torch.multinomial(token_probs(logits, params), 1, generator=generator).squeeze(-1)
 
 
 def token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The distribution sampling draws from (temperature > 0): softmax of logits / temperature over the tokens
-    top-k and top-p keep, zero elsewhere."""
-    logits = logits.float() / params.temperature
+    """The distribution sampling draws from (temperature >= GREEDY_BELOW): softmax of logits / temperature
+    over the tokens top-k and top-p keep, zero elsewhere. The most likely token is always kept."""
+    logits = finite_logits(logits)
+    # shifted so the largest is 0 before dividing: a small temperature cannot overflow to inf
+    logits = (logits - logits.amax(-1, keepdim=True)) / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens ranked above it already cover top_p; the first always stays
+        # drop a token when the tokens ranked above it already cover top_p; the first always stays (a top_p
+        # below float32's smallest number compares as 0, which would otherwise drop it too)
         drop = (probs.cumsum(-1) - probs) >= params.top_p
+        drop[..., 0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits.softmax(-1)
@@ -184,7 +222,7 @@ def generate_tokens(model, prompt_ids: list[int], params: SamplingParams, stop_i
     if max_new == 0:
         return
     device = model.device
-    generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
+    generator = seeded_generator(params.seed, device)
     tokens = torch.tensor([prompt_ids], device=device)
     model.setup_cache(1, cache_length(len(prompt_ids) + max_new, context))
     step_fn = decode_fn(model)
@@ -222,7 +260,7 @@ def generate_batch(model, prompts: list[list[int]], params: SamplingParams,
     if max_new <= 0 or n == 0:
         return outputs
     device = model.device
-    generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
+    generator = seeded_generator(params.seed, device)
     model.setup_cache(n, cache_length(max(len(p) for p in prompts) + max_new, context))
     step_fn = decode_fn(model)
     try:

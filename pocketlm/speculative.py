@@ -18,7 +18,7 @@ from typing import Iterator
 
 import torch
 
-from .engine import SamplingParams, cache_length, check_prompt, decode_fn, token_probs
+from .engine import SamplingParams, cache_length, check_prompt, decode_fn, seeded_generator, token_probs
 from .errors import ConfigError
 
 
@@ -73,9 +73,9 @@ def speculative_tokens(target, draft, prompt_ids: list[int], max_new_tokens: int
         raise ConfigError(f"the number of draft tokens k must be >= 1; got {k}")
     if sampling is not None and sampling.repetition_penalty != 1.0:
         raise ConfigError("speculative decoding takes no repetition penalty; leave it at 1 with a draft model")
-    greedy = sampling is None or sampling.temperature == 0
+    greedy = sampling is None or sampling.greedy
     # sampling happens on the CPU (vocabulary-sized vectors), so the draft and the target may sit on other devices
-    generator = torch.Generator().manual_seed(sampling.seed) if not greedy and sampling.seed is not None else None
+    generator = None if greedy else seeded_generator(sampling.seed)
     check_compatible(target, draft)
     context = min(target.config.max_position_embeddings, draft.config.max_position_embeddings)
     check_prompt(prompt_ids, context)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -23,7 +23,8 @@ from ..errors import PocketLMError
 from .config import ServeConfig
 from .generation import Run, chat_logprobs, completion_logprobs, sse, stream_end, until_done
 from .metrics import ServerMetrics
-from .protocol import APIError, ChatRequest, CompletionRequest, FeedbackRequest
+from .protocol import (CHAT_STREAM, COMPLETION_STREAM, APIError, ChatCompletion, ChatRequest, Completion,
+                       CompletionRequest, FeedbackRequest, FeedbackResponse, Health, ModelList, documented)
 from .store import RequestLog, RequestRecord
 from .variants import Variant, assign, load_variant
 
@@ -53,7 +54,8 @@ class Server:
                        param="model", code="model_not_found")
 
     def max_tokens(self, wanted: int | None, default: int) -> int:
-        wanted = default if wanted is None else wanted
+        if wanted is None:  # the server's default, within its own cap
+            return min(default, self.config.max_tokens_cap)
         if wanted > self.config.max_tokens_cap:
             raise APIError(400, f"max_tokens is {wanted} but this server allows at most {self.config.max_tokens_cap}",
                            param="max_tokens")
@@ -116,17 +118,19 @@ def create_app(config: ServeConfig, variants: list[Variant] | None = None) -> Fa
     async def unexpected(request, exc: Exception):
         return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error").response()
 
-    @app.get("/health")
+    @app.get("/health", responses=documented(Health))
     async def health():
         return {"status": "ok", "models": list(server.variants), "experiment": server.experiment,
                 "queue_depth": sum(v.scheduler.queue_depth for v in server.variants.values()),
                 "active_sequences": sum(v.scheduler.active for v in server.variants.values())}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses=documented(content={"text/plain": {"schema": {"type": "string"}}}))
     async def metrics():
+        """Prometheus' text exposition format."""
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=documented(ModelList))
     async def models():
         data = [{"id": v.name, "object": "model", "created": 0, "owned_by": "pocketlm", "model": v.spec.model,
                  "adapter": v.spec.adapter, "experiment": v.experiment, "weight": v.spec.weight,
@@ -144,14 +148,14 @@ def create_app(config: ServeConfig, variants: list[Variant] | None = None) -> Fa
                     sampling=SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                                             seed=body.seed, ignore_eos=body.ignore_eos),
                     presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                    logprobs=logprobs, echo_logprobs=echo,
+                    logit_bias=body.bias(), logprobs=logprobs, echo_logprobs=echo,
                     stop_ids=frozenset(eos_ids(variant.model, variant.tokenizer)),
                     timeout=server.config.request_timeout)
 
     def headers(run: Run) -> dict[str, str]:
         return {"X-Pocketlm-Variant": run.variant.name, "X-Request-Id": run.id}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=documented(ChatCompletion, CHAT_STREAM))
     async def chat_completions(request: Request, body: ChatRequest):
         variant = server.route(body.model, user_of(request, body.user))
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
@@ -192,7 +196,7 @@ def create_app(config: ServeConfig, variants: list[Variant] | None = None) -> Fa
         for line in stream_end(run, body, head):
             yield line
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=documented(Completion, COMPLETION_STREAM))
     async def completions(request: Request, body: CompletionRequest):
         variant = server.route(body.model, user_of(request, body.user))
         tokenizer = variant.tokenizer
@@ -249,7 +253,7 @@ def create_app(config: ServeConfig, variants: list[Variant] | None = None) -> Fa
         for line in stream_end(run, body, head):
             yield line
 
-    @app.post("/v1/feedback")
+    @app.post("/v1/feedback", responses=documented(FeedbackResponse))
     async def feedback(body: FeedbackRequest):
         loop = asyncio.get_running_loop()
         found = await loop.run_in_executor(server._writer, server.log.variant_of, body.id)
@@ -264,7 +268,7 @@ def create_app(config: ServeConfig, variants: list[Variant] | None = None) -> Fa
         return {"id": feedback_id, "object": "feedback", "response_id": body.id, "variant": variant_name,
                 "experiment": experiment, "rating": "up" if body.score() > 0 else "down"}
 
-    @app.get("/api/stats")
+    @app.get("/api/stats", responses=documented())
     async def stats():
         from .report import ab_report
 
@@ -286,6 +290,12 @@ def create_app(config: ServeConfig, variants: list[Variant] | None = None) -> Fa
     return app
 
 
+# A body over the limit is read and thrown away, up to these bounds, before the 413 is sent: a client that
+# writes its whole body before it reads (Python's urllib, requests) sees its connection reset otherwise.
+DRAIN_BYTES = 256 * 2**20
+DRAIN_SECONDS = 30.0
+
+
 class GuardMiddleware:
     """Refuses, before any route runs: a body over the size limit (413) and, when API keys are set, a
     /v1 or /api request without a valid `Authorization: Bearer KEY` (401). The body is read here so
@@ -304,9 +314,12 @@ class GuardMiddleware:
             if scheme.lower() != "bearer" or key.strip() not in self.keys:
                 message = "missing API key: send 'Authorization: Bearer KEY'" if not auth else "the API key is not valid"
                 return await APIError(401, message, code="invalid_api_key").response()(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-            return await self._too_large(scope, receive, send)
+            # a client that asked to hear first (Expect: 100-continue) has sent nothing: answer at once
+            waits = headers.get(b"expect", b"").lower() == b"100-continue"
+            return await self._too_large(scope, receive, send, more_body=not waits)
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -315,7 +328,7 @@ class GuardMiddleware:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_body:
-                return await self._too_large(scope, receive, send)
+                return await self._too_large(scope, receive, send, more_body=message.get("more_body", False))
             if not message.get("more_body"):
                 break
         body, replayed = b"".join(chunks), False
@@ -329,7 +342,19 @@ class GuardMiddleware:
 
         return await self.app(scope, replay, send)
 
-    async def _too_large(self, scope, receive, send):
+    async def _too_large(self, scope, receive, send, more_body: bool):
+        """413, after reading what the client is still sending (up to DRAIN_BYTES and DRAIN_SECONDS)."""
+        loop = asyncio.get_running_loop()
+        deadline, drained = loop.time() + DRAIN_SECONDS, 0
+        while more_body and drained < DRAIN_BYTES:
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                break
+            if message["type"] == "http.disconnect":
+                return
+            drained += len(message.get("body", b""))
+            more_body = message.get("more_body", False)
         error = APIError(413, f"the request body is over this server's limit of {self.max_body} bytes",
                          code="request_too_large")
         return await error.response()(scope, receive, send)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 import uuid
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 
 from ..engine import StopStringFilter, TextAssembler
-from ..errors import ContextLengthError
+from ..errors import ContextLengthError, PocketLMError
 from .protocol import APIError, error_body
 from .scheduler import Finished, Job, PromptLogprobs, QueueFullError, TokenEvent
 from .store import RequestRecord
@@ -23,7 +24,9 @@ from .variants import Variant
 if TYPE_CHECKING:
     from .app import Server
 
-STATUS_OF = {"stop": 200, "length": 200, "cancelled": 499, "timeout": 504, "error": 500}
+log = logging.getLogger("pocketlm.serve")
+
+STATUS_OF = {"stop": 200, "length": 200, "cancelled": 499, "timeout": 504}  # "error" carries its own status
 
 
 class Choice:
@@ -40,6 +43,7 @@ class Choice:
         self.echo: PromptLogprobs | None = None
         self.finish: str | None = None
         self.error = ""
+        self.error_status = 500
 
     def feed(self, event) -> str:
         """Handle one event; return the text it makes available."""
@@ -49,7 +53,7 @@ class Choice:
             self.echo = event
             return ""
         if isinstance(event, Finished):
-            self.finish, self.error = event.reason, event.message
+            self.finish, self.error, self.error_status = event.reason, event.message, event.status
             piece = self.stops.flush() if event.reason in ("stop", "length") else ""
             self.text += piece
             return piece
@@ -106,7 +110,7 @@ class Run:
         self.first_token: float | None = None
         self.prompt_text = prompt_text
         self.choices = [Choice(i, variant.tokenizer, ids, stops) for i, ids in enumerate(prompts)]
-        self.jobs = [Job(ids, **job_args) for ids in prompts]
+        self.jobs = [Job(ids, **job_args, request_id=self.id) for ids in prompts]
         self.queue: asyncio.Queue = asyncio.Queue()
         self.logged = False
 
@@ -133,6 +137,10 @@ class Run:
             self.finish_log(400, str(exc))
             raise APIError(400, str(exc), param="messages" if self.endpoint == "chat" else "prompt",
                            code="context_length_exceeded")
+        except PocketLMError as exc:  # the request asked for something the model cannot do
+            self.cancel()
+            self.finish_log(400, str(exc))
+            raise APIError(400, str(exc))
 
     def cancel(self) -> None:
         for job in self.jobs:
@@ -145,7 +153,13 @@ class Run:
                 index, event = await self.queue.get()
                 choice = self.choices[index]
                 was_done = choice.finish is not None
-                piece = choice.feed(event)
+                try:
+                    piece = choice.feed(event)
+                except Exception as exc:  # turning this choice's tokens into text failed: it ends, alone
+                    log.error("request %s: choice %d failed while assembling its text", self.id, index, exc_info=exc)
+                    self.variant.scheduler.cancel(self.jobs[index])
+                    piece = choice.feed(Finished("error", f"internal error while assembling the text of this "
+                                                          f"request: {type(exc).__name__}: {exc}"))
                 if isinstance(event, TokenEvent) and not was_done:
                     if self.first_token is None:
                         self.first_token = time.perf_counter()
@@ -162,7 +176,8 @@ class Run:
 
     def status(self) -> tuple[int, str]:
         """The worst (HTTP status, error) among the choices."""
-        return max((STATUS_OF.get(c.finish or "cancelled", 500), c.error) for c in self.choices)
+        return max((c.error_status if c.finish == "error" else STATUS_OF.get(c.finish or "cancelled", 500), c.error)
+                   for c in self.choices)
 
     def finish_log(self, status: int | None = None, error: str = "") -> None:
         if self.logged:
@@ -190,14 +205,17 @@ class Run:
 
     def failure(self) -> APIError | None:
         status, error = self.status()
+        headers = {"X-Pocketlm-Variant": self.variant.name, "X-Request-Id": self.id}
         if status == 200:
             return None
         if status == 504:
             return APIError(504, f"generation timed out after {self.server.config.request_timeout:g} s",
-                            type_="timeout_error", code="timeout")
+                            type_="timeout_error", code="timeout", headers=headers)
         if status == 499:
-            return APIError(499, "the request was cancelled", code="cancelled")
-        return APIError(500, error or "generation failed", type_="server_error")
+            return APIError(499, "the request was cancelled", code="cancelled", headers=headers)
+        if status < 500:
+            return APIError(status, error, headers=headers)
+        return APIError(status, error or "generation failed", type_="server_error", headers=headers)
 
 
 async def until_done(request: Request, run: Run) -> None:

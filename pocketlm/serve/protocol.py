@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 # Unknown fields are ignored, as OpenAI-compatible servers do: clients send options they don't need.
 Lenient = ConfigDict(extra="ignore")
@@ -63,9 +63,12 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = None  # any integer: folded into the generator's range
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    # OpenAI's: a token id (as a string key) -> a bias added to its logit before sampling
+    logit_bias: dict[Annotated[str, StringConstraints(pattern=r"^-?[0-9]{1,12}$")],
+                     Annotated[float, Field(ge=-100, le=100)]] | None = Field(default=None, max_length=1024)
     user: str | None = Field(default=None, max_length=256)
     ignore_eos: bool = False  # not OpenAI's (vLLM's): generate max_tokens even past end-of-sequence
 
@@ -76,6 +79,10 @@ class SamplingFields(BaseModel):
         if len(stops) > 4:
             raise ValueError(f"at most 4 stop sequences, got {len(stops)}")
         return [s for s in stops if s]
+
+    def bias(self) -> dict[int, float] | None:
+        """logit_bias with integer token ids (checked against the vocabulary when the job is submitted)."""
+        return {int(k): v for k, v in self.logit_bias.items() if v} if self.logit_bias else None
 
 
 class ChatRequest(SamplingFields):
@@ -89,18 +96,16 @@ class ChatRequest(SamplingFields):
         return self.max_completion_tokens or self.max_tokens
 
 
+Text = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # text, texts, token ids or lists of token ids; each prompt needs at least one token
+    prompt: Text | Annotated[list[Text], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
     max_tokens: int = Field(default=16, ge=0)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, value):
-        if isinstance(value, list) and not value:
-            raise ValueError("the prompt list is empty")
-        return value
 
     def prompts(self) -> list[str | list[int]]:
         """Each prompt of the request: text, or token ids."""
@@ -120,3 +125,140 @@ class FeedbackRequest(BaseModel):
 
     def score(self) -> int:
         return 1 if self.rating in ("up", 1) else -1
+
+
+# ---------------------------------------------------------------------------------------------
+# responses, as the OpenAPI schema documents them (the routes build their JSON directly; the fuzzing
+# tests check every answer against these)
+# ---------------------------------------------------------------------------------------------
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Served(BaseModel):
+    """What pocketlm adds to OpenAI's response: which variant answered, in which experiment."""
+    variant: str
+    experiment: str | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: dict | None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(Served):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: dict | None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class Completion(Served):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ModelEntry(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    context_length: int | None = None
+    variants: list[str] | None = None  # for an experiment's name: the variants it splits between
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelEntry]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    models: list[str]
+    experiment: str | None = None
+    queue_depth: int
+    active_sequences: int
+
+
+class FeedbackResponse(BaseModel):
+    id: int
+    object: Literal["feedback"]
+    response_id: str
+    variant: str
+    experiment: str | None = None
+    rating: Literal["up", "down"]
+
+
+ERROR_RESPONSES = {
+    "4XX": {"model": ErrorResponse, "description": "the request was refused: its `error` says why and what to do"},
+    "5XX": {"model": ErrorResponse, "description": "the server failed this request (logged with its id)"},
+}
+
+
+def _event_stream(chunk_object: str, choice: dict) -> dict:
+    """An SSE response as OpenAPI documents one (`schema` describes each event): `data` is a JSON chunk
+    with `object` = chunk_object and choices shaped as `choice`, or an error object, and `[DONE]` last."""
+    text = {"type": "string"}
+    number = {"type": "integer"}
+    chunk = {"type": "object", "required": ["id", "object", "created", "model", "choices"],
+             "properties": {"id": text, "object": {"const": chunk_object}, "created": number, "model": text,
+                            "choices": {"type": "array", "items": choice},
+                            "usage": {"anyOf": [{"$ref": "#/components/schemas/Usage"}, {"type": "null"}]}}}
+    data = {"anyOf": [{"const": "[DONE]"},
+                      {"type": "string", "contentMediaType": "application/json",
+                       "contentSchema": {"anyOf": [chunk, {"$ref": "#/components/schemas/ErrorResponse"}]}}]}
+    return {"text/event-stream": {"schema": {"type": "object", "required": ["data"], "properties": {"data": data}}}}
+
+
+FINISH = {"enum": ["stop", "length", None]}
+CHAT_STREAM = _event_stream("chat.completion.chunk", {
+    "type": "object", "required": ["index", "delta", "finish_reason"],
+    "properties": {"index": {"type": "integer"}, "finish_reason": FINISH,
+                   "delta": {"type": "object", "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}}}})
+COMPLETION_STREAM = _event_stream("text_completion", {
+    "type": "object", "required": ["index", "text", "finish_reason"],
+    "properties": {"index": {"type": "integer"}, "text": {"type": "string"}, "finish_reason": FINISH}})
+
+
+def documented(model: type[BaseModel] | None = None, content: dict | None = None) -> dict:
+    """The `responses` of a route for the OpenAPI schema: its 200 body (JSON `model`, and other `content`
+    such as an event stream) and OpenAI's error object for every 4xx and 5xx."""
+    ok: dict = {"description": "success"}
+    if model is not None:
+        ok["model"] = model
+    if content:
+        ok["content"] = content
+    return {200: ok, **ERROR_RESPONSES}

@@ -6,6 +6,12 @@ a step rather than by the whole prompt. When its prompt is in, it joins the batc
 leaves it when it finishes, is cancelled (its client went away, or a stop string matched) or times out.
 Busy rows are kept contiguous (rows 0..n-1) so each step computes only them, over only the cache
 positions they reach.
+
+One request cannot break another: a failure while preparing, prefilling, decoding or sampling one row
+ends that request alone (400 when a PocketLMError says the request was at fault, else 500, logged with
+its request id) and every other row carries on with the tokens it would have produced alone. When a
+batched forward pass fails, the rows that fail on their own are found and dropped, and the pass is run
+again without them.
 """
 
 from __future__ import annotations
@@ -19,8 +25,8 @@ from typing import Callable
 
 import torch
 
-from ..engine import SamplingParams, sample_next
-from ..errors import ContextLengthError, PocketLMError
+from ..engine import NonFiniteLogitsError, SamplingParams, sample_next, seeded_generator
+from ..errors import ConfigError, ContextLengthError, PocketLMError
 
 log = logging.getLogger("pocketlm.serve")
 
@@ -50,6 +56,7 @@ class PromptLogprobs:
 class Finished:
     reason: str  # "stop" (EOS), "length", "cancelled", "timeout" or "error"
     message: str = ""
+    status: int = 500  # for "error": 400 when the request was at fault, 500 when the server was
 
 
 @dataclass
@@ -62,7 +69,9 @@ class Job:
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-prob and the top k
     echo_logprobs: int | None = None  # the same for every prompt token
     stop_ids: frozenset[int] = frozenset()
+    logit_bias: dict[int, float] | None = None  # added to those tokens' logits before sampling (OpenAI's)
     timeout: float | None = None  # seconds from submission
+    request_id: str = ""  # named in the log when the job fails
     # set by the scheduler
     emit: Callable[[object], None] = field(default=lambda event: None, repr=False)
     generated: list[int] = field(default_factory=list)
@@ -80,6 +89,12 @@ class Job:
     @property
     def next_input(self) -> int:
         return self.generated[-1] if self.generated else self.prompt_ids[-1]
+
+    @property
+    def plain_greedy(self) -> bool:
+        """The argmax of the raw logits is its token: no sampling, penalty or bias to apply."""
+        return (self.sampling.greedy and not self.presence_penalty and not self.frequency_penalty
+                and not self.logit_bias)
 
 
 class Scheduler:
@@ -114,12 +129,15 @@ class Scheduler:
         if len(job.prompt_ids) >= self.context:
             raise ContextLengthError(f"the prompt has {len(job.prompt_ids)} tokens but this server's context for "
                                      f"{self.name} is {self.context} tokens; shorten the prompt")
+        vocab = self.model.config.vocab_size
+        for what, ids in (("prompt token id", job.prompt_ids), ("logit_bias token id", job.logit_bias or ())):
+            if (bad := next((t for t in ids if not 0 <= t < vocab), None)) is not None:
+                raise ConfigError(f"{what} {bad} is outside the vocabulary of {self.name} (0..{vocab - 1})")
         job.max_new_tokens = max(0, min(job.max_new_tokens, self.context - len(job.prompt_ids)))
         job.emit = emit
         if job.timeout:
             job.deadline = time.monotonic() + job.timeout
-        if job.sampling.seed is not None:
-            job.generator = torch.Generator().manual_seed(job.sampling.seed)
+        job.generator = seeded_generator(job.sampling.seed)
         with self._cond:
             if self._stopped:
                 raise QueueFullError(f"{self.name} is shutting down")
@@ -171,7 +189,7 @@ class Scheduler:
                     self._admitting = len(batch)  # taken from the queue, not yet running: still busy rows
                 try:
                     self._step(batch)
-                except Exception as exc:  # a fault must not stop the server: fail the jobs in hand, go on
+                except Exception as exc:  # a fault outside any one row's work: fail the jobs in hand, go on
                     log.exception("scheduler step failed")
                     for job in self.running + batch + [j for j in [self.prefilling] if j]:
                         self._emit(job, Finished("error", f"generation failed: {exc}"))
@@ -220,6 +238,15 @@ class Scheduler:
         if self.running:
             self._decode_step()
 
+    def _failed(self, job: Job, exc: Exception, stage: str) -> Finished:
+        """The event that ends a job whose own work raised: 400 for a PocketLMError (the request asked for
+        something that cannot be done), else 500, logged with the request id."""
+        if isinstance(exc, PocketLMError):
+            return Finished("error", str(exc), status=400)
+        log.error("request %s failed while %s", job.request_id or "(no id)", stage, exc_info=exc)
+        return Finished("error", f"internal error while {stage} this request (id {job.request_id or 'none'}, "
+                                 f"in the server's log): {type(exc).__name__}: {exc}")
+
     def _emit(self, job: Job, event) -> None:
         try:
             job.emit(event)
@@ -243,33 +270,53 @@ class Scheduler:
     def _prefill_batch(self, jobs: list[Job]) -> None:
         """Prefill short prompts together, one row each (rows after the running ones), padded on the right:
         a row's padding lies after its own tokens, so causal attention never lets the row see it, and
-        decoding overwrites those cache positions before any step attends to them."""
+        decoding overwrites those cache positions before any step attends to them. If the pass fails,
+        each prompt is prefilled alone, so only the ones that fail by themselves end."""
         first_row = len(self.running)
         lengths = [len(job.prompt_ids) - 1 for job in jobs]
         width = max(lengths)
+        logits = None
         if width:
             ids = torch.tensor([job.prompt_ids[:-1] + [0] * (width - n) for job, n in zip(jobs, lengths)])
             echo = any(job.echo_logprobs is not None for job in jobs)
-            logits = self.model(ids, start=0, last_only=not echo, cache_row=slice(first_row, first_row + len(jobs)))
-            for row, (job, n) in enumerate(zip(jobs, lengths)):
+            try:
+                logits = self.model(ids, start=0, last_only=not echo,
+                                    cache_row=slice(first_row, first_row + len(jobs)))
+            except Exception as exc:
+                if len(jobs) == 1:
+                    self._emit(jobs[0], self._failed(jobs[0], exc, "prefilling"))
+                    return
+                for job in jobs:
+                    self._prefill_batch([job])
+                return
+        for index, (job, n) in enumerate(zip(jobs, lengths)):
+            try:
                 job.prefilled = n
                 if job.echo_logprobs is not None:
                     job.echo = PromptLogprobs([None], [None])
-                    self._score_prompt(job, logits[row, :n], 0, n)
-        for row, job in enumerate(jobs, start=first_row):
-            self._prefilled(job, row)
+                    if n:
+                        self._score_prompt(job, logits[index, :n], 0, n)
+            except Exception as exc:
+                self._emit(job, self._failed(job, exc, "scoring the prompt of"))
+                continue  # its row is not taken: the next job's prompt moves down into it
+            self._prefilled(job, first_row + index)
 
     def _prefill_chunk(self, job: Job) -> None:
         """Feed the next chunk of a long prompt into the job's cache row (all but its last token, which
         the first decode step takes); with echo, score each prompt token on the way."""
         row = len(self.running)
         end = min(job.prefilled + self.prefill_chunk, len(job.prompt_ids) - 1)
-        ids = torch.tensor([job.prompt_ids[job.prefilled:end]])
-        want_echo = job.echo_logprobs is not None
-        logits = self.model(ids, start=job.prefilled, last_only=not want_echo, cache_row=row)
-        if want_echo:
-            job.echo = job.echo or PromptLogprobs([None], [None])
-            self._score_prompt(job, logits[0], job.prefilled, end)
+        try:
+            ids = torch.tensor([job.prompt_ids[job.prefilled:end]])
+            want_echo = job.echo_logprobs is not None
+            logits = self.model(ids, start=job.prefilled, last_only=not want_echo, cache_row=row)
+            if want_echo:
+                job.echo = job.echo or PromptLogprobs([None], [None])
+                self._score_prompt(job, logits[0], job.prefilled, end)
+        except Exception as exc:
+            self.prefilling = None
+            self._emit(job, self._failed(job, exc, "prefilling"))
+            return
         job.prefilled = end
         if job.prefilled == len(job.prompt_ids) - 1:
             self.prefilling = None
@@ -293,33 +340,28 @@ class Scheduler:
         self.running.append(job)
 
     def _decode_step(self) -> None:
+        logits = self._decode_logits()
+        if logits is None:
+            return
         jobs = self.running
-        ids = torch.tensor([[job.next_input] for job in jobs])
-        pos = torch.tensor([job.pos for job in jobs])
-        span = min(self.model.model.layers[0].self_attn.cache.k.shape[2],
-                   -(-(int(pos.max()) + 1 + self.model.prefix_tokens) // SPAN_BUCKET) * SPAN_BUCKET)
-        logits = self.model.decode_step(ids, pos, self.model.decode_mask(pos, span))
         self.steps += 1
         chosen = logits.argmax(-1).tolist()
+        finite = torch.isfinite(logits.amax(-1)).tolist()  # NaN or inf in a row: the model failed that sequence
         want_logprobs = any(job.logprobs is not None for job in jobs)
         logprobs = torch.log_softmax(logits, -1) if want_logprobs else None
         finished: list[tuple[int, Finished]] = []
         for i, job in enumerate(jobs):
-            if job.sampling.temperature > 0 or job.presence_penalty or job.frequency_penalty:
-                chosen[i] = self._sample(job, logits[i:i + 1])
-            token = chosen[i]
-            eos = token in job.stop_ids and not job.sampling.ignore_eos
-            event = TokenEvent(token, eos=eos)
-            if job.logprobs is not None:
-                event.logprob = float(logprobs[i, token])
-                if job.logprobs:
-                    values, indices = logprobs[i].topk(job.logprobs)
-                    event.top = list(zip(indices.tolist(), values.tolist()))
+            try:
+                event = self._next_token(job, logits[i:i + 1], chosen[i], finite[i],
+                                         None if logprobs is None else logprobs[i])
+            except Exception as exc:
+                finished.append((i, self._failed(job, exc, "sampling")))
+                continue
             self._emit(job, event)
-            if eos:
+            if event.eos:
                 finished.append((i, Finished("stop")))
                 continue
-            job.generated.append(token)
+            job.generated.append(event.token)
             if len(job.generated) >= job.max_new_tokens or job.pos >= self.context:
                 finished.append((i, Finished("length")))
         self._history.append((time.monotonic(), len(jobs)))
@@ -328,12 +370,62 @@ class Scheduler:
         for index, event in reversed(finished):
             self._finish(index, event)
 
+    def _decode_logits(self) -> torch.Tensor | None:
+        """Next-token logits (batch, vocab) of the running rows. If the batched step raises, the first row
+        that fails in a batch of its own and the rows before it (rows 0..k-1 of the cache form a smaller
+        batch; a binary search finds k) is ended, and the step runs again without it. A re-run writes the
+        same keys and values at the same positions, so the other rows' tokens do not change."""
+        while self.running:
+            try:
+                return self._decode_rows(len(self.running))
+            except Exception as exc:
+                failing, error = self._first_failing_row(exc)
+                self._finish(failing, self._failed(self.running[failing], error, "decoding"))
+        return None
+
+    def _first_failing_row(self, error: Exception) -> tuple[int, Exception]:
+        """The smallest k with rows 0..k failing together (the whole batch did), and its error."""
+        low, high = 0, len(self.running) - 1
+        while low < high:
+            middle = (low + high) // 2
+            try:
+                self._decode_rows(middle + 1)
+                low = middle + 1
+            except Exception as exc:
+                high, error = middle, exc
+        return low, error
+
+    def _decode_rows(self, n: int) -> torch.Tensor:
+        """One decode step of the first n running rows."""
+        jobs = self.running[:n]
+        ids = torch.tensor([[job.next_input] for job in jobs])
+        pos = torch.tensor([job.pos for job in jobs])
+        span = min(self.model.model.layers[0].self_attn.cache.k.shape[2],
+                   -(-(int(pos.max()) + 1 + self.model.prefix_tokens) // SPAN_BUCKET) * SPAN_BUCKET)
+        return self.model.decode_step(ids, pos, self.model.decode_mask(pos, span))
+
+    def _next_token(self, job: Job, logits: torch.Tensor, argmax: int, finite: bool,
+                    logprobs: torch.Tensor | None) -> TokenEvent:
+        """The token a job takes from its row of logits (1, vocab), with its log-probs when asked for."""
+        if not finite:
+            raise NonFiniteLogitsError("the model gave a NaN or infinite logit for this sequence")
+        token = argmax if job.plain_greedy else self._sample(job, logits)
+        event = TokenEvent(token, eos=token in job.stop_ids and not job.sampling.ignore_eos)
+        if job.logprobs is not None:
+            event.logprob = float(logprobs[token])
+            if job.logprobs:
+                values, indices = logprobs.topk(min(job.logprobs, logprobs.shape[-1]))
+                event.top = list(zip(indices.tolist(), values.tolist()))
+        return event
+
     def _sample(self, job: Job, logits: torch.Tensor) -> int:
+        logits = logits.float().clone()
         if job.generated and (job.presence_penalty or job.frequency_penalty):
             # OpenAI's penalties: subtract count * frequency + presence from each generated token's logit
             ids, counts = torch.tensor(job.generated).unique(return_counts=True)
-            logits = logits.clone()
             logits[0, ids] -= counts.float() * job.frequency_penalty + job.presence_penalty
+        if job.logit_bias:
+            logits[0, list(job.logit_bias)] += torch.tensor(list(job.logit_bias.values()))
         return int(sample_next(logits, job.sampling, job.generator)[0])
 
 
@@ -342,7 +434,7 @@ def _logprobs(logits: torch.Tensor, targets: list[int], k: int):
     logp = torch.log_softmax(logits, -1)
     chosen = logp[torch.arange(len(targets)), torch.tensor(targets)].tolist()
     if k:
-        values, indices = logp.topk(k, dim=-1)
+        values, indices = logp.topk(min(k, logp.shape[-1]), dim=-1)
         tops = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
     else:
         tops = [None] * len(targets)
