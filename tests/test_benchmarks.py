@@ -87,3 +87,22 @@ def test_bf16_cpu_benchmark_runs(smollm2_dir):
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "bfloat16 / float32 time: forward" in run.stdout
+
+
+def test_serve_soak_benchmark_runs_and_counts_what_it_sends(tmp_path):
+    """A short soak of pocketlm's server on a tiny model: every kind of request is sent, none gets a 5xx or
+    loses its connection, canaries keep their answers, hostile bodies get 4xx, dropped streams are freed."""
+    from helpers import tiny_model_dir
+
+    tiny = tiny_model_dir(tmp_path / "tiny", seed=2, max_position_embeddings=512)
+    out = tmp_path / "soak.json"
+    run = subprocess.run([sys.executable, "benchmarks/serve_soak.py", "--servers", "pocketlm", "--model", str(tiny),
+                          "--vocab", "300", "--max-context", "512", "--max-batch", "8", "--duration", "8",
+                          "--clients", "6", "--settle", "2", "--json", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())["results"]["pocketlm"]
+    assert result["requests"] > 20 and all(result["by_kind"][kind] for kind in result["by_kind"]), result["by_kind"]
+    assert result["server_errors_5xx"] == 0 and result["transport_failures"] == 0, result["problem_samples"]
+    assert result["canary_mismatches"] == 0 and result["hostile_4xx"] == result["hostile"]
+    assert result["idle_after_s"] is not None and result["health_failures"] == 0
