@@ -38,11 +38,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         checks = [
             (self.max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {self.max_new_tokens}"),
-            (0 <= self.temperature < math.inf, f"temperature must be a number >= 0 (0 is greedy), got {self.temperature}"),
+            (0 <= self.temperature < math.inf, f"temperature must be >= 0 and finite (0 is greedy), got {self.temperature}"),
             (self.top_k >= 0, f"top_k must be >= 0 (0 turns it off), got {self.top_k}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (0 < self.repetition_penalty < math.inf,
-             f"repetition_penalty must be a number > 0 (1 turns it off), got {self.repetition_penalty}"),
+             f"repetition_penalty must be > 0 and finite (1 turns it off), got {self.repetition_penalty}"),
         ]
         for ok, message in checks:
             if not ok:

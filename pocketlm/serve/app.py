@@ -103,6 +103,10 @@ def create_app(config: ServeConfig, variants: list[Variant] | None = None) -> Fa
             return APIError(400, f"the request body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')})"
                             ).response()
         loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+        if loc[-1:] == ["[key]"] and len(loc) >= 2:  # a mapping's key: only logit_bias has a key pattern
+            field = ".".join(loc[:-2])
+            return APIError(400, f"{field}: the key {loc[-2][:40]!r} is not a token id (its keys are token ids "
+                                 f"written as strings, such as \"42\")", param=field).response()
         where = ".".join(loc) or "body"
         return APIError(400, f"{where}: {error.get('msg')}", param=where).response()
 
