@@ -85,6 +85,39 @@ def test_hf_pull_offline_is_one_line(tmp_path):
 
 def test_bad_sampling_value(model_dir):
     assert_clean_error(pocketlm("generate", model_dir, "hi", "--temperature", "-1"), "temperature must be >= 0")
+    assert_clean_error(pocketlm("generate", model_dir, "hi", "--temperature", "nan"), "temperature must be >= 0 and finite")
+    assert_clean_error(pocketlm("generate", model_dir, "hi", "--repetition-penalty", "inf"), "repetition_penalty")
+
+
+def test_generate_and_chat_take_every_extreme_the_sampler_accepts(shared_data, tmp_path):
+    """stories260K (a real model): a temperature or top-p too small to divide by decodes greedily, and any
+    integer seed works (folded into 64 bits: 2**70 + 5, 5 and 5 - 2**64 sample alike)."""
+    llama2c = shared_data / "llama2c"
+    model = tmp_path / "stories"
+    assert pocketlm("import", llama2c / "stories260K.bin", model, "--tokenizer", llama2c / "tok512.model").returncode == 0
+    greedy = pocketlm("generate", model, "Once upon a time", "--max-tokens", "20")
+    assert greedy.returncode == 0, greedy.stderr
+    for extreme in (["--temperature", "1e-60"], ["--temperature", "0.8", "--top-p", "1e-300"],
+                    ["--temperature", "5e-324", "--seed", str(2**70)]):
+        result = pocketlm("generate", model, "Once upon a time", "--max-tokens", "20", *extreme)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, (extreme, result.stderr[-2000:])
+        assert result.stdout == greedy.stdout, extreme
+    # a repetition penalty near 0 pushes seen tokens' logits to infinity: still a token, the seen one repeated
+    pushed = pocketlm("generate", model, "Once upon a time", "--max-tokens", "20", "--temperature", "0.7",
+                      "--repetition-penalty", "1e-300")
+    assert pushed.returncode == 0 and pushed.stdout.startswith("Once upon a time"), pushed.stderr[-2000:]
+    seeded = [pocketlm("generate", model, "Once upon a time", "--max-tokens", "20", "--temperature", "1.0",
+                       "--seed", str(seed)) for seed in (2**70 + 5, 5, -(2**64) + 5)]
+    assert all(r.returncode == 0 for r in seeded) and seeded[0].stdout == seeded[1].stdout == seeded[2].stdout
+
+
+def test_chat_takes_the_same_extremes(model_dir):
+    plain = pocketlm("chat", model_dir, "--max-tokens", "8", stdin="hi\n")
+    assert plain.returncode == 0, plain.stderr
+    for extreme in (["--temperature", "1e-60"], ["--temperature", "0.5", "--top-p", "1e-300", "--seed", str(2**70)]):
+        result = pocketlm("chat", model_dir, "--max-tokens", "8", *extreme, stdin="hi\n")
+        assert result.returncode == 0 and "Traceback" not in result.stderr, (extreme, result.stderr[-2000:])
+        assert result.stdout == plain.stdout, extreme
 
 
 def test_generate_and_chat_on_stories260k(shared_data, tmp_path):
