@@ -421,15 +421,17 @@ async def check_freed(server: Server, dropped: list[str]) -> dict:
             "logged_other": {i: s for i, s in statuses.items() if s != 499}}
 
 
-def run_server(name: str, args, tmp: Path) -> dict:
+def run_server(name: str, args, tmp: Path, bench=None) -> dict:
+    """Start a server, run `bench(server, args)` (a coroutine function; default: this script's phases)
+    against it, stop it; the result carries the command and the errors in the server's log."""
     server = make_server(name, args, tmp)
     print(f"{name}: starting: {' '.join(server.cmd)}", file=sys.stderr, flush=True)
     server.start()
     try:
         server.wait_ready()
-        result = asyncio.run(bench_server(server, args))
+        result = asyncio.run((bench or bench_server)(server, args))
         result["command"] = server.cmd
-        result["errors_in_server_log"] = [line for line in server.log_tail(20000).splitlines()
+        result["errors_in_server_log"] = [line for line in server.log_tail(200_000).splitlines()
                                           if "Traceback" in line or "ERROR" in line][:10]
         return result
     finally:

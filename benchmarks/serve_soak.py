@@ -47,7 +47,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import (CACHE, DEFAULT_GGUF, QUESTIONS, Server, logged_statuses, machine,  # noqa: E402
-                        make_server, memory_summary, wait_idle)
+                        memory_summary, run_server, wait_idle)
 
 DEFAULT_MODEL = CACHE / "models" / "smollm2-135m-instruct-int4"
 SERVERS = ["pocketlm", "llama.cpp"]
@@ -313,21 +313,6 @@ def summarise(outcomes: list[Outcome], wall: float) -> dict:
     }
 
 
-def run_server(name: str, args, tmp: Path) -> dict:
-    server = make_server(name, args, tmp)
-    print(f"{name}: starting: {' '.join(server.cmd)}", file=sys.stderr, flush=True)
-    server.start()
-    try:
-        server.wait_ready()
-        result = asyncio.run(soak(server, args))
-        result["command"] = server.cmd
-        result["errors_in_server_log"] = [line for line in server.log_tail(200_000).splitlines()
-                                          if "Traceback" in line or "ERROR" in line][:10]
-        return result
-    finally:
-        server.stop()
-
-
 def ensure_int4(model: Path) -> None:
     """The default model: SmolLM2-135M-Instruct in int4, quantized once from the pulled model."""
     if model.exists() or model != DEFAULT_MODEL:
@@ -400,7 +385,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="serve_soak-") as tmp:
         for name in args.servers.split(","):
             try:
-                results[name] = run_server(name, args, Path(tmp))
+                results[name] = run_server(name, args, Path(tmp), soak)
             except RuntimeError as exc:
                 print(f"{name}: failed: {exc}", file=sys.stderr)
     if not results:

@@ -148,8 +148,13 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class Served(BaseModel):
-    """What pocketlm adds to OpenAI's response: which variant answered, in which experiment."""
+class Answer(BaseModel):
+    """What chat and completion responses share; `variant` and `experiment` are pocketlm's (which variant
+    answered, in which experiment)."""
+    id: str
+    created: int
+    model: str
+    usage: Usage
     variant: str
     experiment: str | None = None
 
@@ -166,13 +171,9 @@ class ChatChoice(BaseModel):
     finish_reason: Literal["stop", "length"]
 
 
-class ChatCompletion(Served):
-    id: str
+class ChatCompletion(Answer):
     object: Literal["chat.completion"]
-    created: int
-    model: str
     choices: list[ChatChoice]
-    usage: Usage
 
 
 class CompletionChoice(BaseModel):
@@ -182,13 +183,9 @@ class CompletionChoice(BaseModel):
     finish_reason: Literal["stop", "length"]
 
 
-class Completion(Served):
-    id: str
+class Completion(Answer):
     object: Literal["text_completion"]
-    created: int
-    model: str
     choices: list[CompletionChoice]
-    usage: Usage
 
 
 class ModelEntry(BaseModel):
