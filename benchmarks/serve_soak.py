@@ -329,7 +329,7 @@ def ensure_int4(model: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 def table(results: dict) -> str:
     rows = ["| server | requests | req/s | 2xx | 4xx | 5xx | transport failures | canaries changed | hostile answered 4xx "
-            "| dropped streams | /health failures | RSS MB start / max / end | flat within 10% |",
+            "| dropped streams | /health failures | RSS MB at --settle s / max / end | flat within 10% |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         c, m = r["by_class"], r["memory"]
