@@ -7,6 +7,7 @@ handlers never let an exception escape as a bare 500 page.
 from __future__ import annotations
 
 import asyncio
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -29,6 +30,7 @@ from .store import RequestLog, RequestRecord
 from .variants import Variant, assign, load_variant
 
 STATIC = Path(__file__).parent / "static"
+log = logging.getLogger("pocketlm.serve")
 
 
 class Server:
@@ -119,7 +121,8 @@ def create_app(config: ServeConfig, variants: list[Variant] | None = None) -> Fa
         return APIError(400, str(exc)).response()
 
     @app.exception_handler(Exception)
-    async def unexpected(request, exc: Exception):
+    async def unexpected(request, exc: Exception):  # a fault in a route itself, before any request id exists
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error").response()
 
     @app.get("/health", responses=documented(Health))
