@@ -10,14 +10,13 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 from helpers import tiny_model_dir
-from serve_helpers import running_server
+from serve_helpers import running_server, wait_for
 
 from pocketlm.checkpoint import load_model
 from pocketlm.engine import SamplingParams, chat_prompt, generate_tokens
@@ -47,15 +46,6 @@ def serve(models, tmp_path, **options):
 def rows(db: Path, sql: str) -> list[tuple]:
     with sqlite3.connect(db) as conn:
         return conn.execute(sql).fetchall()
-
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 # ---- the scheduler ------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from helpers import tiny_model_dir
-from serve_helpers import running_server
+from serve_helpers import running_server, wait_for
 
 from pocketlm.checkpoint import load_model
 from pocketlm.engine import SamplingParams, TextAssembler, chat_prompt, generate_tokens
@@ -253,7 +253,7 @@ def test_poisoned_neighbour_a_normal_stream_beside_every_kind_of_bad_request(tin
         reader = threading.Thread(target=read_stream, args=(url,))
         reader.start()
         with httpx.Client(base_url=url, timeout=60) as client:
-            assert wait_until(lambda: scheduler.active == 1)
+            assert wait_for(lambda: scheduler.active == 1)
             failed_ids = []
             for name, path, body, status in bad:
                 if isinstance(body, bytes):
@@ -275,17 +275,9 @@ def test_poisoned_neighbour_a_normal_stream_beside_every_kind_of_bad_request(tin
                 next(lines), next(lines)
             assert reader.is_alive(), "the stream ended before the bad requests were all in: it did not overlap them"
             reader.join(timeout=120)
-            assert wait_until(lambda: scheduler.active == 0)
+            assert wait_for(lambda: scheduler.active == 0)
             assert client.get("/health").json()["status"] == "ok"
     assert streamed.get("error") is None and streamed["text"] == alone
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert all(request_id in logged for request_id in failed_ids)
 
-
-def wait_until(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
