@@ -53,6 +53,16 @@ def test_two_proportion_z_test_matches_chi2(s_a, n_a, s_b, n_b):
     assert z * z == pytest.approx(chi2, rel=1e-9, abs=1e-12)
 
 
+def test_two_proportion_z_test_and_mann_whitney_known_values():
+    """Worked by hand: 30/50 against 20/50 pools to 0.5, so z = 0.2 / sqrt(0.25 * (1/50 + 1/50)) = 2 and p is
+    2 * (1 - Phi(2)); [1, 2, 3] against [4, 5, 6] gives U = 0, and with the continuity correction
+    z = (9 - 4.5 - 0.5) / sqrt(3 * 3 * 7 / 12) = 1.7457, p = 2 * (1 - Phi(1.7457))."""
+    z, p = two_proportion_z_test(30, 50, 20, 50)
+    assert z == pytest.approx(2.0, abs=1e-12) and p == pytest.approx(math.erfc(2.0 / math.sqrt(2.0)), rel=1e-12)
+    u, p = mann_whitney_u([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    assert u == 0.0 and p == pytest.approx(math.erfc(4.0 / math.sqrt(5.25) / math.sqrt(2.0)), rel=1e-12)
+
+
 def test_two_proportion_z_test_degenerate():
     with pytest.raises(ValueError):
         two_proportion_z_test(0, 0, 1, 5)

@@ -3,8 +3,8 @@
 Per variant: requests, errors, cancellations, latency and time-to-first-token percentiles, completion
 length and thumbs up/down. Each variant is then tested against a baseline: a two-proportion z-test on
 the thumbs-up rate and on the error rate, and a Mann-Whitney U test on latency (latencies are skewed,
-so a rank test rather than a t-test). The tests are written out here so the numbers can be checked
-against scipy by hand; a p-value that cannot be computed is None with a reason, never NaN.
+so a rank test rather than a t-test), all three from scipy.stats; a p-value that cannot be computed is None
+with a reason, never NaN.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import stats
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
@@ -22,18 +23,13 @@ from .store import RequestLog, database_url, feedback_table, open_database, requ
 
 ALPHA = 0.05
 CLIENT_CLOSED = 499  # the client went away: neither a success nor the server's error
-Z_95 = 1.959963984540054
 
 
 # ---- statistics ------------------------------------------------------------------------------------
 
-def normal_two_sided_p(z: float) -> float:
-    """P(|Z| >= |z|) for a standard normal Z."""
-    return math.erfc(abs(z) / math.sqrt(2.0))
-
-
 def two_proportion_z_test(success_a: int, n_a: int, success_b: int, n_b: int) -> tuple[float, float]:
-    """(z, two-sided p) for H0: the two success rates are equal, with the pooled proportion.
+    """(z, two-sided p) for H0: the two success rates are equal, with the pooled proportion: scipy's
+    chi-square test of the 2x2 table without continuity correction, whose statistic is z squared.
 
     z > 0 when a's rate is the higher. Raises ValueError when a group is empty or when the pooled rate
     is 0 or 1 (no variance: every trial in both groups came out the same)."""
@@ -42,48 +38,33 @@ def two_proportion_z_test(success_a: int, n_a: int, success_b: int, n_b: int) ->
     if not (0 <= success_a <= n_a and 0 <= success_b <= n_b):
         raise ValueError("successes must lie between 0 and the number of trials")
     pooled = (success_a + success_b) / (n_a + n_b)
-    variance = pooled * (1.0 - pooled) * (1.0 / n_a + 1.0 / n_b)
-    if variance <= 0.0:
+    if pooled in (0.0, 1.0):
         raise ValueError(f"every trial in both groups has the same outcome (pooled rate {pooled:g})")
-    z = (success_a / n_a - success_b / n_b) / math.sqrt(variance)
-    return z, normal_two_sided_p(z)
+    table = np.array([[success_a, n_a - success_a], [success_b, n_b - success_b]])
+    chi2, p, _, _ = stats.chi2_contingency(table, correction=False)
+    return math.copysign(math.sqrt(chi2), success_a / n_a - success_b / n_b), float(p)
 
 
 def mann_whitney_u(x, y) -> tuple[float, float]:
-    """(U of x, two-sided p) by the normal approximation with tie and continuity corrections.
-
-    Matches scipy.stats.mannwhitneyu(x, y, alternative='two-sided', method='asymptotic',
-    use_continuity=True). Raises ValueError for an empty sample or when every value is tied."""
-    from scipy.stats import rankdata
-
+    """(U of x, two-sided p): scipy's Mann-Whitney U by the normal approximation, with tie and continuity
+    corrections. Raises ValueError for an empty sample or when every value is tied (no variance)."""
     x = np.asarray(x, dtype=float).ravel()
     y = np.asarray(y, dtype=float).ravel()
-    n1, n2 = len(x), len(y)
-    if n1 == 0 or n2 == 0:
+    if len(x) == 0 or len(y) == 0:
         raise ValueError("a sample is empty")
-    ranks = rankdata(np.concatenate([x, y]))
-    u1 = float(ranks[:n1].sum() - n1 * (n1 + 1) / 2.0)
-    u = max(u1, n1 * n2 - u1)  # the larger U: its upper tail, doubled, is the two-sided p
-    n = n1 + n2
-    _, ties = np.unique(ranks, return_counts=True)
-    tie_term = float((ties.astype(float) ** 3 - ties).sum())
-    variance = n1 * n2 / 12.0 * ((n + 1) - tie_term / (n * (n - 1))) if n > 1 else 0.0
-    if variance <= 0.0:
+    if np.unique(np.concatenate([x, y])).size == 1:
         raise ValueError("every value is tied")
-    z = (u - n1 * n2 / 2.0 - 0.5) / math.sqrt(variance)
-    p = min(1.0, max(0.0, 2.0 * 0.5 * math.erfc(z / math.sqrt(2.0))))
-    return u1, p
+    result = stats.mannwhitneyu(x, y, alternative="two-sided", method="asymptotic", use_continuity=True)
+    return float(result.statistic), float(result.pvalue)
 
 
-def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float] | None:
-    """The Wilson score interval for a proportion (sane at 0 and n, unlike the normal one); None for n = 0."""
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float] | None:
+    """The Wilson score interval for a proportion (sane at 0 and n, unlike the normal one), from scipy;
+    None for n = 0."""
     if n <= 0:
         return None
-    p = successes / n
-    denom = 1.0 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    interval = stats.binomtest(successes, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(interval.low), float(interval.high)
 
 
 def _percentile(values: np.ndarray, q: float) -> float | None:
