@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .hub import cache_dir
+from .paths import cache_dir
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_kernels.cpp", "decode_step.cpp", "train_attention.cpp", "cpu_allocator.cpp")]
 HEADERS = [Path(__file__).parent / "csrc" / "kernels.h"]

