@@ -513,22 +513,29 @@ def findings(results: dict, args) -> list[str]:
     return lines
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="pocketlm model directory")
+def server_arguments(ap: argparse.ArgumentParser, model: Path, duration: float, max_context: int,
+                     duration_help: str) -> None:
+    """The options of a run against the servers (this script's and serve_soak.py's): which servers and
+    models, how they are started, how long and how many clients."""
+    ap.add_argument("--model", type=Path, default=model, help="pocketlm model directory")
     ap.add_argument("--gguf", type=Path, default=DEFAULT_GGUF, help="GGUF file for llama-cpp-python's server")
     ap.add_argument("--servers", default=",".join(SERVERS))
-    ap.add_argument("--duration", type=float, default=60, help="seconds per phase")
+    ap.add_argument("--duration", type=float, default=duration, help=duration_help)
     ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--drop-every", type=int, default=8, help="drop one request in N in the concurrent phase (0: none)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-batch", type=int, default=32, help="pocketlm --max-batch")
-    ap.add_argument("--max-context", type=int, default=1024, help="pocketlm --max-context")
+    ap.add_argument("--max-context", type=int, default=max_context, help="pocketlm --max-context")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="pocketlm --dtype")
-    ap.add_argument("--settle", type=float, default=10, help="memory reference time into the concurrent phase")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    server_arguments(ap, DEFAULT_MODEL, 60, 1024, "seconds per phase")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--drop-every", type=int, default=8, help="drop one request in N in the concurrent phase (0: none)")
+    ap.add_argument("--settle", type=float, default=10, help="memory reference time into the concurrent phase")
     args = ap.parse_args()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even where started with SIGINT ignored
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # either way the finally blocks stop the servers

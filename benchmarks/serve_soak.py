@@ -46,11 +46,10 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import (CACHE, DEFAULT_GGUF, QUESTIONS, Server, logged_statuses, machine,  # noqa: E402
-                        memory_summary, run_server, wait_idle)
+from serve_load import (CACHE, QUESTIONS, Server, logged_statuses, machine, memory_summary,  # noqa: E402
+                        run_server, server_arguments, wait_idle)
 
 DEFAULT_MODEL = CACHE / "models" / "smollm2-135m-instruct-int4"
-SERVERS = ["pocketlm", "llama.cpp"]
 KINDS = {"canary": 10, "sampled chat": 35, "sampled completion": 20, "hostile": 20, "dropped": 15}
 CANARIES = QUESTIONS[:6]
 CANARY_TOKENS = 24
@@ -361,21 +360,11 @@ def findings(results: dict) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="pocketlm model directory")
-    ap.add_argument("--gguf", type=Path, default=DEFAULT_GGUF, help="GGUF file for llama-cpp-python's server")
-    ap.add_argument("--servers", default=",".join(SERVERS))
-    ap.add_argument("--duration", type=float, default=300, help="seconds of load per server")
-    ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--max-batch", type=int, default=32, help="pocketlm --max-batch")
-    ap.add_argument("--max-context", type=int, default=2048, help="pocketlm --max-context")
+    server_arguments(ap, DEFAULT_MODEL, 300, 2048, "seconds of load per server")
     ap.add_argument("--max-body", type=int, default=1 << 20, help="the server's body limit (pocketlm's default)")
     ap.add_argument("--vocab", type=int, default=49152, help="the model's vocabulary (SmolLM2's): token ids drawn below it")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="pocketlm --dtype")
     ap.add_argument("--request-timeout", type=float, default=300, help="seconds a client waits for an answer")
     ap.add_argument("--settle", type=float, default=30, help="memory reference time into the load")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json")
     args = ap.parse_args()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
