@@ -14,9 +14,7 @@ where a good one was. Loads memory-map the weights and validate every tensor aga
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
-import os
 import shutil
 import struct
 import tempfile
@@ -31,6 +29,7 @@ from . import __version__
 from .config import ModelConfig
 from .cpu_features import warn_if_bf16_is_slow
 from .errors import CheckpointError, PocketLMError
+from .fsio import atomic_write_text, fsync_file, replace_dir
 from .tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -119,9 +118,9 @@ def save_model_dir(
         (tmp / "README.md").write_text(model_card(out.name, hf_config, record))
         for path in tmp.iterdir():
             path.chmod(0o644)  # mkdtemp and some writers create owner-only files; a model is meant to be shared
-            _fsync(path)
+            fsync_file(path)
         tmp.chmod(0o755)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -160,9 +159,9 @@ def update_provenance(model_dir: str | Path, **fields: Any) -> dict[str, Any]:
     model_dir = Path(model_dir)
     record = read_provenance(model_dir)
     record.update(fields)
-    _atomic_write_text(model_dir / "pocketlm.json", json.dumps(record, indent=2, ensure_ascii=False))
+    atomic_write_text(model_dir / "pocketlm.json", json.dumps(record, indent=2, ensure_ascii=False))
     config = json.loads((model_dir / "config.json").read_text())
-    _atomic_write_text(model_dir / "README.md", model_card(model_dir.name, config, record))
+    atomic_write_text(model_dir / "README.md", model_card(model_dir.name, config, record))
     return record
 
 
@@ -171,57 +170,8 @@ def read_provenance(model_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, for provenance records."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def atomic_write(path: str | Path, write) -> Path:
-    """Call write(binary_file) on a temporary file beside `path`, fsync, rename: never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move a finished directory into place; an existing one is swapped out, then removed."""
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out}: exists and is not a directory; choose another output path")
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

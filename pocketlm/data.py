@@ -31,7 +31,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from . import __version__
-from .checkpoint import _replace_dir, atomic_write, file_sha256
+from .fsio import atomic_write, file_sha256, replace_dir
 from .errors import ConfigError, PocketLMError
 from .tokenizer import Tokenizer, train_bpe, train_char
 
@@ -678,7 +678,7 @@ def prepare(
                 "report": report.to_dict(),
             }
             atomic_write(tmp / "manifest.json", lambda f: f.write((json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode()))
-            _replace_dir(tmp, out_dir)
+            replace_dir(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

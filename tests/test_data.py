@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from pocketlm.checkpoint import file_sha256
+from pocketlm.fsio import file_sha256
 from pocketlm.data import (
     NearDuplicateIndex,
     PrepareReport,

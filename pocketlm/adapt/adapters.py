@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from ..fsio import replace_dir
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -113,8 +114,6 @@ def save_adapter(model, out: str | Path, base_model: str | Path, name: str = DEF
                  provenance: dict | None = None) -> Path:
     """Write one adapter as a PEFT adapter directory that points at `base_model`, atomically
     (`provenance`, if given, goes beside it as pocketlm.json)."""
-    from ..checkpoint import _replace_dir
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     config = _configs(model)[name]
@@ -127,7 +126,7 @@ def save_adapter(model, out: str | Path, base_model: str | Path, name: str = DEF
     save_file(adapter_state(model, name), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     if provenance is not None:
         (tmp / "pocketlm.json").write_text(json.dumps(provenance, indent=2))
-    _replace_dir(tmp, out)
+    replace_dir(tmp, out)
     return out
 
 

@@ -25,7 +25,8 @@ from gguf.quants import dequantize, quantize
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
-from ..checkpoint import WEIGHTS, file_sha256, load_config, load_tensors, save_model_dir
+from ..checkpoint import WEIGHTS, load_config, load_tensors, save_model_dir
+from ..fsio import file_sha256
 from ..config import ModelConfig
 from ..errors import CheckpointError, UnsupportedModelError
 from ..tokenizer import Tokenizer

@@ -29,7 +29,8 @@ import torch
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
-from ..checkpoint import WEIGHTS, atomic_write, file_sha256, load_config, load_tensors, save_model_dir
+from ..checkpoint import WEIGHTS, load_config, load_tensors, save_model_dir
+from ..fsio import atomic_write, file_sha256
 from ..config import ModelConfig
 from ..errors import CheckpointError, UnsupportedModelError
 from ..tokenizer import Tokenizer

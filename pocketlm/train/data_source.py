@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..checkpoint import atomic_write
+from ..fsio import atomic_write, file_sha256
 from ..errors import ConfigError
 from .batches import Rows, Windows
 from .recipe import Recipe, tokenizer_source
@@ -99,7 +99,6 @@ def load_data(recipe: Recipe, is_main: bool, barrier: Callable[[], None], is_loc
 
 def _example_data(recipe: Recipe, tokenizer, per_step: int) -> TrainingData:
     from ..adapt.instruct import RowsReport, preference_rows, sft_rows
-    from ..checkpoint import file_sha256
     from ..data import resolve_inputs
 
     paths = resolve_inputs(recipe.data.sources())

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import atomic_write
+from ..fsio import atomic_write
 from ..errors import CheckpointError
 
 
