@@ -513,6 +513,26 @@ def findings(results: dict, args) -> list[str]:
     return lines
 
 
+def run_servers(args, bench=None) -> tuple[dict, dict]:
+    """Run `bench` (see run_server) against each server of --servers in turn; one that fails is reported and
+    skipped, and none left is exit 1. Prints the machine's line; returns the results and the machine."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even where started with SIGINT ignored
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # either way the finally blocks stop the servers
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="pocketlm-serve-bench-") as tmp:
+        for name in args.servers.split(","):
+            try:
+                results[name] = run_server(name, args, Path(tmp), bench)
+            except RuntimeError as exc:
+                print(f"{name}: failed: {exc}", file=sys.stderr)
+    if not results:
+        raise SystemExit(1)
+    info = machine()
+    print(f"machine: {info['cpu']}, {info['nproc']} cores; server threads {args.threads}; pocketlm "
+          f"{info['pocketlm_commit']}, llama-cpp-python {info['llama_cpp_python']}, torch {info['torch']}")
+    return results, info
+
+
 def server_arguments(ap: argparse.ArgumentParser, model: Path, duration: float, max_context: int,
                      duration_help: str) -> None:
     """The options of a run against the servers (this script's and serve_soak.py's): which servers and
@@ -537,21 +557,7 @@ def main() -> None:
     ap.add_argument("--drop-every", type=int, default=8, help="drop one request in N in the concurrent phase (0: none)")
     ap.add_argument("--settle", type=float, default=10, help="memory reference time into the concurrent phase")
     args = ap.parse_args()
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even where started with SIGINT ignored
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # either way the finally blocks stop the servers
-
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="serve_load-") as tmp:
-        for name in args.servers.split(","):
-            try:
-                results[name] = run_server(name, args, Path(tmp))
-            except RuntimeError as exc:
-                print(f"{name}: failed: {exc}", file=sys.stderr)
-    if not results:
-        raise SystemExit(1)
-    info = machine()
-    print(f"machine: {info['cpu']}, {info['nproc']} cores; server threads {args.threads}; pocketlm "
-          f"{info['pocketlm_commit']}, llama-cpp-python {info['llama_cpp_python']}, torch {info['torch']}")
+    results, info = run_servers(args)
     print(f"SmolLM2-135M-Instruct (pocketlm in {args.dtype}, llama.cpp the Q4_1 GGUF); streaming chat, greedy, max_tokens {args.max_tokens}; "
           f"{args.duration:g} s per phase; {args.clients} clients, 1 request in {args.drop_every} dropped "
           f"after {DROP_AFTER_CHUNKS} chunks\n")

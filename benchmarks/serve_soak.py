@@ -35,10 +35,8 @@ import asyncio
 import collections
 import json
 import random
-import signal
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +44,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import (CACHE, QUESTIONS, Server, logged_statuses, machine, memory_summary,  # noqa: E402
-                        run_server, server_arguments, wait_idle)
+from serve_load import (CACHE, QUESTIONS, Server, logged_statuses, memory_summary, run_servers,  # noqa: E402
+                        server_arguments, wait_idle)
 
 DEFAULT_MODEL = CACHE / "models" / "smollm2-135m-instruct-int4"
 KINDS = {"canary": 10, "sampled chat": 35, "sampled completion": 20, "hostile": 20, "dropped": 15}
@@ -366,22 +364,8 @@ def main() -> None:
     ap.add_argument("--request-timeout", type=float, default=300, help="seconds a client waits for an answer")
     ap.add_argument("--settle", type=float, default=30, help="memory reference time into the load")
     args = ap.parse_args()
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ensure_int4(args.model)
-
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="serve_soak-") as tmp:
-        for name in args.servers.split(","):
-            try:
-                results[name] = run_server(name, args, Path(tmp), soak)
-            except RuntimeError as exc:
-                print(f"{name}: failed: {exc}", file=sys.stderr)
-    if not results:
-        raise SystemExit(1)
-    info = machine()
-    print(f"machine: {info['cpu']}, {info['nproc']} cores; server threads {args.threads}; pocketlm "
-          f"{info['pocketlm_commit']}, llama-cpp-python {info['llama_cpp_python']}, torch {info['torch']}")
+    results, info = run_servers(args, soak)
     print(f"pocketlm: {args.model.name} ({args.dtype}); llama.cpp: {args.gguf.name}; {args.clients} clients for "
           f"{args.duration:g} s each; mix {KINDS}\n")
     print(table(results))
