@@ -99,7 +99,11 @@ def finite_logits(logits: torch.Tensor) -> torch.Tensor:
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     """Pick the next token from (batch, vocab) logits: greedy, or temperature + top-k + top-p sampling."""
     if params.greedy:
-        return finite_logits(logits).argmax(-1)
+        tokens = logits.argmax(-1)
+        # argmax takes NaN for the largest: only then (or with nothing finite) clean the row and look again
+        if not torch.isfinite(logits.gather(-1, tokens[..., None])).all():
+            tokens = finite_logits(logits).argmax(-1)
+        return tokens
     return torch.multinomial(token_probs(logits, params), 1, generator=generator).squeeze(-1)
 
 

@@ -345,8 +345,10 @@ class Scheduler:
             return
         jobs = self.running
         self.steps += 1
-        chosen = logits.argmax(-1).tolist()
-        finite = torch.isfinite(logits.amax(-1)).tolist()  # NaN or inf in a row: the model failed that sequence
+        argmax = logits.argmax(-1)
+        chosen = argmax.tolist()
+        # the largest logit NaN (argmax takes NaN for the largest) or infinite: the model failed that sequence
+        finite = torch.isfinite(logits.gather(-1, argmax[:, None]))[:, 0].tolist()
         want_logprobs = any(job.logprobs is not None for job in jobs)
         logprobs = torch.log_softmax(logits, -1) if want_logprobs else None
         finished: list[tuple[int, Finished]] = []
