@@ -27,7 +27,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from pocketlm.checkpoint import load_model
-    from pocketlm.cpu_features import cpu_has_bf16
+    from pocketlm.kernels.cpu_features import cpu_has_bf16
     from pocketlm.hub import pull
 
     path = pull("smollm2-135m-instruct")

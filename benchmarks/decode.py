@@ -31,9 +31,10 @@ def worker(name: str, args) -> dict:
 
     torch.set_num_threads(args.threads)
     from pocketlm import bench
-    from pocketlm.convert.gguf import export_gguf
+    from pocketlm.convert.gguf_export import export_gguf
     from pocketlm.hub import fetch_gguf, pull
-    from pocketlm.quant import QuantScheme, quantize_dir
+    from pocketlm.quant import QuantScheme
+    from pocketlm.quantize import quantize_dir
     from pocketlm.tokenizer import Tokenizer
 
     base = pull("smollm2-135m-instruct")

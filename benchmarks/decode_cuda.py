@@ -37,7 +37,8 @@ def random_model_dir(path: Path, config: dict) -> Path:
 
 
 def variants(src: Path, tmp: Path) -> dict[str, Path]:
-    from pocketlm.quant import QuantScheme, quantize_dir
+    from pocketlm.quant import QuantScheme
+    from pocketlm.quantize import quantize_dir
 
     return {"fp32": src, "int8": quantize_dir(src, tmp / "int8", QuantScheme("int8")),
             "int4": quantize_dir(src, tmp / "int4", QuantScheme("int4", 32))}

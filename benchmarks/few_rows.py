@@ -48,7 +48,8 @@ def main() -> None:
 
     import pocketlm.model as pocketlm_model
     from pocketlm.checkpoint import load_model
-    from pocketlm.engine import SamplingParams, chat_prompt, generate_batch
+    from pocketlm.engine import SamplingParams, generate_batch
+    from pocketlm.streaming import chat_prompt
     from pocketlm.hub import pull
 
     model, tokenizer = load_model(pull("smollm2-135m-instruct"))

@@ -19,7 +19,8 @@ from benchmarks.load_and_decode import machine  # noqa: E402
 from pocketlm.checkpoint import load_model  # noqa: E402
 from pocketlm.hub import resolve_model  # noqa: E402
 from pocketlm.evaluate.perplexity import perplexity  # noqa: E402
-from pocketlm.quant import QuantScheme, quantize_dir  # noqa: E402
+from pocketlm.quant import QuantScheme  # noqa: E402
+from pocketlm.quantize import quantize_dir
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "test.txt"
 

@@ -315,7 +315,8 @@ def ensure_int4(model: Path) -> None:
     if model.exists() or model != DEFAULT_MODEL:
         return
     from pocketlm.hub import pull
-    from pocketlm.quant import QuantScheme, quantize_dir
+    from pocketlm.quant import QuantScheme
+    from pocketlm.quantize import quantize_dir
 
     print(f"quantizing SmolLM2-135M-Instruct to int4 into {model}", file=sys.stderr, flush=True)
     quantize_dir(pull("smollm2-135m-instruct"), model, QuantScheme("int4", 32))

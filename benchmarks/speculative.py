@@ -42,9 +42,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from pocketlm.checkpoint import load_model
-    from pocketlm.engine import SamplingParams, chat_prompt, generate_tokens
+    from pocketlm.engine import SamplingParams, generate_tokens
+    from pocketlm.streaming import chat_prompt
     from pocketlm.hub import pull
-    from pocketlm.quant import QuantScheme, quantize_dir
+    from pocketlm.quant import QuantScheme
+    from pocketlm.quantize import quantize_dir
     from pocketlm.speculative import speculative_generate
 
     base = pull("smollm2-135m-instruct")

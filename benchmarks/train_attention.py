@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from few_rows import median_ms  # noqa: E402
 from load_and_decode import machine  # noqa: E402
 
-from pocketlm import train_attention  # noqa: E402
+from pocketlm.kernels import train_attention  # noqa: E402
 from pocketlm.model import _explicit_causal_attention, apply_rope, rope_tables  # noqa: E402
 
 SHAPES = [  # batch, seq, heads, kv heads, head_dim

@@ -19,6 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import WEIGHTS, read_quant_scheme
+from .engine import SamplingParams, compile_decoder, generate_batch, generate_tokens
+from .kernels import decode_step
+from .llamacpp import open_llama
+from .loading import open_model
+
 PROMPT_TEXT = ("The history of the city begins with a small settlement on the river, where traders met to exchange "
                "salt, grain and cloth. Over the centuries it grew into a market town, then a port, and finally ")
 
@@ -110,14 +116,10 @@ def _prompt_ids(tokenizer, tokens: int) -> list[int]:
 
 def bench_pocketlm(model_dir: str | Path, new_tokens: int = 128, prompt_tokens: int = 128, batches=(8,),
                    repeats: int = 3, compile: bool = True, name: str = "pocketlm") -> BenchResult:
-    from . import native_decode
-    from .checkpoint import WEIGHTS, load_model, read_quant_scheme
-    from .engine import SamplingParams, compile_decoder, generate_batch, generate_tokens
-
     model_dir = Path(model_dir)
     with PeakRSS() as mem:
         started = time.perf_counter()
-        model, tokenizer = load_model(model_dir)
+        model, tokenizer = open_model(model_dir)
         load_s = time.perf_counter() - started
         if compile:
             compile_decoder(model)
@@ -151,7 +153,7 @@ def bench_pocketlm(model_dir: str | Path, new_tokens: int = 128, prompt_tokens: 
             outs = generate_batch(model, prompts, params)
             batch_speed[b] = sum(len(o) for o in outs) / (time.perf_counter() - started)
     scheme = read_quant_scheme(model_dir)
-    native = native_decode.serves(model)  # the whole-step kernel decodes (see pocketlm.native_decode)
+    native = decode_step.serves(model)  # the whole-step kernel decodes (see pocketlm.kernels.decode_step)
     weights = scheme.describe() if scheme else str(model.compute_dtype).removeprefix("torch.").replace("float32", "fp32")
     return BenchResult(
         name=name, weights=weights + (" native step" if native else " compiled" if compile else ""),
@@ -214,8 +216,6 @@ def bench_llama_cpp(gguf_path: str | Path, new_tokens: int = 128, prompt_tokens:
     (see pocketlm.llamacpp): the prompt is then fed one token at a time, which makes the prefill figure
     slow, but the decode figure is llama.cpp's fastest on that machine."""
     from llama_cpp import Llama
-
-    from .llamacpp import open_llama
 
     threads = threads or torch.get_num_threads()
     gguf_path = Path(gguf_path)

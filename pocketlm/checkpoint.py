@@ -27,44 +27,20 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .config import ModelConfig
-from .cpu_features import warn_if_bf16_is_slow
 from .errors import CheckpointError, PocketLMError
 from .fsio import atomic_write_text, fsync_file, replace_dir
+from .kernels.cpu_features import warn_if_bf16_is_slow
+from .model import LlamaForCausalLM, expected_shapes
+from .quant import (
+    QuantScheme,
+    build_quantized_skeleton,
+    expected_quantized_shapes,
+    prepare_kernels,
+)
 from .tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-# ---------------------------------------------------------------------------------------------
-# tensor names and shapes expected from a config (Hugging Face's LlamaForCausalLM naming)
-# ---------------------------------------------------------------------------------------------
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    d, hd = config.hidden_size, config.head_dim
-    q_out, kv_out = config.num_attention_heads * hd, config.num_key_value_heads * hd
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, d), "model.norm.weight": (d,)}
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (d,),
-            p + "post_attention_layernorm.weight": (d,),
-            p + "self_attn.q_proj.weight": (q_out, d),
-            p + "self_attn.k_proj.weight": (kv_out, d),
-            p + "self_attn.v_proj.weight": (kv_out, d),
-            p + "self_attn.o_proj.weight": (d, q_out),
-            p + "mlp.gate_proj.weight": (config.intermediate_size, d),
-            p + "mlp.up_proj.weight": (config.intermediate_size, d),
-            p + "mlp.down_proj.weight": (d, config.intermediate_size),
-        })
-        if config.attention_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (q_out,), p + "self_attn.k_proj.bias": (kv_out,),
-                           p + "self_attn.v_proj.bias": (kv_out,), p + "self_attn.o_proj.bias": (d,)})
-        if config.mlp_bias:
-            shapes.update({p + "mlp.gate_proj.bias": (config.intermediate_size,),
-                           p + "mlp.up_proj.bias": (config.intermediate_size,), p + "mlp.down_proj.bias": (d,)})
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (config.vocab_size, d)
-    return shapes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +159,8 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         raise CheckpointError(f"{model_dir}: not a model directory (expected a folder with config.json and {WEIGHTS})")
     path = model_dir / "config.json"
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing; a model directory needs config.json")
+        raise CheckpointError(f"{path}: missing; a model directory needs config.json "
+                              "(an adapter directory opens with pocketlm.loading.open_model)")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -240,8 +217,6 @@ def quant_scheme_from_record(record: dict[str, Any] | None):
     """The QuantScheme a pocketlm.json "quantization" record describes (None: float weights)."""
     if not record:
         return None
-    from .quant import QuantScheme
-
     try:
         return QuantScheme.from_dict(record)
     except (TypeError, PocketLMError) as exc:
@@ -257,8 +232,6 @@ def _check_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig, source
     if scheme is None:
         expected = {k: (shape, None) for k, shape in expected_shapes(config).items()}
     else:
-        from .quant import expected_quantized_shapes
-
         expected = expected_quantized_shapes(config, scheme)
     if config.tie_word_embeddings:
         for k in [k for k in tensors if k.startswith("lm_head.")]:
@@ -287,20 +260,13 @@ def _check_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig, source
 
 def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """Load a model directory as (LlamaForCausalLM, Tokenizer) without an fp32 copy in between.
-    A PEFT adapter directory loads as its base model with the adapter applied.
+    (pocketlm.loading.open_model also opens names and adapter directories.)
 
     The module is built on the meta device and the memory-mapped tensors are assigned into it,
     so loading costs about one read of the file.
     """
-    from .model import LlamaForCausalLM  # local import: the model is only needed when loading weights
-
     warn_if_bf16_is_slow(dtype, device)
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        from .adapt.adapters import is_adapter_dir, load_adapted
-
-        if is_adapter_dir(model_dir):  # a PEFT adapter directory: its base model with the adapter
-            return load_adapted(model_dir, dtype=dtype, device=device)
     config = load_config(model_dir)
     scheme = read_quant_scheme(model_dir)
     tensors = load_tensors(model_dir / WEIGHTS, config, scheme)
@@ -311,8 +277,6 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
         if scheme is not None:
-            from .quant import build_quantized_skeleton
-
             build_quantized_skeleton(model, scheme)
     if dtype is not None or str(device) != "cpu":
         tensors = {k: v.to(device=device, dtype=(dtype or v.dtype) if v.is_floating_point() else v.dtype)
@@ -321,10 +285,8 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, device: 
         tensors = {k: v.float() if v.is_floating_point() and dtype is None else v for k, v in tensors.items()}
     model.load_state_dict(tensors, strict=not config.tie_word_embeddings, assign=True)
     if config.tie_word_embeddings and not (scheme is not None and scheme.head):
-        model.lm_head.weight = model.model.embed_tokens.weight
+        model.tie_head()
     if scheme is not None:
-        from .quant import prepare_kernels
-
         prepare_kernels(model)  # also ties a quantized head to the embedding's int8 storage
     model.eval()
     return model, tokenizer

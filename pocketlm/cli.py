@@ -1,4 +1,9 @@
-"""`pocketlm ...`: a thin command-line layer; every command calls a library function you can import."""
+"""`pocketlm ...`: a thin command-line layer; every command calls a library function you can import.
+
+Each command imports its stage inside its function: importing every stage here would cost each
+invocation, `pocketlm --help` included, about 3 s of imports (torch, fastapi, the evaluators) it may
+not need. Nothing imports this module, so these imports cannot form a cycle.
+"""
 
 from __future__ import annotations
 
@@ -24,11 +29,10 @@ err = Console(stderr=True)
 
 
 def _load(model: str, compile: bool = False):
-    from .checkpoint import load_model
     from .engine import compile_decoder
-    from .hub import resolve_model
+    from .loading import open_model
 
-    lm, tokenizer = load_model(resolve_model(model))
+    lm, tokenizer = open_model(model)
     if compile:
         compile_decoder(lm)
     return lm, tokenizer
@@ -115,7 +119,7 @@ def generate_cmd(
     draft_tokens: int = typer.Option(4, help="tokens the draft proposes per step"),
 ):
     """Continue a prompt, streaming the text."""
-    from .engine import chat_prompt, stream
+    from .streaming import chat_prompt, stream
 
     params = _params(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
     lm, tokenizer = _load(model, compile)
@@ -151,7 +155,7 @@ def chat_cmd(
     draft_tokens: int = typer.Option(4, help="tokens the draft proposes per step"),
 ):
     """Chat with a model in the terminal (streams; /reset clears the conversation, /exit or Ctrl-D quits)."""
-    from .engine import fit_conversation, stream
+    from .streaming import fit_conversation, stream
     from .errors import ContextLengthError
 
     params = _params(max_tokens, temperature, 0, top_p, 1.0, seed, None)
@@ -260,7 +264,8 @@ def quantize_cmd(
     """Weight-only quantization of every linear layer; the result loads straight into its quantized form."""
     from .checkpoint import WEIGHTS
     from .hub import resolve_model
-    from .quant import QuantScheme, quantize_dir
+    from .quant import QuantScheme
+    from .quantize import quantize_dir
 
     scheme = QuantScheme(to, group_size if to == "int4" else None, symmetric=symmetric, head=head)
     started = time.perf_counter()
@@ -293,7 +298,7 @@ def bench_cmd(
 
     from . import bench
     from .checkpoint import read_provenance
-    from .convert.gguf import export_gguf
+    from .convert.gguf_export import export_gguf
     from .hub import resolve_model
 
     peers = list(vs or [])

@@ -1,7 +1,7 @@
-"""Generation: prefill the prompt into a KV cache, then decode one token at a time.
+"""Decoding: sampling, and the loops that prefill a prompt into the KV cache and decode one token at a time.
 
-`generate_tokens` yields token ids; `stream` turns them into text pieces that never split a UTF-8
-character and stop cleanly at stop strings; `generate` collects a whole answer.
+`generate_tokens` yields one sequence's token ids, `generate_batch` decodes several prompts together.
+Turning tokens into text (stop strings, UTF-8, chat prompts) is `streaming`'s job.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Iterator
 
 import torch
 
-from . import cpu_kernels, native_decode, quant
+from . import quant
 from .errors import ConfigError, ContextLengthError
+from .kernels import cpu_ops, decode_step
 from .tokenizer import Tokenizer
-
 
 # Temperatures below this decode greedily: dividing logits by a smaller one is numerically meaningless
 # (the softmax is a one-hot on the largest logit anyway). vLLM uses the same threshold (_SAMPLING_EPS).
@@ -61,14 +61,6 @@ def seeded_generator(seed: int | None, device: torch.device | str = "cpu") -> to
     if seed is None:
         return None
     return torch.Generator(device=device).manual_seed(seed % SEED_RANGE)
-
-
-@dataclass
-class Generation:
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +146,7 @@ def compile_decoder(model, enable: bool = True) -> None:
     kernels; then 2-4x faster decoding on the CPU).
 
     Where pocketlm's whole-step kernel serves the model (quantized, fp32 activations, an AVX2 CPU; see
-    native_decode) nothing is compiled: that kernel decodes faster and from the first token.
+    kernels/decode_step.py) nothing is compiled: that kernel decodes faster and from the first token.
 
     Call it on the finished model (after quantization, on its device). Dynamo's guards on the module
     tree cost about 1.3 ms a step on SmolLM2 (a tenth of the step), so they are skipped; what they
@@ -165,8 +157,8 @@ def compile_decoder(model, enable: bool = True) -> None:
         model._compiled_step = None
         return
     if model.device.type == "cpu":
-        cpu_kernels.available()  # built (once) and loaded now: not while dynamo traces the step
-    if native_decode.serves(model):
+        cpu_ops.available()  # built (once) and loaded now: not while dynamo traces the step
+    if decode_step.serves(model):
         model._compiled_step = None  # the whole-step kernel runs it, faster than a compiled step and at once
         return
     for module in model.modules():  # tensors the compiled graph must find stored, not compute
@@ -289,136 +281,3 @@ def generate_batch(model, prompts: list[list[int]], params: SamplingParams,
     finally:
         model.clear_cache()
     return outputs
-
-
-class TextAssembler:
-    """Turns a stream of token ids into text pieces.
-
-    Decodes a short window of recent tokens (so SentencePiece's leading spaces come out right) and
-    holds back a piece while it ends in an incomplete UTF-8 sequence (decoded as U+FFFD).
-    """
-
-    def __init__(self, tokenizer: Tokenizer, context_ids: list[int] = ()):
-        self.tokenizer = tokenizer
-        self.ids = list(context_ids[-4:])
-        self.prefix = 0
-        self.read = len(self.ids)
-
-    def add(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        prefix_text = self.tokenizer.decode(self.ids[self.prefix:self.read])
-        new_text = self.tokenizer.decode(self.ids[self.prefix:])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            piece = new_text[len(prefix_text):]
-            self.prefix, self.read = self.read, len(self.ids)
-            return piece
-        return ""
-
-
-class StopStringFilter:
-    """Passes text through, holding back any tail that could start a stop string; reports a hit."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = stops
-        self.buffer = ""
-        self.hit = False
-
-    def feed(self, piece: str) -> str:
-        self.buffer += piece
-        if not self.stops:
-            out, self.buffer = self.buffer, ""
-            return out
-        cuts = [self.buffer.find(s) for s in self.stops if s in self.buffer]
-        if cuts:
-            self.hit = True
-            out, self.buffer = self.buffer[: min(cuts)], ""
-            return out
-        hold = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(self.buffer)), 0, -1):
-                if self.buffer.endswith(s[:n]):
-                    hold = max(hold, n)
-                    break
-        out = self.buffer[: len(self.buffer) - hold]
-        self.buffer = self.buffer[len(out):]
-        return out
-
-    def flush(self) -> str:
-        out, self.buffer = self.buffer, ""
-        return out
-
-
-def stream(model, tokenizer: Tokenizer, prompt: str | list[int], params: SamplingParams | None = None,
-           result: dict | None = None, draft=None, draft_tokens: int = 4) -> Iterator[str]:
-    """Yield text pieces of the continuation of `prompt` (text or token ids).
-
-    If `result` is given it is filled with token_ids, prompt_tokens and finish_reason when the stream
-    ends (and `speculative`, the draft's statistics, when a `draft` model proposes tokens).
-    """
-    params = params or SamplingParams()
-    prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    stop_ids = eos_ids(model, tokenizer)
-    assembler = TextAssembler(tokenizer, prompt_ids)
-    stops = StopStringFilter(params.stop)
-    generated: list[int] = []
-    finish = "length"
-    if draft is not None:
-        from .speculative import SpeculativeStats, speculative_tokens
-
-        stats = SpeculativeStats()
-        if result is not None:
-            result["speculative"] = stats
-        tokens = speculative_tokens(model, draft, prompt_ids, params.max_new_tokens, draft_tokens,
-                                    set() if params.ignore_eos else stop_ids, stats, params)
-    else:
-        tokens = generate_tokens(model, prompt_ids, params, stop_ids)
-    for token in tokens:
-        if token in stop_ids and not params.ignore_eos:
-            finish = "stop"
-            break
-        generated.append(token)
-        piece = stops.feed(assembler.add(token))
-        if piece:
-            yield piece
-        if stops.hit:
-            finish = "stop"
-            break
-    if not stops.hit:
-        tail = stops.flush()
-        if tail:
-            yield tail
-    if result is not None:
-        result.update(token_ids=generated, prompt_tokens=len(prompt_ids), finish_reason=finish)
-
-
-def generate(model, tokenizer: Tokenizer, prompt: str | list[int], params: SamplingParams | None = None) -> Generation:
-    info: dict = {}
-    text = "".join(stream(model, tokenizer, prompt, params, result=info))
-    return Generation(text=text, token_ids=info["token_ids"], prompt_tokens=info["prompt_tokens"],
-                      finish_reason=info["finish_reason"])
-
-
-def chat_prompt(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of a conversation rendered with the chat template, ready for the assistant's turn."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    # The template writes BOS itself where the model wants one; don't add a second.
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-def fit_conversation(tokenizer: Tokenizer, messages: list[dict[str, str]], context: int,
-                     reserve: int) -> tuple[list[int], list[dict[str, str]]]:
-    """Prompt ids for a conversation, dropping its oldest turns until `reserve` tokens of answer fit.
-
-    A system message is always kept. Returns the ids and the messages they were rendered from.
-    """
-    reserve = min(reserve, context // 2)
-    system = [m for m in messages[:1] if m["role"] == "system"]
-    turns = messages[len(system):]
-    while True:
-        ids = chat_prompt(tokenizer, system + turns)
-        if len(ids) + reserve <= context:
-            return ids, system + turns
-        if len(turns) <= 1:
-            raise ContextLengthError(f"the message has {len(ids)} tokens; with room for {reserve} tokens of answer "
-                                     f"it does not fit the model's context of {context}; shorten it")
-        turns = turns[2:] if len(turns) > 2 else turns[1:]  # drop the oldest user/assistant exchange

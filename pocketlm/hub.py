@@ -14,6 +14,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .convert.gguf import import_gguf
+from .convert.hf import import_hf
 from .errors import ModelNotFoundError, PocketLMError
 from .paths import cache_dir, models_dir
 
@@ -73,7 +75,6 @@ def pull(name: str) -> Path:
     out = models_dir() / key
     if (out / "config.json").is_file():
         return out
-    from .convert.gguf import import_gguf
 
     gguf_path = fetch_gguf(key)
     return import_gguf(gguf_path, out)
@@ -87,8 +88,6 @@ def pull_hf(repo_id: str) -> Path:
     if (out / "config.json").is_file():
         return out
     from huggingface_hub import snapshot_download
-
-    from .convert.hf import import_hf
 
     try:
         local = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja"])

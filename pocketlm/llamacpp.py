@@ -14,7 +14,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from .cpu_features import cpu_has_amx
+from .kernels.cpu_features import cpu_has_amx
 
 
 @contextlib.contextmanager

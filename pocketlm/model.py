@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernels, native_decode, train_attention
 from .config import ModelConfig
-from .quant import fused_projections
+from .kernels import cpu_ops, decode_step, train_attention
+from .kernels.dispatch import fused_projections
 
 FEW_ROWS = range(2, 7)  # rows where W @ x^T beats x @ W^T on a CPU (see Linear.forward)
 
@@ -55,6 +55,35 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a model of this config has, by its Hugging Face LlamaForCausalLM name, with its shape."""
+    d, hd = config.hidden_size, config.head_dim
+    q_out, kv_out = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, d), "model.norm.weight": (d,)}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (d,),
+            p + "post_attention_layernorm.weight": (d,),
+            p + "self_attn.q_proj.weight": (q_out, d),
+            p + "self_attn.k_proj.weight": (kv_out, d),
+            p + "self_attn.v_proj.weight": (kv_out, d),
+            p + "self_attn.o_proj.weight": (d, q_out),
+            p + "mlp.gate_proj.weight": (config.intermediate_size, d),
+            p + "mlp.up_proj.weight": (config.intermediate_size, d),
+            p + "mlp.down_proj.weight": (d, config.intermediate_size),
+        })
+        if config.attention_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q_out,), p + "self_attn.k_proj.bias": (kv_out,),
+                           p + "self_attn.v_proj.bias": (kv_out,), p + "self_attn.o_proj.bias": (d,)})
+        if config.mlp_bias:
+            shapes.update({p + "mlp.gate_proj.bias": (config.intermediate_size,),
+                           p + "mlp.up_proj.bias": (config.intermediate_size,), p + "mlp.down_proj.bias": (d,)})
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, d)
+    return shapes
 
 
 def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,8 +230,8 @@ def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     b, heads, _, d = q.shape
     kv_heads = k.shape[1]
     q = q.reshape(b, kv_heads, heads // kv_heads, d)  # the query heads of each key/value head
-    if cpu_kernels.serves_attention(q, k):  # pocketlm's AVX2 kernel: it skips the masked positions
-        return cpu_kernels.decode_attention(q, k, v, mask).reshape(b, 1, heads, d)
+    if cpu_ops.serves_attention(q, k):  # pocketlm's AVX2 kernel: it skips the masked positions
+        return cpu_ops.decode_attention(q, k, v, mask).reshape(b, 1, heads, d)
     fused = torch.compiler.is_compiling() and q.device.type == "cpu"
     if fused:  # products and sums that inductor fuses into loops: a batched matmul call costs more here
         scores = (q[:, :, :, None, :] * k[:, :, None]).sum(-1).float() * (d ** -0.5)
@@ -272,15 +301,15 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaBody(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            self.tie_head()
         self.quant_scheme = None  # set by pocketlm.quant when the linear layers are quantized
         self.prefix: nn.Module | None = None  # prefix tuning (pocketlm.adapt.adapters.PrefixKV)
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._bias_cache: torch.Tensor | None = None
-        # decode through pocketlm's whole-step kernel where it serves the model (see native_decode); off,
+        # decode through pocketlm's whole-step kernel where it serves the model (see kernels/decode_step.py); off,
         # the step runs layer by layer in Python (what the kernel is tested against)
         self.native_decoding = True
-        self._native_step: native_decode.NativeStep | None = None
+        self._native_step: decode_step.NativeStep | None = None
 
     # ---- setup ------------------------------------------------------------------------------
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> "LlamaForCausalLM":
@@ -295,6 +324,10 @@ class LlamaForCausalLM(nn.Module):
                 else:
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
         return self
+
+    def tie_head(self) -> None:
+        """The output head shares the embedding's weight (tie_word_embeddings)."""
+        self.lm_head.weight = self.model.embed_tokens.weight
 
     @property
     def device(self) -> torch.device:
@@ -340,7 +373,7 @@ class LlamaForCausalLM(nn.Module):
         dtype = dtype or self.compute_dtype
         # the weights the whole-step kernel reads are gathered again: the model may have changed since
         native = self.native_decoding and dtype == torch.float32
-        self._native_step = native_decode.native_step(self) if native else None
+        self._native_step = decode_step.native_step(self) if native else None
         for layer in self.model.layers:
             layer.self_attn.cache = KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, dtype, weight.device)
         if p:

@@ -21,8 +21,8 @@ inductor turns into one vectorized loop per layer: all of SmolLM2's matrices in 
 of the 28 the memory reads here), against 30.6 ms for PyTorch's bf16 GEMV. Other row counts use PyTorch's packed kernels
 (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) or dequantize to the activation dtype.
 On CPUs with AVX2 but not AVX-512, products of fewer than EXACT_ROWS rows run pocketlm's own kernels
-(cpu_kernels: fp32 products, q/k/v and gate/up in one call each; int4 codes in `int4_words`'s layout),
-eager or compiled, and a quantized model's whole decode step is one call of them (native_decode).
+(kernels/cpu_ops.py: fp32 products, q/k/v and gate/up in one call each; int4 codes in `int4_words`'s layout),
+eager or compiled, and a quantized model's whole decode step is one call of them (kernels/decode_step.py).
 Where those cannot be built, the compiled one-row products read the codes as 32-bit
 words (ROW_LAYOUT "words"), and int4 gets an inductor loop of its own (`_int8_row_product`,
 `_int4_row_product`).
@@ -36,8 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernels
 from .errors import ConfigError
+from .kernels import cpu_ops
+from .kernels.dispatch import EXACT_ROWS, KernelWeights, fused_projections
+from .model import expected_shapes
 
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -143,9 +145,6 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tens
 # ---------------------------------------------------------------------------------------------
 # modules
 # ---------------------------------------------------------------------------------------------
-EXACT_ROWS = 16  # from this many rows on, CPU matmuls dequantize to fp32 (exact) instead of using bf16 kernels
-
-
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
@@ -277,9 +276,17 @@ class Int8Linear(nn.Module):
         return cached
 
     def prepare_native(self) -> None:
-        """Decide once whether a few rows go through pocketlm's AVX2 kernel (see cpu_kernels)."""
+        """Decide once whether a few rows go through pocketlm's AVX2 kernel (see kernels/cpu_ops.py)."""
         self.__dict__["_native"] = (self.weight.device.type == "cpu" and not self.weight.is_meta
-                                    and cpu_kernels.available())
+                                    and cpu_ops.available())
+
+    def kernel_weights(self) -> KernelWeights | None:
+        """The weights as pocketlm's AVX2 kernels read them (kernels/dispatch.py); None where those do not run."""
+        if "_native" not in self.__dict__ and not _compiling():
+            self.prepare_native()
+        if not self.__dict__.get("_native") or not self.weight.is_contiguous() or self.scales.dtype != torch.float32:
+            return None
+        return KernelWeights("int8", self.weight, self.scales, 0, self.out_features, self.bias)
 
     def prepare_decode(self) -> None:
         self.bf16_scales()
@@ -325,7 +332,7 @@ class Int4Linear(nn.Module):
 
     def prepare_kernel(self) -> None:
         """Repack for the few-row kernel (done once, after loading): pocketlm's AVX2 kernel where it is
-        available (see cpu_kernels), else `torch._weight_int4pack_mm_for_cpu`."""
+        available (see kernels/cpu_ops.py), else `torch._weight_int4pack_mm_for_cpu`."""
         if self.weight.device.type != "cpu" or self.weight.is_meta:
             return
         self.__dict__["_native"] = self._native_tables()
@@ -340,14 +347,23 @@ class Int4Linear(nn.Module):
 
     def _native_tables(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The codes in `int4_words`'s layout and the scales and mins as fp16 (exact: the quantizer
-        rounds them to fp16) in its block layout, for cpu_kernels.int4_linear; None where it cannot run."""
-        if self.out_features % LANES or not cpu_kernels.available():
+        rounds them to fp16) in its block layout, for cpu_ops.int4_linear; None where it cannot run."""
+        if self.out_features % LANES or not cpu_ops.available():
             return None
         exact = torch.stack((_by_lanes(self.scales), _by_lanes(self.mins)), dim=2)
         tables = exact.half()
         if not torch.equal(tables.float(), exact):
             return None  # scales that are not fp16 values (not written by pocketlm's quantizer)
         return int4_words(unpack_int4(self.weight, self.group_size)).view(torch.int32), tables
+
+    def kernel_weights(self) -> KernelWeights | None:
+        """The weights as pocketlm's AVX2 kernels read them (kernels/dispatch.py); None where those do not run."""
+        if "_native" not in self.__dict__ and not _compiling():
+            self.prepare_kernel()
+        tables = self.__dict__.get("_native")
+        if tables is None:
+            return None
+        return KernelWeights("int4", tables[0], tables[1], self.group_size, self.out_features, self.bias)
 
     def prepare_decode(self) -> None:
         """With the "words" row layout and without pocketlm's kernels, the tables `_int4_row_product`
@@ -388,29 +404,6 @@ class Int4Linear(nn.Module):
 
 
 QUANTIZED_LINEARS = (Int8Linear, Int4Linear)
-
-
-def fused_projections(x: torch.Tensor, layers) -> list[torch.Tensor] | None:
-    """The outputs of several projections of the same input (q, k, v; gate, up; or one layer) from one call of
-    pocketlm's AVX2 kernels: one call costs 5-10 us of dispatch and thread start-up, and a decode
-    step of SmolLM2 makes 210 of them unfused. None where the kernels do not serve all the layers."""
-    rows = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or rows >= EXACT_ROWS or len({type(m) for m in layers}) != 1:
-        return None
-    if isinstance(layers[0], Int4Linear):
-        tables = [m.__dict__.get("_native") for m in layers]
-        if any(t is None for t in tables) or len({m.group_size for m in layers}) != 1:
-            return None
-        y = cpu_kernels.int4_linear(x.reshape(rows, -1), [t[0] for t in tables], [t[1] for t in tables],
-                                    layers[0].group_size)
-    elif isinstance(layers[0], Int8Linear):
-        if not all(m.__dict__.get("_native") for m in layers):
-            return None
-        y = cpu_kernels.int8_linear(x.reshape(rows, -1), [m.weight for m in layers], [m.scales for m in layers])
-    else:
-        return None
-    outs = y.reshape(*x.shape[:-1], -1).split([m.out_features for m in layers], dim=-1)
-    return [(o if m.bias is None else o + m.bias).to(x.dtype) for o, m in zip(outs, layers)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,8 +460,6 @@ def tie_quantized_head(model) -> None:
 
 def expected_quantized_shapes(config, scheme: QuantScheme) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Names, shapes and dtypes of a quantized state dict (float tensors may be any float dtype)."""
-    from .checkpoint import expected_shapes
-
     out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     for name, shape in expected_shapes(config).items():
         is_head = name in ("lm_head.weight", "model.embed_tokens.weight")
@@ -514,34 +505,6 @@ def prepare_kernels(model) -> None:
         elif isinstance(module, (Int8Linear, Int8Embedding)) and module.weight.data_ptr() % 64:
             module.weight = module.weight.clone()
     tie_quantized_head(model)
-
-
-def quantize_dir(model_dir, out, scheme: QuantScheme):
-    """Quantize a model directory into a new one; pocketlm.json records the scheme and the parent."""
-    from pathlib import Path
-
-    from .checkpoint import load_config, load_model, read_provenance, save_model_dir
-
-    config = load_config(model_dir)
-    if scheme.method == "int4":
-        widths = {config.hidden_size, config.num_attention_heads * config.head_dim, config.intermediate_size}
-        bad = sorted(w for w in widths if w % scheme.group_size)
-        if bad:
-            fits = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths)]
-            raise ConfigError(f"{model_dir}: layers with {bad[0]} input columns cannot be split into int4 groups of "
-                              f"{scheme.group_size}; use --group-size {' or '.join(map(str, fits)) or '(none fits)'}")
-    model, tokenizer = load_model(model_dir)
-    if model.quant_scheme is not None:
-        raise ConfigError(f"{model_dir} is already quantized ({model.quant_scheme.describe()}); quantize its float parent")
-    quantize_model(model, scheme)
-    parent = read_provenance(model_dir)
-    provenance = {
-        "source": parent.get("source"), "parent": str(Path(model_dir).resolve()),
-        "recipe": parent.get("recipe"), "data_hashes": parent.get("data_hashes", {}),
-        "quantization": scheme.to_dict(), "metrics": {},
-    }
-    # save_model_dir leaves a tied head out, as for float models
-    return save_model_dir(out, model.config, stored_state_dict(model), tokenizer, provenance=provenance)
 
 
 def stored_state_dict(model) -> dict[str, torch.Tensor]:

@@ -88,7 +88,7 @@ def speculative_tokens(target, draft, prompt_ids: list[int], max_new_tokens: int
     target.setup_cache(1, length)
     draft.setup_cache(1, length)
     # after the prompt the draft sees one or two tokens at a time: those go through its decode step (the
-    # whole-step kernel for a quantized draft, see native_decode, or its compiled step), which costs a
+    # whole-step kernel for a quantized draft, see kernels/decode_step.py, or its compiled step), which costs a
     # third of a forward pass or less
     draft_step = decode_fn(draft)
 

@@ -15,15 +15,15 @@ import torch.nn.functional as F
 import yaml
 from helpers import byte_level_tokenizer, tiny_model_dir
 
-from pocketlm.adapt.instruct import (
+from pocketlm.errors import ConfigError
+from pocketlm.train import load_recipe, train
+from pocketlm.train.instruct import (
     IGNORE,
     RowsReport,
     pack_rows,
     preference_rows,
     sft_rows,
 )
-from pocketlm.errors import ConfigError
-from pocketlm.train import load_recipe, train
 
 WORDS = ["the", "cat", "dog", "sun", "moon", "tree", "fish", "bird"]
 
@@ -179,6 +179,7 @@ def test_lora_sft_writes_a_peft_adapter_and_merged_model(lora_run):
 def test_lora_logits_match_peft_unmerged_and_merged(base, lora_run):
     from pocketlm.adapt.adapters import load_adapter
     from pocketlm.checkpoint import load_model
+    from pocketlm.loading import open_model
 
     run, merged_dir = lora_run
     ids = torch.randint(3, 290, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -187,14 +188,14 @@ def test_lora_logits_match_peft_unmerged_and_merged(base, lora_run):
     model, _ = load_model(base)
     load_adapter(model, run / "adapter")
     merged, _ = load_model(merged_dir)
-    via_dir, _ = load_model(run / "adapter")  # an adapter directory loads as base + adapter
+    via_dir, _ = open_model(run / "adapter")  # an adapter directory opens as base + adapter
     with torch.no_grad():
         for got in (model(ids), merged(ids), via_dir(ids)):
             assert (got - reference).abs().max() <= 1e-4
 
 
 def test_prefix_tuning_matches_peft(base, sft_file, tmp_path):
-    from pocketlm.checkpoint import load_model
+    from pocketlm.loading import open_model
 
     path = write_recipe(tmp_path, init_from=str(base), data={"source": str(sft_file)}, train={"objective": "sft"},
                         adapter={"type": "prefix", "num_virtual_tokens": 5})
@@ -204,7 +205,7 @@ def test_prefix_tuning_matches_peft(base, sft_file, tmp_path):
     ids = torch.randint(3, 290, (2, 16), generator=torch.Generator().manual_seed(1))
     before, reference = hf_peft_logits(base, final, ids)
     assert (reference - before).abs().max() > 1e-2
-    model, _ = load_model(final)
+    model, _ = open_model(final)
     with torch.no_grad():
         assert (model(ids) - reference).abs().max() <= 1e-4
 
@@ -212,6 +213,7 @@ def test_prefix_tuning_matches_peft(base, sft_file, tmp_path):
 def test_several_adapters_over_one_base(base, lora_run, sft_file, tmp_path):
     from pocketlm.adapt.adapters import load_adapter, use_adapter
     from pocketlm.checkpoint import load_model
+    from pocketlm.loading import open_model
 
     path = write_recipe(tmp_path, init_from=str(base), data={"source": str(sft_file)}, train={"objective": "sft"},
                         adapter={"r": 2, "target_modules": ["q_proj", "v_proj"]}, seed=11)
@@ -224,7 +226,7 @@ def test_several_adapters_over_one_base(base, lora_run, sft_file, tmp_path):
     with torch.no_grad():
         for name, directory in (("first", first), ("second", second), ("first", first)):
             use_adapter(model, name)
-            alone, _ = load_model(directory)
+            alone, _ = open_model(directory)
             assert (model(ids) - alone(ids)).abs().max() <= 1e-5
     with pytest.raises(ConfigError, match="no adapter called 'third'"):
         use_adapter(model, "third")
@@ -352,8 +354,8 @@ STUDENT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, 
 
 
 def test_logit_distillation_on_the_fly_and_cached(base, text_file, tmp_path):
-    from pocketlm.adapt.distill import TeacherCache, cache_key
     from pocketlm.checkpoint import load_model
+    from pocketlm.train.distill import TeacherCache, cache_key
 
     for name, extra in (("fly", {}), ("cached", {"cache_top_k": 16}), ("int8-teacher", {"teacher_quantize": "int8"})):
         path = write_recipe(tmp_path / name, model=STUDENT, train={"objective": "distill", "block_size": 32},
@@ -414,7 +416,7 @@ def test_sequence_level_distillation(base, tmp_path):
 
 
 def test_sequence_corpus_resumes_after_a_torn_line(base, tmp_path):
-    from pocketlm.adapt.distill import write_corpus
+    from pocketlm.train.distill import write_corpus
     from pocketlm.train.recipe import DistillSpec
 
     spec = DistillSpec(teacher=str(base), mode="sequence", seed_openings=["one", "two"], num_sequences=5,
@@ -521,12 +523,12 @@ def test_sft_gradient_accumulation_matches_one_batch(base, sft_file, tmp_path):
 def test_generation_with_a_prefix_adapter(base, sft_file, tmp_path):
     """The prefix fills the first cache positions: cached greedy decoding (one and several sequences)
     picks the tokens a full forward pass without any cache picks."""
-    from pocketlm.checkpoint import load_model
     from pocketlm.engine import SamplingParams, generate_batch, generate_tokens
+    from pocketlm.loading import open_model
 
     path = write_recipe(tmp_path, init_from=str(base), data={"source": str(sft_file)}, train={"objective": "sft"},
                         adapter={"type": "prefix", "num_virtual_tokens": 6})
-    model, _ = load_model(train(load_recipe(path)))
+    model, _ = open_model(train(load_recipe(path)))
     assert model.context_length == 128 - 6
     prompts = [[5, 80, 81, 82, 90], [7, 100, 101]]
     expected = []

@@ -29,7 +29,7 @@ def test_train_throughput_benchmark_runs(tmp_path):
 
 
 def test_train_attention_benchmark_runs(tmp_path):
-    from pocketlm import train_attention
+    from pocketlm.kernels import train_attention
 
     if not train_attention.available():
         pytest.skip("needs an x86 CPU with AVX2 and a C++ compiler")

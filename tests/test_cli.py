@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from helpers import tiny_model_dir
 
-from pocketlm import cpu_kernels
+from pocketlm.kernels import cpu_ops
 
 
 def pocketlm(*args, env=None, stdin=None):
@@ -181,7 +181,7 @@ def test_quantize_export_and_bench_commands(model_dir, tmp_path):
     assert "decode tok/s" in b.stdout and "pocketlm / transformers: decode" in b.stdout
     results = json.loads((tmp_path / "bench.json").read_text())["results"]
     assert [r["name"] for r in results] == ["pocketlm", "transformers"]
-    native = " native step" if cpu_kernels.wanted() and cpu_kernels.load() else ""  # see pocketlm.native_decode
+    native = " native step" if cpu_ops.wanted() and cpu_ops.load() else ""  # see pocketlm.kernels.decode_step
     assert results[0]["weights"] == f"int4 group 32 asymmetric{native}" and results[0]["decode_tokens_per_s"] > 0
     assert set(results[0]["batch_tokens_per_s"]) == {"3"}
 

@@ -1,17 +1,17 @@
-"""The caching CPU allocator used while training (pocketlm/csrc/cpu_allocator.cpp, cpu_allocator.py)."""
+"""The caching CPU allocator used while training (pocketlm/kernels/csrc/cpu_allocator.cpp, kernels/allocator.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pocketlm import cpu_allocator, cpu_kernels
+from pocketlm.kernels import allocator, cpu_ops
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.load(), reason="needs an x86 CPU with AVX2 and a C++ compiler")
+pytestmark = pytest.mark.skipif(not cpu_ops.load(), reason="needs an x86 CPU with AVX2 and a C++ compiler")
 
 
 def test_freed_blocks_are_reused_and_given_back():
-    with cpu_allocator.cached_cpu_memory() as on:
+    with allocator.cached_cpu_memory() as on:
         assert on
         a = torch.empty(300_000)  # 1.2 MB
         where = a.data_ptr()
@@ -27,8 +27,8 @@ def test_freed_blocks_are_reused_and_given_back():
 
 
 def test_cap_bounds_the_blocks_held(monkeypatch):
-    monkeypatch.setattr(cpu_allocator, "CAP_BYTES", 3 << 20)
-    with cpu_allocator.cached_cpu_memory():
+    monkeypatch.setattr(allocator, "CAP_BYTES", 3 << 20)
+    with allocator.cached_cpu_memory():
         blocks = [torch.empty(250_000) for _ in range(5)]  # 5 x 1 MB
         del blocks
         assert held() <= 3 << 20
@@ -41,7 +41,7 @@ def test_tensors_outlive_the_block_and_training_math_is_unchanged():
     (x @ w).square().sum().backward()
     expected = w.grad.clone()
     w.grad = None
-    with cpu_allocator.cached_cpu_memory():
+    with allocator.cached_cpu_memory():
         for _ in range(3):
             w.grad = None
             (x @ w).square().sum().backward()
@@ -52,10 +52,10 @@ def test_tensors_outlive_the_block_and_training_math_is_unchanged():
 
 
 def test_switched_off_with_the_kernels(monkeypatch):
-    monkeypatch.setenv(cpu_kernels.SWITCH, "0")
-    with cpu_allocator.cached_cpu_memory() as on:
+    monkeypatch.setenv(cpu_ops.SWITCH, "0")
+    with allocator.cached_cpu_memory() as on:
         assert not on
-    with cpu_allocator.cached_cpu_memory(enabled=False) as on:
+    with allocator.cached_cpu_memory(enabled=False) as on:
         assert not on
 
 

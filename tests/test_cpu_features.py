@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pocketlm import cpu_features
+from pocketlm.kernels import cpu_features
 from pocketlm.checkpoint import load_model
 
 from helpers import tiny_model_dir
@@ -32,7 +32,7 @@ def test_bf16_on_a_cpu_without_it_is_warned_about_once_per_load(monkeypatch, cap
     with caplog.at_level(logging.WARNING, logger="pocketlm"):
         model, _ = load_model(model_dir, dtype=torch.bfloat16)
     assert model.lm_head.weight.dtype == torch.bfloat16  # a warning, not a refusal
-    warnings = [r.getMessage() for r in caplog.records if r.name == "pocketlm.cpu_features"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "pocketlm.kernels.cpu_features"]
     assert len(warnings) == 1 and "no bf16 instructions" in warnings[0] and "float32" in warnings[0]
 
     caplog.clear()
@@ -42,7 +42,7 @@ def test_bf16_on_a_cpu_without_it_is_warned_about_once_per_load(monkeypatch, cap
         load_model(model_dir, dtype=torch.bfloat16)  # native bf16
         monkeypatch.setattr(cpu_features, "_flags", lambda: None)
         load_model(model_dir, dtype=torch.bfloat16)  # no /proc/cpuinfo (macOS): unknown, so no claim
-    assert not [r for r in caplog.records if r.name == "pocketlm.cpu_features"]
+    assert not [r for r in caplog.records if r.name == "pocketlm.kernels.cpu_features"]
 
 
 def test_a_recipe_asking_for_bf16_on_a_cpu_without_it_is_warned_about(monkeypatch, caplog):

@@ -5,22 +5,27 @@ attention, and the fallback when the kernels cannot be built."""
 from __future__ import annotations
 
 import logging
+import os
+import platform
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pocketlm import cpu_kernels, quant
+from pocketlm import quant
+from pocketlm.kernels import cpu_ops
 from pocketlm.model import _single_query_attention
-from pocketlm.quant import Int4Linear, Int8Linear, fused_projections
+from pocketlm.kernels.dispatch import fused_projections
+from pocketlm.quant import Int4Linear, Int8Linear
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.load(), reason="needs an x86 CPU with AVX2 and a C++ compiler")
+pytestmark = pytest.mark.skipif(not cpu_ops.load(), reason="needs an x86 CPU with AVX2 and a C++ compiler")
 
 
 @pytest.fixture
 def kernels_on(monkeypatch):
     """The layers use the kernels whatever this CPU would pick (they run on any AVX2 CPU)."""
-    monkeypatch.setitem(cpu_kernels._loaded, "available", True)
+    monkeypatch.setitem(cpu_ops._loaded, "available", True)
 
 
 def reference(x: torch.Tensor, layer) -> torch.Tensor:
@@ -89,12 +94,12 @@ def test_bad_inputs_are_refused_with_what_was_expected():
 def test_without_a_compiler_the_layers_fall_back_and_say_why(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("CXX", "no-such-compiler")
     monkeypatch.setenv("POCKETLM_CACHE", str(tmp_path))
-    with pytest.raises(cpu_kernels.KernelBuildError, match="no C.. compiler 'no-such-compiler'"):
-        cpu_kernels.build()
-    monkeypatch.setattr(cpu_kernels, "_loaded", {})
-    monkeypatch.setattr(cpu_kernels, "wanted", lambda: True)
-    with caplog.at_level(logging.WARNING, logger="pocketlm.cpu_kernels"):
-        assert not cpu_kernels.available()
+    with pytest.raises(cpu_ops.KernelBuildError, match="no C.. compiler 'no-such-compiler'"):
+        cpu_ops.build()
+    monkeypatch.setattr(cpu_ops, "_loaded", {})
+    monkeypatch.setattr(cpu_ops, "wanted", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="pocketlm.kernels.cpu_ops"):
+        assert not cpu_ops.available()
     assert "Install g++" in caplog.text
     q = Int4Linear.from_float(torch.nn.Linear(64, 16), 32)
     x = torch.randn(1, 64)
@@ -105,22 +110,34 @@ def test_without_a_compiler_the_layers_fall_back_and_say_why(monkeypatch, tmp_pa
 
 def test_a_failed_build_names_the_compiler_error(monkeypatch, tmp_path):
     monkeypatch.setenv("POCKETLM_CACHE", str(tmp_path))
-    monkeypatch.setattr(cpu_kernels, "FLAGS", [*cpu_kernels.FLAGS, "-fno-such-flag"])
-    with pytest.raises(cpu_kernels.KernelBuildError, match="g.. failed: .*no-such-flag"):
-        cpu_kernels.build()
+    monkeypatch.setattr(cpu_ops, "FLAGS", [*cpu_ops.FLAGS, "-fno-such-flag"])
+    with pytest.raises(cpu_ops.KernelBuildError, match="g.. failed: .*no-such-flag"):
+        cpu_ops.build()
     assert list((tmp_path / "cpu_kernels").iterdir()) == []  # no half-written library left behind
 
 
 def test_switched_off_by_the_environment(monkeypatch):
-    monkeypatch.setenv(cpu_kernels.SWITCH, "0")
-    monkeypatch.setattr(cpu_kernels, "_loaded", {})
-    assert not cpu_kernels.wanted() and not cpu_kernels.available()
+    monkeypatch.setenv(cpu_ops.SWITCH, "0")
+    monkeypatch.setattr(cpu_ops, "_loaded", {})
+    assert not cpu_ops.wanted() and not cpu_ops.available()
 
 
 @pytest.mark.parametrize("switch,capability,expected", [
     ("1", "AVX2", True), ("1", "AVX512", False), ("all", "AVX512", True), ("all", "AVX512_BF16", True),
     ("0", "AVX2", False), ("all", "DEFAULT", False)])
 def test_which_cpus_use_the_kernels(monkeypatch, switch, capability, expected):
-    monkeypatch.setenv(cpu_kernels.SWITCH, switch)
+    monkeypatch.setenv(cpu_ops.SWITCH, switch)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    assert cpu_kernels.wanted() is expected
+    assert cpu_ops.wanted() is expected
+
+
+def test_every_kernel_source_is_where_the_build_reads_it():
+    """A source moved or renamed would otherwise only make the kernels unavailable (a warning, and the
+    kernel tests skipped as if the machine had no compiler)."""
+    assert [p for p in cpu_ops.SOURCES + cpu_ops.HEADERS if not p.is_file()] == []
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None or platform.machine().lower() not in ("x86_64", "amd64")
+                    or torch.backends.cpu.get_cpu_capability() == "DEFAULT", reason="needs an x86 CPU with AVX2 and a C++ compiler")
+def test_the_kernels_build_and_load_where_a_compiler_and_avx2_are_there():
+    assert cpu_ops.load()

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pocketlm.checkpoint import load_model
-from pocketlm.engine import SamplingParams, StopStringFilter, TextAssembler, generate, generate_tokens, stream
+from pocketlm.engine import SamplingParams, generate_tokens
+from pocketlm.streaming import StopStringFilter, TextAssembler, generate, stream
 from pocketlm.errors import ConfigError, ContextLengthError
 
 from helpers import byte_level_tokenizer, tiny_model_dir
@@ -135,7 +136,7 @@ def test_chat_template_rendering(tiny):
 
 
 def test_long_conversations_drop_their_oldest_exchanges(tiny):
-    from pocketlm.engine import fit_conversation
+    from pocketlm.streaming import fit_conversation
 
     _, _, tokenizer = tiny
     system = {"role": "system", "content": "be brief"}
@@ -170,7 +171,8 @@ def test_chat_command_with_a_draft_model_answers_as_without(tmp_path):
     import subprocess
     import sys
 
-    from pocketlm.quant import QuantScheme, quantize_dir
+    from pocketlm.quant import QuantScheme
+    from pocketlm.quantize import quantize_dir
 
     d = tiny_model_dir(tmp_path / "m")
     draft = quantize_dir(d, tmp_path / "int4", QuantScheme("int4", 32))

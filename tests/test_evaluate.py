@@ -19,7 +19,7 @@ from benchmarks.eval_vs_lm_eval import PIQA_YAML  # noqa: E402  (lm-eval's PIQA 
 
 from pocketlm.checkpoint import load_model
 from pocketlm.errors import ConfigError
-from pocketlm.evaluate import loaders
+from pocketlm.evaluate import loaders, records
 from pocketlm.evaluate.runner import evaluate, evaluate_dir
 from pocketlm.evaluate.scoring import encode_pair, loglikelihoods
 from pocketlm.evaluate.tasks import (
@@ -160,7 +160,7 @@ def test_instruction_forms(tmp_path):
 def test_bad_data_files_are_one_clear_error(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"goal": "x"}\n{not json\n')
     with pytest.raises(ConfigError, match="broken.jsonl:2: not a JSON record"):
-        loaders.read_records(tmp_path / "broken.jsonl")
+        records.read_records(tmp_path / "broken.jsonl")
     with pytest.raises(ConfigError, match="record 0 has no 'sol1' field"):
         loaders.piqa_jsonl(write_jsonl(tmp_path / "p.jsonl", [{"goal": "x", "label": 0}]))
     with pytest.raises(ConfigError, match="data not found"):
@@ -353,7 +353,8 @@ def test_pareto_front():
 
 
 def test_cli_compare_writes_report_plots_and_an_accumulating_leaderboard(tiny, tmp_path):
-    from pocketlm.quant import QuantScheme, quantize_dir
+    from pocketlm.quant import QuantScheme
+    from pocketlm.quantize import quantize_dir
 
     int8 = quantize_dir(tiny, tmp_path / "tiny-int8", QuantScheme("int8"))
     task = write_task(tmp_path)
@@ -363,7 +364,7 @@ def test_cli_compare_writes_report_plots_and_an_accumulating_leaderboard(tiny, t
                        "--new-tokens", "4")
         assert proc.returncode == 0, proc.stderr
     report = (out / "report.md").read_text()
-    # the weights column may add how it decoded ("native step", see pocketlm.native_decode)
+    # the weights column may add how it decoded ("native step", see pocketlm.kernels.decode_step)
     assert "| model | capitals | mean |" in report and "| tiny-int8 | int8 per-channel" in report
     assert results_params(out) == 2 * [results_params(out)[0]]  # quantized: the same parameters
     assert "**hello**" in report
@@ -400,7 +401,8 @@ def test_lm_eval_command_line_with_the_pocketlm_model(tiny, tmp_path):
 
 
 def test_generation_task_decodes_greedily_until_a_stop_string_and_scores_exact_match(tiny, tmp_path):
-    from pocketlm.engine import SamplingParams, generate
+    from pocketlm.engine import SamplingParams
+    from pocketlm.streaming import generate
 
     write_jsonl(tmp_path / "sums.jsonl", [{"q": "1+1", "a": "#### 2"}, {"q": "2+2", "a": "#### 4"}])
     (tmp_path / "sums.yaml").write_text('task: sums\ntype: generate\ndata: sums.jsonl\nprompt: "Q: {{q}}\\nA:"\n'

@@ -15,7 +15,8 @@ from gguf import GGUFWriter, TokenType
 from gguf.quants import dequantize, quantize
 
 from pocketlm.checkpoint import load_config, load_tensors, read_provenance
-from pocketlm.convert.gguf import export_gguf, import_gguf, tokenizer_from_gguf
+from pocketlm.convert.gguf import import_gguf, tokenizer_from_gguf
+from pocketlm.convert.gguf_export import export_gguf
 from pocketlm.errors import CheckpointError, PocketLMError, UnsupportedModelError
 from pocketlm.llamacpp import open_llama
 from pocketlm.tokenizer import Tokenizer
@@ -96,7 +97,8 @@ def test_vocab_round_trip_through_export(vocab_file, vocab_tokenizer, tmp_path):
 # tiny models written with gguf.GGUFWriter, the way convert_hf_to_gguf.py writes them
 # ---------------------------------------------------------------------------------------------
 def train_byte_level_vocab() -> dict:
-    from tokenizers import Tokenizer as HFTok, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import models, pre_tokenizers, trainers
     tok = HFTok(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -51,7 +51,7 @@ def test_pull_reuses_the_cache(tmp_path, monkeypatch, smollm2_gguf):
     monkeypatch.setenv("POCKETLM_MODELS", str(tmp_path / "models"))
     calls = []
     real_import = __import__("pocketlm.convert.gguf", fromlist=["import_gguf"]).import_gguf
-    monkeypatch.setattr("pocketlm.convert.gguf.import_gguf", lambda *a, **k: calls.append(a) or real_import(*a, **k))
+    monkeypatch.setattr(hub, "import_gguf", lambda *a, **k: calls.append(a) or real_import(*a, **k))
     first = hub.pull("smollm2-135m-instruct")
     second = hub.pull("SmolLM2-135M-Instruct")
     assert first == second == tmp_path / "models" / "smollm2-135m-instruct"

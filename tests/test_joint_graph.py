@@ -10,8 +10,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
 from helpers import tiny_config
-from pocketlm import train_attention
-from pocketlm.adapt.instruct import IGNORE
+from pocketlm.kernels import train_attention
+from pocketlm.train.instruct import IGNORE
 from pocketlm.config import ModelConfig
 from pocketlm.model import LlamaForCausalLM
 from pocketlm.train.joint_graph import JointGradients

@@ -64,7 +64,8 @@ def test_stories260k_greedy_sample_with_transformers(stories):
 
 def test_stories260k_greedy_sample_with_pocketlm_engine(stories):
     from pocketlm.checkpoint import load_model
-    from pocketlm.engine import SamplingParams, generate
+    from pocketlm.engine import SamplingParams
+    from pocketlm.streaming import generate
 
     model, tokenizer = load_model(stories)
     result = generate(model, tokenizer, PROMPT, SamplingParams(max_new_tokens=40))

@@ -1,4 +1,4 @@
-"""The whole decode step in one kernel call (pocketlm/native_decode.py, csrc/decode_step.cpp) against
+"""The whole decode step in one kernel call (pocketlm/decode_step.py, csrc/decode_step.cpp) against
 the Python step it replaces: the same logits and cache contents, the same tokens in generation (one
 sequence, several of different lengths, behind a prefix adapter), and the models it must leave alone."""
 
@@ -8,12 +8,13 @@ import pytest
 import torch
 from helpers import tiny_model_dir
 
-from pocketlm import cpu_kernels, native_decode
+from pocketlm.kernels import cpu_ops, decode_step
 from pocketlm.checkpoint import load_model
 from pocketlm.engine import SamplingParams, compile_decoder, decode_fn, generate_batch, generate_tokens
-from pocketlm.quant import QuantScheme, quantize_dir
+from pocketlm.quant import QuantScheme
+from pocketlm.quantize import quantize_dir
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.load(), reason="needs an x86 CPU with AVX2 and a C++ compiler")
+pytestmark = pytest.mark.skipif(not cpu_ops.load(), reason="needs an x86 CPU with AVX2 and a C++ compiler")
 
 SCHEMES = {"int8": QuantScheme("int8"), "int4-g32": QuantScheme("int4", 32),
            "int4-g64-symmetric": QuantScheme("int4", 64, symmetric=True)}
@@ -22,7 +23,7 @@ SCHEMES = {"int8": QuantScheme("int8"), "int4-g32": QuantScheme("int4", 32),
 @pytest.fixture
 def kernels_on(monkeypatch):
     """The kernels serve the model whatever this CPU would pick (they run on any AVX2 CPU)."""
-    monkeypatch.setitem(cpu_kernels._loaded, "available", True)
+    monkeypatch.setitem(cpu_ops._loaded, "available", True)
 
 
 def quantized(tmp_path, scheme: str, **overrides):
@@ -101,17 +102,17 @@ def test_generation_behind_a_prefix_adapter(kernels_on, tmp_path):
 
 
 def test_models_it_does_not_serve_keep_the_python_step(tmp_path, monkeypatch):
-    monkeypatch.setitem(cpu_kernels._loaded, "available", True)
+    monkeypatch.setitem(cpu_ops._loaded, "available", True)
     fp32, _ = load_model(tiny_model_dir(tmp_path / "fp32"))
-    assert native_decode.step_weights(fp32) is None  # float weights
+    assert decode_step.step_weights(fp32) is None  # float weights
     model, _ = quantized(tmp_path / "q", "int4-g32")
     model.setup_cache(1, 64, dtype=torch.bfloat16)
     assert model._native_step is None  # a bf16 cache
     model.native_decoding = False
     model.setup_cache(1, 64)
     assert model._native_step is None  # switched off
-    monkeypatch.setitem(cpu_kernels._loaded, "available", False)
-    assert native_decode.step_weights(model) is None  # a CPU the kernels are not for
+    monkeypatch.setitem(cpu_ops._loaded, "available", False)
+    assert decode_step.step_weights(model) is None  # a CPU the kernels are not for
 
 
 def test_compiling_a_model_the_step_serves_compiles_nothing(kernels_on, tmp_path):

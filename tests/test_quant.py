@@ -11,16 +11,35 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
-
 from helpers import tiny_model_dir
-from pocketlm import cpu_kernels, quant
+
+from pocketlm import quant
 from pocketlm.checkpoint import load_model, save_model_dir
-from pocketlm.convert.gguf import export_gguf
-from pocketlm.engine import SamplingParams, compile_decoder, generate_batch, generate_tokens
+from pocketlm.convert.gguf_export import export_gguf
+from pocketlm.engine import (
+    SamplingParams,
+    compile_decoder,
+    generate_batch,
+    generate_tokens,
+)
 from pocketlm.errors import CheckpointError, ConfigError, PocketLMError
-from pocketlm.quant import (Int4Linear, Int8Embedding, Int8Linear, QuantScheme, dense_tensors, dequantize_int4,
-                            dequantize_int8, int4_words, pack_int4, quantize_dir, quantize_int4, quantize_int8,
-                            quantize_model, unpack_int4)
+from pocketlm.kernels import cpu_ops
+from pocketlm.quant import (
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    QuantScheme,
+    dense_tensors,
+    dequantize_int4,
+    dequantize_int8,
+    int4_words,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    quantize_model,
+    unpack_int4,
+)
+from pocketlm.quantize import quantize_dir
 from pocketlm.speculative import speculative_generate
 
 SCHEMES = [QuantScheme("int8"), QuantScheme("int4", 32), QuantScheme("int4", 64), QuantScheme("int4", 32, symmetric=True)]
@@ -107,9 +126,9 @@ def test_int4_words_layout():
 def test_compiled_single_row_products_are_exact(monkeypatch, layout, kind):
     """The compiled one-row products, in both code layouts whatever this CPU picks, against the
     dequantized weights in fp32 (inductor's loops: pocketlm's AVX2 kernels, tested in
-    test_cpu_kernels.py, are off here, as they are where they cannot be built)."""
+    test_cpu_ops.py, are off here, as they are where they cannot be built)."""
     monkeypatch.setattr(quant, "ROW_LAYOUT", layout)
-    monkeypatch.setitem(cpu_kernels._loaded, "available", False)
+    monkeypatch.setitem(cpu_ops._loaded, "available", False)
     torch.manual_seed(0)
     linear = torch.nn.Linear(128, 96, bias=kind.endswith("bias"))
     if kind == "int8":
@@ -305,7 +324,7 @@ def test_compiled_decoding_equals_eager_for_several_models_and_cache_lengths(tmp
     models = [load_model(quantize_dir(src[0], tmp_path / "int8", QuantScheme("int8")))[0],
               load_model(quantize_dir(src[1], tmp_path / "int4", QuantScheme("int4", 32)))[0],
               load_model(src[2])[0]]
-    for m in models:  # the compiled Python step, not the whole-step kernel (tests/test_native_decode.py)
+    for m in models:  # the compiled Python step, not the whole-step kernel (tests/test_decode_step.py)
         m.native_decoding = False
     _, tokenizer = load_model(src[0])
     ids = tokenizer.encode("the theory of")

@@ -19,10 +19,12 @@ from helpers import tiny_model_dir
 from serve_helpers import running_server, wait_for
 
 from pocketlm.checkpoint import load_model
-from pocketlm.engine import SamplingParams, chat_prompt, generate_tokens
+from pocketlm.engine import SamplingParams, generate_tokens
+from pocketlm.loading import open_model
 from pocketlm.serve.app import create_app
 from pocketlm.serve.config import load_serve_config
 from pocketlm.serve.scheduler import Finished, Job, Scheduler, TokenEvent
+from pocketlm.streaming import chat_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -384,7 +386,7 @@ def test_lora_adapter_variant_serves_the_adapted_model(tiny, tmp_path):
     adapter = save_adapter(model, tmp_path / "adapter", tiny)
     config = tmp_path / "serve.yaml"
     config.write_text(f"models:\n  - {{name: base, model: {tiny}}}\n  - {{name: tuned, model: {tiny}, adapter: {adapter}}}\n")
-    adapted, _ = load_model(adapter)
+    adapted, _ = open_model(adapter)
     ids = tokenizer.encode("the cat")
     expected = tokenizer.decode(list(generate_tokens(adapted, ids, SamplingParams(max_new_tokens=8, ignore_eos=True))))
     with running_server(serve([], tmp_path, config_file=config)) as url:

@@ -18,7 +18,8 @@ from helpers import tiny_model_dir
 from serve_helpers import running_server, wait_for
 
 from pocketlm.checkpoint import load_model
-from pocketlm.engine import SamplingParams, TextAssembler, chat_prompt, generate_tokens
+from pocketlm.engine import SamplingParams, generate_tokens
+from pocketlm.streaming import TextAssembler, chat_prompt
 from pocketlm.serve.app import create_app
 from pocketlm.serve.config import load_serve_config
 from pocketlm.serve.scheduler import Finished, Job, Scheduler, TokenEvent

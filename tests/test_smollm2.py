@@ -12,9 +12,11 @@ import torch
 from helpers import llama_cpp_agreement
 
 from pocketlm.checkpoint import load_config, load_model, read_provenance
-from pocketlm.convert.gguf import export_gguf, import_gguf
-from pocketlm.engine import SamplingParams, chat_prompt, generate_tokens
+from pocketlm.convert.gguf import import_gguf
+from pocketlm.convert.gguf_export import export_gguf
+from pocketlm.engine import SamplingParams, generate_tokens
 from pocketlm.llamacpp import open_llama
+from pocketlm.streaming import chat_prompt
 
 pytestmark = pytest.mark.slow
 

@@ -10,14 +10,16 @@ import sys
 import pytest
 from helpers import llama_cpp_agreement
 
-from pocketlm import cpu_kernels, native_decode
 from pocketlm.checkpoint import load_model
-from pocketlm.convert.gguf import export_gguf
-from pocketlm.engine import SamplingParams, chat_prompt, generate_tokens
+from pocketlm.convert.gguf_export import export_gguf
+from pocketlm.engine import SamplingParams, generate_tokens
 from pocketlm.evaluate.perplexity import perplexity
+from pocketlm.kernels import cpu_ops, decode_step
 from pocketlm.llamacpp import open_llama
-from pocketlm.quant import QuantScheme, quantize_dir
+from pocketlm.quant import QuantScheme
+from pocketlm.quantize import quantize_dir
 from pocketlm.speculative import speculative_generate
+from pocketlm.streaming import chat_prompt
 
 pytestmark = pytest.mark.slow
 
@@ -48,16 +50,16 @@ def test_wikitext_slice_perplexity_within_budget(fp32, quantized, shared_data):
     assert int4 / base - 1 <= 0.06
 
 
-@pytest.mark.skipif(not cpu_kernels.load(), reason="needs an x86 CPU with AVX2 and a C++ compiler")
+@pytest.mark.skipif(not cpu_ops.load(), reason="needs an x86 CPU with AVX2 and a C++ compiler")
 @pytest.mark.parametrize("kind", ["int4", "int8"])
 def test_the_whole_step_kernel_decodes_the_python_steps_tokens(quantized, kind, monkeypatch):
-    """pocketlm.native_decode on the real model: the same greedy answer as the layer-by-layer step."""
-    monkeypatch.setitem(cpu_kernels._loaded, "available", True)  # it runs on any AVX2 CPU
+    """pocketlm.kernels.decode_step on the real model: the same greedy answer as the layer-by-layer step."""
+    monkeypatch.setitem(cpu_ops._loaded, "available", True)  # it runs on any AVX2 CPU
     model, tokenizer = load_model(quantized[kind])
     ids = chat_prompt(tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
     native = list(generate_tokens(model, ids, params))
-    assert native_decode.serves(model)
+    assert decode_step.serves(model)
     model.native_decoding = False
     assert native == list(generate_tokens(model, ids, params))
     assert "Paris" in tokenizer.decode(native)
@@ -102,6 +104,6 @@ def test_bench_command_against_llama_cpp(quantized, tmp_path):
     assert "pocketlm / llama.cpp: decode" in result.stdout
     results = json.loads((tmp_path / "bench.json").read_text())["results"]
     assert results[1]["name"] == "llama.cpp" and results[1]["weights"] == "GGUF Q8_0"
-    fastest = "native step" if cpu_kernels.wanted() and cpu_kernels.load() else "compiled"  # see native_decode
+    fastest = "native step" if cpu_ops.wanted() and cpu_ops.load() else "compiled"  # see kernels/decode_step.py
     assert results[0]["weights"] == f"int8 per-channel {fastest}"
     assert all(r["decode_tokens_per_s"] > 1 for r in results)

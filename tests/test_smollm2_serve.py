@@ -13,7 +13,8 @@ from serve_helpers import running_server
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.eval_vs_lm_eval import max_ll_difference, run_lm_eval, run_pocketlm, write_local_tasks  # noqa: E402
 from pocketlm.checkpoint import load_model  # noqa: E402
-from pocketlm.engine import SamplingParams, chat_prompt, generate_tokens  # noqa: E402
+from pocketlm.engine import SamplingParams, generate_tokens
+from pocketlm.streaming import chat_prompt  # noqa: E402
 from pocketlm.serve.app import create_app  # noqa: E402
 from pocketlm.serve.config import load_serve_config  # noqa: E402
 

@@ -115,7 +115,8 @@ def reference_run(prepared, tmp_path_factory):
 
 def test_run_writes_model_logs_and_plot(reference_run):
     from pocketlm.checkpoint import load_model, read_provenance
-    from pocketlm.engine import SamplingParams, generate
+    from pocketlm.engine import SamplingParams
+    from pocketlm.streaming import generate
 
     run_dir, final = reference_run
     steps = losses(run_dir)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pocketlm import train_attention
+from pocketlm.kernels import train_attention
 from pocketlm.checkpoint import load_model
 from pocketlm.model import apply_rope, rope_tables
 
@@ -173,7 +173,7 @@ def test_autograd_is_registered_in_cpp():
 
 
 def test_switched_off_by_environment():
-    code = "from pocketlm import train_attention; print(train_attention.available())"
+    code = "from pocketlm.kernels import train_attention; print(train_attention.available())"
     env = {**os.environ, "POCKETLM_CPU_KERNELS": "0"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"

@@ -22,8 +22,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..checkpoint import load_model
 from ..errors import CheckpointError, ConfigError
 from ..fsio import replace_dir
+from ..hub import resolve_model
+from ..model import LlamaForCausalLM
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -205,9 +208,6 @@ def load_adapted(adapter_dir: str | Path, dtype: torch.dtype | None = None, devi
     """(model, tokenizer) for an adapter directory: its base model (or `base`, a model directory or name)
     with the adapter on it, merged into the weights for speed when it is LoRA (`merge=False` keeps
     peft's layers)."""
-    from ..checkpoint import load_model
-    from ..hub import resolve_model
-
     config = read_adapter_config(adapter_dir)
     base = base or config.base_model_name_or_path
     if not base:
@@ -224,12 +224,10 @@ def load_adapted(adapter_dir: str | Path, dtype: torch.dtype | None = None, devi
 
 
 def _rebuilt(model, weights: dict[str, torch.Tensor]):
-    from ..model import LlamaForCausalLM
-
     plain = LlamaForCausalLM(model.config)
     plain.load_state_dict(weights, strict=not model.config.tie_word_embeddings)
     if model.config.tie_word_embeddings:
-        plain.lm_head.weight = plain.model.embed_tokens.weight
+        plain.tie_head()
     return plain.to(model.device).eval()
 
 

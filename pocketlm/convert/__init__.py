@@ -9,6 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import PocketLMError
+from .gguf import import_gguf
+from .gguf_export import export_gguf
+from .hf import import_hf
+from .llama2c import export_llama2c, import_llama2c
 
 EXPORT_FORMATS = ("gguf", "llama2c")
 
@@ -34,27 +38,18 @@ def detect_format(src: str | Path) -> str:
 def import_model(src: str | Path, out: str | Path, tokenizer: str | Path | None = None) -> Path:
     kind = detect_format(src)
     if kind == "hf":
-        from .hf import import_hf
-
         return import_hf(src, out)
     if kind == "gguf":
-        from .gguf import import_gguf
-
         return import_gguf(src, out)
     if tokenizer is None:
         raise PocketLMError(f"{src}: a llama2.c checkpoint carries no tokenizer; pass its SentencePiece model with --tokenizer PATH")
-    from .llama2c import import_llama2c
 
     return import_llama2c(src, out, tokenizer)
 
 
 def export_model(model_dir: str | Path, out: str | Path, fmt: str, outtype: str = "auto") -> Path:
     if fmt == "gguf":
-        from .gguf import export_gguf
-
         return Path(export_gguf(model_dir, out, outtype=outtype))
     if fmt == "llama2c":
-        from .llama2c import export_llama2c
-
         return Path(export_llama2c(model_dir, out))
     raise PocketLMError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")

@@ -2,7 +2,8 @@
 
     tokenizer_from_gguf(path)           the Hugging Face tokenizer that llama.cpp's vocabulary describes
     import_gguf(src, out)               a GGUF llama model -> model directory (weights dequantized)
-    export_gguf(model_dir, out_path)    a model directory -> GGUF (f32, f16, q8_0, q4_0)
+
+Export is in gguf_export.py.
 
 The tokenizer is rebuilt so that it gives the token ids llama.cpp gives (checked against llama.cpp's own
 tests in gguf_vocab/). Weights are read with `gguf.GGUFReader` and dequantized with `gguf.quants`;
@@ -11,8 +12,6 @@ llama.cpp's row permutation of the query and key projections is undone on import
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -20,15 +19,23 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType, TokenType
-from gguf.quants import dequantize, quantize
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+from gguf import GGUFReader, LlamaFileType, TokenType
+from gguf.quants import dequantize
+from tokenizers import (
+    AddedToken,
+    Regex,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 from tokenizers import Tokenizer as BackendTokenizer
 
-from ..checkpoint import WEIGHTS, load_config, load_tensors, save_model_dir
-from ..fsio import file_sha256
+from ..checkpoint import save_model_dir
 from ..config import ModelConfig
 from ..errors import CheckpointError, UnsupportedModelError
+from ..fsio import file_sha256
 from ..tokenizer import Tokenizer
 
 GGUF_MAGIC = b"GGUF"
@@ -103,7 +110,7 @@ _QWEN2_SPLIT = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r
 
 # canonical name -> (aliases llama.cpp treats the same way, split regexes, whether merges are ignored
 # for words already in the vocabulary). "gpt-2" and "smollm" use tokenizers' own GPT-2 regex.
-_BPE_PRE = {
+BPE_PRE = {
     "gpt-2": (("gpt-2", "phi-2", "mpt", "olmo", "jais", "trillion"), None, False),
     "smollm": (("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"), None, False),
     "llama-bpe": (("llama-bpe", "llama3", "llama-v3", "falcon3", "pixtral", "dbrx", "smaug-bpe"), [_LLAMA3_SPLIT], True),
@@ -115,21 +122,21 @@ _BPE_PRE = {
 
 def _canonical_pre(pre: str | None, path: str) -> str:
     pre = pre or "default"  # llama.cpp's choice when the key is missing
-    for name, (aliases, _, _) in _BPE_PRE.items():
+    for name, (aliases, _, _) in BPE_PRE.items():
         if pre in aliases:
             return name
     raise UnsupportedModelError(f"{path}: byte-level BPE pre-tokenizer '{pre}' is not supported; "
-                                f"pocketlm knows {', '.join(a for v in _BPE_PRE.values() for a in v[0])}")
+                                f"pocketlm knows {', '.join(a for v in BPE_PRE.values() for a in v[0])}")
 
 
-def _byte_level_pre_tokenizer(name: str) -> pre_tokenizers.PreTokenizer:
+def byte_level_pre_tokenizer(name: str) -> pre_tokenizers.PreTokenizer:
     """The pre-tokenizer that splits text as llama.cpp does for pre-tokenizer type `name` (canonical)."""
     if name == "gpt-2":
         return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if name == "smollm":  # single digits, then GPT-2's regex: exactly SmolLM2's own tokenizer.json
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in _BPE_PRE[name][1]]
+    splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in BPE_PRE[name][1]]
     return pre_tokenizers.Sequence(splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
@@ -141,8 +148,8 @@ def _byte_level_backend(meta: dict[str, Any], path: str) -> BackendTokenizer:
     merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
     pre = _canonical_pre(meta.get("tokenizer.ggml.pre"), path)
     vocab = _vocab_dict(tokens)
-    backend = BackendTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=_BPE_PRE[pre][2]))
-    backend.pre_tokenizer = _byte_level_pre_tokenizer(pre)
+    backend = BackendTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=BPE_PRE[pre][2]))
+    backend.pre_tokenizer = byte_level_pre_tokenizer(pre)
     backend.decoder = decoders.ByteLevel()
     return backend
 
@@ -400,254 +407,3 @@ def import_gguf(src: str | Path, out: str | Path, dtype: torch.dtype = torch.flo
                   "pad_token_id": config.pad_token_id}
     return save_model_dir(out, config, tensors, tokenizer, provenance=provenance,
                           generation_config={k: v for k, v in generation.items() if v is not None})
-
-
-# =============================================================================================
-# export: model directory -> GGUF
-# =============================================================================================
-OUTTYPES = {
-    "f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
-    "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
-    "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
-    "q4_0": (GGMLQuantizationType.Q4_0, LlamaFileType.MOSTLY_Q4_0),
-}
-_BLOCK = 32  # elements per block of Q8_0 / Q4_0: a row must be a whole number of blocks
-
-
-def tensor_type_for(name: str, shape: tuple[int, ...], outtype: str, tied: bool = False) -> GGMLQuantizationType:
-    """llama.cpp's choices: 1-D tensors (norms, biases) stay F32; rows that are not whole blocks fall back
-    to F16; at q4_0 the output projection (token_embd when tied) stays Q8_0, as llama-quantize keeps it
-    at higher precision (it picks Q6_K, or Q8_0 where rows are not whole 256-blocks)."""
-    qtype = OUTTYPES[outtype][0]
-    if len(shape) < 2:
-        return GGMLQuantizationType.F32
-    if qtype == GGMLQuantizationType.Q4_0 and (name == "output.weight" or (tied and name == "token_embd.weight")):
-        qtype = GGMLQuantizationType.Q8_0
-    if qtype in (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0) and shape[-1] % _BLOCK:
-        return GGMLQuantizationType.F16
-    return qtype
-
-
-def encode_tensor(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """The bytes (or float array) GGUFWriter stores for `values` as `qtype`."""
-    values = np.ascontiguousarray(values, dtype=np.float32)
-    if qtype == GGMLQuantizationType.F32:
-        return values
-    if qtype == GGMLQuantizationType.F16:
-        return values.astype(np.float16)
-    return quantize(values, qtype)
-
-
-def export_tensors(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, np.ndarray]]:
-    """(GGUF name, float32 array in llama.cpp layout) from (Hugging Face name, tensor) pairs.
-
-    Any source of dense tensors works (a safetensors file, a quantized model dequantized layer by layer)."""
-    for name, w in tensors:
-        if config.tie_word_embeddings and name == "lm_head.weight":
-            continue  # llama.cpp reuses token_embd when output.weight is absent
-        w = w.detach().to(torch.float32).cpu()
-        if ".q_proj." in name:
-            w = permute_qk(w, config.num_attention_heads)
-        elif ".k_proj." in name:
-            w = permute_qk(w, config.num_key_value_heads)
-        yield gguf_name(name), w.numpy()
-
-
-def _write_llama_metadata(writer: GGUFWriter, config: ModelConfig, name: str, file_type: LlamaFileType) -> None:
-    writer.add_name(name)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(config.rope_theta)
-    writer.add_rope_dimension_count(config.head_dim)
-    if config.head_dim != config.hidden_size // config.num_attention_heads:
-        writer.add_key_length(config.head_dim)
-        writer.add_value_length(config.head_dim)
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(file_type)
-    if file_type not in (LlamaFileType.ALL_F32, LlamaFileType.MOSTLY_F16):
-        writer.add_quantization_version(2)
-
-
-def _strip_keys(obj: Any, keys: tuple[str, ...] = ("trim_offsets",)) -> Any:
-    if isinstance(obj, dict):
-        return {k: _strip_keys(v, keys) for k, v in obj.items() if k not in keys}
-    if isinstance(obj, list):
-        return [_strip_keys(v, keys) for v in obj]
-    return obj
-
-
-def _pre_tokenizer_json(pre: Any) -> Any:
-    probe = BackendTokenizer(models.BPE())
-    probe.pre_tokenizer = pre
-    return _strip_keys(json.loads(probe.to_str())["pre_tokenizer"])
-
-
-def _gguf_pre_name(pre_json: Any) -> str:
-    """llama.cpp's `tokenizer.ggml.pre` name for a byte-level tokenizer.json pre-tokenizer."""
-    pre_json = _strip_keys(pre_json)
-    for name in _BPE_PRE:
-        if _pre_tokenizer_json(_byte_level_pre_tokenizer(name)) == pre_json:
-            return name
-    raise UnsupportedModelError(f"the tokenizer's pre-tokenizer {json.dumps(pre_json)[:200]} has no llama.cpp "
-                                f"equivalent; llama.cpp knows {', '.join(_BPE_PRE)}")
-
-
-def _merge_pairs(merges: list) -> list[tuple[str, str]]:
-    return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in merges]
-
-
-def _adds(tokenizer: Tokenizer) -> tuple[bool, bool]:
-    """Whether encoding adds BOS / EOS (read off the post-processor by encoding a probe)."""
-    plain = tokenizer.encode("a", add_special_tokens=False)
-    full = tokenizer.encode("a", add_special_tokens=True)
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    extra = len(full) - len(plain)
-    add_bos = extra > 0 and bos is not None and full[0] == bos and (not plain or plain[0] != bos)
-    add_eos = extra > 0 and eos is not None and full[-1] == eos and (not plain or plain[-1] != eos)
-    return add_bos, add_eos
-
-
-def _write_tokenizer(writer: GGUFWriter, tokenizer: Tokenizer, vocab_size: int) -> None:
-    """tokenizer.ggml.* metadata: gpt2 (byte-level BPE) or llama (SentencePiece-style BPE)."""
-    data = json.loads(tokenizer.backend.to_str())
-    model = data["model"]
-    if model.get("type") != "BPE":
-        raise UnsupportedModelError(f"tokenizer model {model.get('type')} cannot be written to GGUF; "
-                                    "pocketlm exports BPE tokenizers (byte-level or SentencePiece-style)")
-    id_to_token: dict[int, str] = {i: t for t, i in model["vocab"].items()}
-    special = {a["id"] for a in data.get("added_tokens", []) if a["special"]}
-    for a in data.get("added_tokens", []):
-        id_to_token[a["id"]] = a["content"]
-    n = max(vocab_size, max(id_to_token) + 1)
-    tokens = [id_to_token.get(i, f"[PAD{i}]") for i in range(n)]  # llama.cpp's name for unused slots
-    added = {a["id"] for a in data.get("added_tokens", [])}
-    merges = _merge_pairs(model.get("merges", []))
-    byte_level = "ByteLevel" in json.dumps(data.get("pre_tokenizer")) or "ByteLevel" in json.dumps(data.get("decoder"))
-
-    def token_type(i: int, text: str) -> int:
-        if i not in id_to_token:
-            return TokenType.UNUSED
-        if i in special:
-            return TokenType.UNKNOWN if text == tokenizer.unk_token else TokenType.CONTROL
-        if i in added:
-            return TokenType.USER_DEFINED
-        if not byte_level and re.fullmatch(r"<0x[0-9A-F]{2}>", text):
-            return TokenType.BYTE
-        return TokenType.NORMAL
-
-    types = [token_type(i, t) for i, t in enumerate(tokens)]
-    if byte_level:
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(_gguf_pre_name(data.get("pre_tokenizer")))
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-        writer.add_token_merges([f"{a} {b}" for a, b in merges])
-    elif model.get("byte_fallback") or SPIECE_SPACE in json.dumps(data.get("normalizer")) + json.dumps(data.get("pre_tokenizer")):
-        writer.add_tokenizer_model("llama")
-        writer.add_tokenizer_pre("default")
-        writer.add_token_list(tokens)
-        writer.add_token_scores(_spm_scores(tokens, merges))
-        writer.add_token_types(types)
-        writer.add_add_space_prefix("Prepend" in json.dumps(data.get("normalizer"))
-                                    or '"prepend_scheme": "always"' in json.dumps(data.get("pre_tokenizer")))
-    else:
-        raise UnsupportedModelError("the tokenizer is neither byte-level BPE nor SentencePiece-style BPE; "
-                                    "it cannot be written to GGUF")
-    for key, add in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
-                     ("unk_token", writer.add_unk_token_id), ("pad_token", writer.add_pad_token_id)):
-        token_id = tokenizer.token_id(getattr(tokenizer, key))
-        if token_id is not None:
-            add(token_id)
-    add_bos, add_eos = _adds(tokenizer)
-    writer.add_add_bos_token(add_bos)
-    writer.add_add_eos_token(add_eos)
-    if tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
-
-
-def _spm_scores(tokens: list[str], merges: list[tuple[str, str]]) -> list[float]:
-    """Scores that make llama.cpp merge in the order of `merges`: a token made by merge r scores -r.
-    Tokens no merge makes (characters, bytes, specials) are never the result of a merge; they score
-    lowest so llama.cpp never prefers them."""
-    first: dict[str, int] = {}
-    for rank, (a, b) in enumerate(merges):
-        first.setdefault(a + b, rank)
-    floor = -float(len(merges) + 1)
-    return [-float(first[t]) if t in first else floor for t in tokens]
-
-
-def write_gguf(out_path: str | Path, config: ModelConfig, tokenizer: Tokenizer,
-               tensors: Iterable[tuple[str, torch.Tensor]], outtype: str = "f16", name: str = "pocketlm") -> Path:
-    """Write a llama GGUF file from a config, a tokenizer and (HF name, float tensor) pairs; atomically."""
-    if outtype not in OUTTYPES:
-        raise UnsupportedModelError(f"outtype '{outtype}' is not supported; choose one of {', '.join(OUTTYPES)} or auto")
-
-    def encoded():
-        for gname, values in export_tensors(config, tensors):
-            qtype = tensor_type_for(gname, values.shape, outtype, config.tie_word_embeddings)
-            yield gname, encode_tensor(values, qtype), qtype
-
-    return write_gguf_arrays(out_path, config, tokenizer, encoded(), OUTTYPES[outtype][1], name)
-
-
-def write_gguf_arrays(out_path: str | Path, config: ModelConfig, tokenizer: Tokenizer,
-                      arrays: Iterable[tuple[str, np.ndarray, GGMLQuantizationType]], file_type: LlamaFileType,
-                      name: str = "pocketlm") -> Path:
-    """Write a llama GGUF file from (GGUF name, stored array, GGML type) triples, atomically."""
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    writer = GGUFWriter(tmp, "llama")
-    try:
-        _write_llama_metadata(writer, config, name, file_type)
-        _write_tokenizer(writer, tokenizer, config.vocab_size)
-        for gname, values, qtype in arrays:
-            writer.add_tensor(gname, values, raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    return out_path
-
-
-def export_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "auto") -> Path:
-    """Convert a model directory to a GGUF file llama.cpp runs.
-
-    outtype: f32, f16, q8_0, q4_0, or auto. A quantized model (pocketlm quantize) exports exactly as its
-    own type with auto (int8 -> Q8_0, int4 -> Q4_1, symmetric int4 -> Q4_0); a float model as F16.
-    """
-    from ..checkpoint import read_quant_scheme
-
-    model_dir = Path(model_dir)
-    config = load_config(model_dir)
-    scheme = read_quant_scheme(model_dir)
-    tokenizer = Tokenizer.load(model_dir)
-    if scheme is not None:
-        from . import gguf_quantized
-
-        native = gguf_quantized.outtype_name(scheme)
-        if outtype in ("auto", native):
-            return gguf_quantized.export_quantized_gguf(model_dir, out_path)
-        if outtype not in ("f32", "f16"):
-            raise UnsupportedModelError(f"{model_dir} is {scheme.describe()}; it exports as {native} (--outtype auto) "
-                                        "or dequantized as f16/f32; quantize its float parent for other types")
-        from ..checkpoint import load_model
-        from ..quant import dense_tensors
-
-        model, _ = load_model(model_dir)
-        return write_gguf(out_path, config, tokenizer, dense_tensors(model), outtype, name=model_dir.name)
-    tensors = load_tensors(model_dir / WEIGHTS, config)
-    return write_gguf(out_path, config, tokenizer, tensors.items(), "f16" if outtype == "auto" else outtype,
-                      name=model_dir.name)

@@ -10,6 +10,7 @@ import torch
 from ..checkpoint import load_config, load_tensors, save_model_dir
 from ..errors import CheckpointError
 from ..tokenizer import Tokenizer
+from .llama2c import tokenizer_from_sentencepiece
 
 
 def import_hf(src: str | Path, out: str | Path, dtype: torch.dtype | None = torch.float32) -> Path:
@@ -52,8 +53,6 @@ def _read_tokenizer(src: Path) -> Tokenizer:
     if (src / "tokenizer.json").is_file():
         return Tokenizer.load(src)
     if (src / "tokenizer.model").is_file():
-        from .llama2c import tokenizer_from_sentencepiece
-
         tokenizer = tokenizer_from_sentencepiece(src / "tokenizer.model")
         if (src / "tokenizer_config.json").is_file():
             template = json.loads((src / "tokenizer_config.json").read_text()).get("chat_template")

@@ -30,9 +30,9 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, process
 from tokenizers import Tokenizer as BackendTokenizer
 
 from ..checkpoint import WEIGHTS, load_config, load_tensors, save_model_dir
-from ..fsio import atomic_write, file_sha256
 from ..config import ModelConfig
 from ..errors import CheckpointError, UnsupportedModelError
+from ..fsio import atomic_write, file_sha256
 from ..tokenizer import Tokenizer
 
 HEADER = struct.Struct("<7i")
@@ -340,8 +340,8 @@ def tokenizer_from_sentencepiece(model_path: str | Path) -> Tokenizer:
 
 
 def _read_sentencepiece(path: Path):
-    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
     from google.protobuf.message import DecodeError
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file; give the SentencePiece tokenizer .model the checkpoint uses")

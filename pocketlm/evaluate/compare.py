@@ -16,8 +16,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..bench import bench_pocketlm
+from ..engine import SamplingParams
 from ..errors import ConfigError, PocketLMError
+from ..hub import resolve_model
+from ..loading import open_model
+from ..streaming import generate
+from .loaders import resolve_tasks
 from .report import PERCENT
+from .runner import evaluate
 
 DEFAULT_PROMPTS = ["The capital of France is", "Once upon a time, there was a little robot who"]
 
@@ -25,13 +32,8 @@ DEFAULT_PROMPTS = ["The capital of France is", "Once upon a time, there was a li
 def measure_one(model_dir: Path, tasks: list[str], limit: int | None, prompts: list[str], new_tokens: int,
                 compile: bool) -> dict:
     """Everything compare reports about one model (run in a fresh process by `compare`)."""
-    from ..bench import bench_pocketlm
-    from ..checkpoint import load_model
-    from ..engine import SamplingParams, generate
-    from .runner import evaluate
-
     speed = bench_pocketlm(model_dir, new_tokens=64, prompt_tokens=64, batches=(), repeats=2, compile=compile)
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = open_model(model_dir)
     document = evaluate(model, tokenizer, tasks, limit=limit, model_dir=model_dir)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
     generations = [generate(model, tokenizer, prompt, params).text for prompt in prompts]
@@ -144,9 +146,6 @@ def compare(models: list[str], tasks: list[str], out_dir: Path, limit: int | Non
             prompts: list[str] | None = None, new_tokens: int = 32, compile: bool = False,
             leaderboard: Path | None = None, progress=None) -> Path:
     """Measure each model in its own process and write report.md, the plots and the leaderboard."""
-    from ..hub import resolve_model
-    from .loaders import resolve_tasks
-
     if len(models) < 2:
         raise ConfigError("compare needs at least two models")
     resolve_tasks(tasks)  # a bad task name fails now, not after the first model

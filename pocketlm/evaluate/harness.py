@@ -24,8 +24,9 @@ except ImportError as exc:
     raise ImportError("the lm-eval adapter needs lm-evaluation-harness: pip install 'pocketlm[eval]' "
                       "(or lm_eval==0.4.13)") from exc
 
-from ..checkpoint import load_model
-from ..hub import resolve_model
+from ..engine import SamplingParams
+from ..loading import open_model
+from ..streaming import generate
 from .scoring import encode_pair, loglikelihoods, prefix_token_id, rolling_nll
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": None}
@@ -39,7 +40,7 @@ class PocketLMHarness(LM):
         super().__init__()
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        self.model, self.tokenizer = load_model(resolve_model(str(path)), dtype=DTYPES[dtype], device=device or "cpu")
+        self.model, self.tokenizer = open_model(path, dtype=DTYPES[dtype], device=device or "cpu")
         self.batch_tokens = int(batch_tokens)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -57,8 +58,6 @@ class PocketLMHarness(LM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from ..engine import SamplingParams, generate
-
         out = []
         for request in requests:
             context, kwargs = request.args

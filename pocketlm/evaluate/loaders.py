@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import csv
 import difflib
-import json
 import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import ConfigError
+from .records import read_records
+from .taskfile import load_task_file
 from .tasks import GENERATE, MULTIPLE_CHOICE, PERPLEXITY, Example, Task
 
 ENV_DATA = "POCKETLM_SHARED_DATA"
@@ -41,27 +42,6 @@ def _existing(path: Path, task: str) -> Path:
     if not path.exists():
         raise ConfigError(f"task {task}: data not found at {path}; pass {task}=PATH or set ${ENV_DATA}")
     return path
-
-
-def read_records(path: Path) -> list[dict]:
-    """Records from a .json list or a .jsonl file, with the line of any malformed record named."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    else:
-        records = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{path}:{number}: not a JSON record ({e.msg})") from None
-    if not records or not all(isinstance(r, dict) for r in records):
-        raise ConfigError(f"{path}: expected a list of JSON objects, one per example")
-    return records
 
 
 def _field(record: dict, key: str, path: Path, index: int):
@@ -313,8 +293,6 @@ def resolve_tasks(specs: list[str]) -> list[Task]:
         name, _, path = spec.partition("=")
         name = name.strip()
         if name.endswith((".yaml", ".yml")) and not path:
-            from .taskfile import load_task_file
-
             tasks.append(load_task_file(Path(name)))
         elif name in BUILTIN:
             tasks.extend(BUILTIN[name][0](Path(path) if path else None))

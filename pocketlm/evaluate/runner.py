@@ -9,7 +9,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .. import __version__
+from ..checkpoint import read_provenance
+from ..engine import SamplingParams
 from ..errors import ConfigError
+from ..loading import open_model
+from ..model import expected_shapes
+from ..streaming import generate
 from .loaders import resolve_tasks
 from .perplexity import perplexity
 from .scoring import encode_pair, loglikelihoods
@@ -68,8 +73,6 @@ def run_multiple_choice(model, tokenizer, task: Task, examples: list[Example], n
 
 def run_generation(model, tokenizer, task: Task, examples: list[Example], num_fewshot: int,
                    progress: TaskProgress | None) -> tuple[dict, list[dict]]:
-    from ..engine import SamplingParams, generate
-
     params = SamplingParams(max_new_tokens=task.max_new_tokens, temperature=0.0, stop=task.until)
     context = model.context_length
     strict, flexible, samples = [], [], []
@@ -152,8 +155,6 @@ def model_facts(model, model_dir: Path | None) -> dict:
     """What identifies the evaluated model: its directory, size and provenance."""
     import math
 
-    from ..checkpoint import expected_shapes, read_provenance
-
     # counted from the shapes, so a quantized model (int8 buffers, not parameters) counts the same
     facts: dict = {"parameters": sum(math.prod(s) for s in expected_shapes(model.config).values()),
                    "quantization": asdict(model.quant_scheme) if getattr(model, "quant_scheme", None) else None}
@@ -197,13 +198,11 @@ def evaluate_dir(model_dir: str | Path, tasks: list[str], dtype: str | None = No
     slightly different scores) and evaluate it (see `evaluate`)."""
     import torch
 
-    from ..checkpoint import load_model
-
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if isinstance(tasks, list) and tasks and isinstance(tasks[0], str):
         tasks = resolve_tasks(tasks)  # task errors before the model loads
-    model, tokenizer = load_model(model_dir, dtype=getattr(torch, dtype) if dtype else None)
+    model, tokenizer = open_model(model_dir, dtype=getattr(torch, dtype) if dtype else None)
     document = evaluate(model, tokenizer, tasks, model_dir=Path(model_dir), **kwargs)
     document["settings"]["dtype"] = str(model.compute_dtype).removeprefix("torch.")
     return document

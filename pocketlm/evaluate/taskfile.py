@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ConfigError
 from ..validation import validation_message
-from .loaders import read_records
+from .records import read_records
 from .tasks import GENERATE, MULTIPLE_CHOICE, PERPLEXITY, Example, Task
 
 

@@ -8,70 +8,54 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine import SamplingParams, chat_prompt, eos_ids
+from ..engine import SamplingParams, eos_ids
 from ..errors import PocketLMError
+from ..streaming import chat_prompt
 from .config import ServeConfig
-from .generation import Run, chat_logprobs, completion_logprobs, sse, stream_end, until_done
-from .metrics import ServerMetrics
-from .protocol import (CHAT_STREAM, COMPLETION_STREAM, APIError, ChatCompletion, ChatRequest, Completion,
-                       CompletionRequest, FeedbackRequest, FeedbackResponse, Health, ModelList, documented)
-from .store import RequestLog, RequestRecord
-from .variants import Variant, assign, load_variant
+from .generation import (
+    Run,
+    chat_logprobs,
+    completion_logprobs,
+    sse,
+    stream_end,
+    until_done,
+)
+from .protocol import (
+    CHAT_STREAM,
+    COMPLETION_STREAM,
+    APIError,
+    ChatCompletion,
+    ChatRequest,
+    Completion,
+    CompletionRequest,
+    FeedbackRequest,
+    FeedbackResponse,
+    Health,
+    ModelList,
+    documented,
+)
+from .report import ab_report
+from .server import Server
+from .variants import Variant, load_variant
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("pocketlm.serve")
-
-
-class Server:
-    """What the routes share: the variants, the request log, the metrics and the limits."""
-
-    def __init__(self, config: ServeConfig, variants: list[Variant]):
-        self.config = config
-        self.variants = {v.name: v for v in variants}
-        self.experiment = config.experiment.name if config.experiment else None
-        self.arms = [v for v in variants if v.experiment is not None]
-        self.log = RequestLog(config.database)
-        self.metrics = ServerMetrics(self.variants)
-        self.keys = config.keys()
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pocketlm-log")  # one SQLite writer
-
-    def route(self, model: str, user: str | None) -> Variant:
-        if model in self.variants:
-            return self.variants[model]
-        if model == self.experiment:
-            return assign(self.experiment, self.arms, user)
-        names = list(self.variants) + ([self.experiment] if self.experiment else [])
-        raise APIError(404, f"the model {model!r} does not exist on this server; it serves: {', '.join(names)}",
-                       param="model", code="model_not_found")
-
-    def max_tokens(self, wanted: int | None, default: int) -> int:
-        if wanted is None:  # the server's default, within its own cap
-            return min(default, self.config.max_tokens_cap)
-        if wanted > self.config.max_tokens_cap:
-            raise APIError(400, f"max_tokens is {wanted} but this server allows at most {self.config.max_tokens_cap}",
-                           param="max_tokens")
-        return wanted
-
-    def record(self, record: RequestRecord) -> None:
-        if not self.config.log_prompts:
-            record.prompt_text = record.completion_text = None
-        self._writer.submit(self.log.add_request, record)
-
-    def close(self) -> None:
-        for variant in self.variants.values():
-            variant.scheduler.close()
-        self._writer.shutdown(wait=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,8 +261,6 @@ def create_app(config: ServeConfig, variants: list[Variant] | None = None) -> Fa
 
     @app.get("/api/stats", responses=documented())
     async def stats():
-        from .report import ab_report
-
         loop = asyncio.get_running_loop()
         try:
             report = await loop.run_in_executor(server._writer, ab_report, server.log)

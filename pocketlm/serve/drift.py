@@ -284,7 +284,7 @@ def drift_report(log_or_url, tokenizer=None, model=None, *, reference: tuple[flo
         notes.append("token and perplexity figures need the served model's tokenizer (and the model for perplexity)")
     else:
         if tokenizer is None:
-            raise ConfigError("a model was given without its tokenizer; pass both, as load_model returns them")
+            raise ConfigError("a model was given without its tokenizer; pass both, as open_model returns them")
         tokens = token_figures(ref_texts, rec_texts, tokenizer, epsilon)
         if model is not None:
             perplexity = perplexity_figures(model, tokenizer, ref_texts, rec_texts, max_prompts)

@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING
 
 from fastapi import Request
 
-from ..engine import StopStringFilter, TextAssembler
 from ..errors import ContextLengthError, PocketLMError
+from ..streaming import StopStringFilter, TextAssembler
 from .protocol import APIError, error_body
 from .scheduler import Finished, Job, PromptLogprobs, QueueFullError, TokenEvent
 from .store import RequestRecord
 from .variants import Variant
 
 if TYPE_CHECKING:
-    from .app import Server
+    from .server import Server
 
 log = logging.getLogger("pocketlm.serve")
 

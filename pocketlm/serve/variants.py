@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..loading import open_model
 from ..tokenizer import Tokenizer
 from .config import ServeConfig, VariantSpec
 from .scheduler import Scheduler
@@ -30,16 +31,7 @@ class Variant:
 
 
 def load_variant(spec: VariantSpec, config: ServeConfig, experiment: str | None = None) -> Variant:
-    from ..checkpoint import load_model
-    from ..hub import resolve_model
-
-    dtype = getattr(torch, config.dtype)
-    if spec.adapter:
-        from ..adapt.adapters import load_adapted
-
-        model, tokenizer = load_adapted(spec.adapter, base=str(resolve_model(spec.model)), dtype=dtype)
-    else:
-        model, tokenizer = load_model(resolve_model(spec.model), dtype=dtype)
+    model, tokenizer = open_model(spec.model, dtype=getattr(torch, config.dtype), adapter=spec.adapter)
     model.eval()
     scheduler = Scheduler(model, max_batch=config.max_batch, max_context=config.max_context,
                           queue_size=config.queue_size, prefill_chunk=config.prefill_chunk, name=spec.name)

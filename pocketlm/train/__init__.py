@@ -1,13 +1,8 @@
-"""Training: one loop (loop.py), typed recipes (recipe.py), checkpoints for exact resume (state.py)."""
+"""Training: one loop (loop.py), typed recipes (recipe.py), checkpoints for exact resume (state.py), and the
+objectives beyond language modelling: distillation (distill.py), preferences (preference.py) and
+instruction data (instruct.py)."""
 
+from .loop import train
 from .recipe import Recipe, load_recipe
-
-
-def train(recipe: Recipe, progress: bool | None = None, on_step=None):
-    """Run a recipe; see `pocketlm.train.loop.train`."""
-    from .loop import train as _train
-
-    return _train(recipe, progress=progress, on_step=on_step)
-
 
 __all__ = ["Recipe", "load_recipe", "train"]

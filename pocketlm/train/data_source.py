@@ -10,9 +10,11 @@ from typing import Callable
 
 import numpy as np
 
-from ..fsio import atomic_write, file_sha256
+from ..data import load_shards, prepare, resolve_inputs
 from ..errors import ConfigError
+from ..fsio import atomic_write, file_sha256
 from .batches import Rows, Windows
+from .instruct import RowsReport, preference_rows, sft_rows
 from .recipe import Recipe, tokenizer_source
 
 
@@ -32,8 +34,6 @@ def load_training_data(recipe: Recipe, is_main: bool, barrier: Callable[[], None
                        is_local_main: bool | None = None):
     """Shards for training. The global main process prepares them first; on other machines (no shared
     file system), each machine's first process then prepares its own identical copy."""
-    from ..data import load_shards
-
     if recipe.data.prepared:
         return load_shards(recipe.data.prepared)
     out = Path(recipe.out_dir) / "data"
@@ -48,8 +48,6 @@ def load_training_data(recipe: Recipe, is_main: bool, barrier: Callable[[], None
 
 
 def _prepare_if_stale(recipe: Recipe, out: Path, fingerprint: dict) -> None:
-    from ..data import prepare
-
     stamp = out / "recipe-data.json"
     current = json.loads(stamp.read_text()) if stamp.is_file() else None
     if current == fingerprint and (out / "manifest.json").is_file():
@@ -98,9 +96,6 @@ def load_data(recipe: Recipe, is_main: bool, barrier: Callable[[], None], is_loc
 
 
 def _example_data(recipe: Recipe, tokenizer, per_step: int) -> TrainingData:
-    from ..adapt.instruct import RowsReport, preference_rows, sft_rows
-    from ..data import resolve_inputs
-
     paths = resolve_inputs(recipe.data.sources())
     report = RowsReport()
     t = recipe.train

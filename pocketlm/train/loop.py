@@ -21,23 +21,44 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-from rich.console import Console
 
-from .. import train_attention
-from ..checkpoint import save_model_dir
+from ..adapt.adapters import (
+    attach,
+    config_from_spec,
+    merged_weights,
+    save_adapter,
+    trainable_summary,
+)
+from ..checkpoint import load_config, save_model_dir
 from ..config import ModelConfig
-from ..cpu_allocator import cached_cpu_memory
-from ..cpu_features import cpu_has_bf16, warn_if_bf16_is_slow
+from ..engine import SamplingParams
 from ..errors import ConfigError
+from ..hub import resolve_model
+from ..kernels import train_attention
+from ..kernels.allocator import cached_cpu_memory
+from ..kernels.cpu_features import cpu_has_bf16, warn_if_bf16_is_slow
+from ..loading import open_model
 from ..model import LlamaForCausalLM
+from ..streaming import generate
+from ..tokenizer import Tokenizer
 from .batch_threads import BatchThreads, batch_thread_count, sum_gradients
+from .console import console
+from .data_source import load_data
+from .distill import (
+    TeacherCache,
+    cache_key,
+    check_same_vocabulary,
+    load_teacher,
+    teacher_logits,
+    write_corpus,
+)
 from .flat_adamw import FlatAdamW
 from .joint_graph import JointGradients
 from .objectives import LANGUAGE_MODELLING, SFT, Objective, distillation, dpo
+from .plots import plot_loss_curve
+from .preference import attach_reference_logprobs
 from .recipe import Recipe
 from .state import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
-
-console = Console(stderr=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,8 +206,6 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
 
     `on_step`, if given, is called in the main process with each step's record (step, loss, lr, ms, ...).
     """
-    from .data_source import load_data
-
     runtime = setup_runtime(recipe)
     out_dir = Path(recipe.out_dir)
     ckpt_root = out_dir / "checkpoints"
@@ -211,8 +230,6 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
 
     corpus = None
     if recipe.distill_sequence:
-        from ..adapt.distill import write_corpus
-
         _on_each_machine(runtime, lambda: write_corpus(recipe.distill, out_dir / "teacher-corpus", runtime.device,
                                                         recipe.seed, progress=runtime.main and (
                                                             recipe.log.progress if progress is None else progress)))
@@ -226,8 +243,6 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
     autocast = (lambda: torch.autocast(runtime.device.type, dtype=amp)) if amp else nullcontext
     objective = make_objective(recipe, model, data, runtime, autocast, progress)
     if recipe.adapter is not None:
-        from ..adapt.adapters import attach, config_from_spec, trainable_summary
-
         attach(model, config_from_spec(model, recipe.adapter))
         if runtime.main:
             console.print(f"{recipe.adapter.type} adapter: {trainable_summary(model)}", highlight=False)
@@ -313,7 +328,7 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
     tokens_per_step = t.batch_size * data.train.tokens_per_row
     last_train_loss = last_val_loss = None
     first_step = state.step
-    with cached_cpu_memory(runtime.device.type == "cpu"):  # freed tensor blocks reused (cpu_allocator.py)
+    with cached_cpu_memory(runtime.device.type == "cpu"):  # freed tensor blocks reused (allocator.py)
         try:
             while state.step < t.max_steps:
                 step_started = time.perf_counter()
@@ -423,19 +438,12 @@ def load_init_model(recipe: Recipe):
     """(model, tokenizer) of init_from, or (None, None) for a model trained from scratch."""
     if not recipe.init_from:
         return None, None
-    from ..checkpoint import load_model
-    from ..hub import resolve_model
 
-    model, tokenizer = load_model(resolve_model(recipe.init_from))
+    model, tokenizer = open_model(recipe.init_from)
     return model.float(), tokenizer
 
 
 def _check_teacher_vocabulary(recipe: Recipe) -> None:
-    from ..adapt.distill import check_same_vocabulary
-    from ..checkpoint import load_config
-    from ..hub import resolve_model
-    from ..tokenizer import Tokenizer
-
     teacher_dir = resolve_model(recipe.distill.teacher)
     check_same_vocabulary(Tokenizer.load(teacher_dir), load_config(teacher_dir).vocab_size,
                           recipe.distill.teacher, recipe)
@@ -455,13 +463,10 @@ def make_objective(recipe: Recipe, model, data, runtime: Runtime, autocast, prog
         d = recipe.distill
         teacher = None
         if d.cache_top_k is None:
-            from ..adapt.distill import load_teacher, teacher_logits
-
             loaded, _, _ = load_teacher(d.teacher, d.teacher_quantize, runtime.device)
             vocab = model.config.vocab_size
             teacher = lambda ids: teacher_logits(loaded, vocab, ids)  # noqa: E731
         return distillation(teacher, d.alpha, d.temperature)
-    from ..adapt.preference import attach_reference_logprobs
 
     attach_reference_logprobs(recipe, model, data, runtime, autocast)
     return dpo(recipe.dpo.beta)
@@ -472,8 +477,6 @@ def _teacher_cache(recipe: Recipe, data, vocab: int, runtime: Runtime, autocast,
     d = recipe.distill
     if d is None or d.mode != "logits" or d.cache_top_k is None:
         return None
-    from ..adapt.distill import TeacherCache, cache_key, load_teacher
-    from ..hub import resolve_model
 
     needed = np.concatenate([data.train.picks(recipe.seed, s, recipe.train.batch_size)
                              for s in range(from_step, recipe.train.max_steps)] or [np.zeros(0, dtype=np.int64)])
@@ -541,7 +544,6 @@ def evaluate(model, val, objective: Objective, recipe: Recipe, device: torch.dev
 def _sample(model, tokenizer, recipe: Recipe) -> str | None:
     if not recipe.eval.sample_prompt:
         return None
-    from ..engine import SamplingParams, generate
 
     model.eval()
     try:
@@ -562,8 +564,6 @@ def _save_final(model, data, recipe: Recipe, state: TrainerState, train_loss, va
     if recipe.adapter is None:
         weights = {k: v.detach().cpu().float() for k, v in model.state_dict().items()}
         return save_model_dir(out_dir / "model", model.config, weights, data.tokenizer, provenance=provenance)
-    from ..adapt.adapters import merged_weights, save_adapter
-    from ..hub import resolve_model
 
     adapter_dir = save_adapter(model, out_dir / "adapter", resolve_model(recipe.init_from), provenance=provenance)
     if recipe.adapter.type != "lora" or not recipe.adapter.merge:
@@ -616,7 +616,6 @@ class _Logger:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
-        from .plots import plot_loss_curve
 
         plot_loss_curve(self.path, self.out_dir / "loss.png")
 
@@ -625,7 +624,13 @@ class _Progress:
     def __init__(self, total: int, done: int, enabled: bool):
         self.enabled = enabled
         if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
 
             self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..adapt.instruct import IGNORE
+from .instruct import IGNORE
 
 Metrics = dict[str, torch.Tensor]
 
@@ -103,7 +103,7 @@ def dpo_terms(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: fl
 
 def dpo(beta: float) -> Objective:
     """Reference log-probs come with the batch (ref_chosen, ref_rejected): the reference is frozen, so
-    they are computed once before training (see pocketlm.adapt.preference)."""
+    they are computed once before training (see pocketlm.train.preference)."""
 
     def loss(model, batch):
         n = batch["chosen_input_ids"].shape[0]

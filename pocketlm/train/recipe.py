@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import ConfigError
+from ..hub import REGISTRY, resolve_model
 from ..validation import validation_message
 
 
@@ -264,8 +265,6 @@ def check_recipe_paths(recipe: Recipe, source: str = "recipe") -> None:
 
 
 def _is_model_name(ref: str) -> bool:
-    from ..hub import REGISTRY
-
     return ref.lower() in REGISTRY or ref.startswith("hf:")
 
 
@@ -273,14 +272,11 @@ def tokenizer_source(ref: str) -> str:
     """data.tokenizer as `prepare` takes it: bpe, char or a directory (a model name becomes its directory)."""
     if ref in ("bpe", "char") or (Path(ref) / "tokenizer.json").is_file() or not _is_model_name(ref):
         return ref
-    from ..hub import resolve_model
 
     return str(resolve_model(ref))
 
 
 def _check_model_ref(ref: str, key: str, source: str) -> None:
-    from ..hub import REGISTRY
-
     if not ((Path(ref) / "config.json").is_file() or _is_model_name(ref)):
         raise ConfigError(f"{source}: {key}: {ref}: not a model directory (no config.json), nor a known model name "
                           f"({', '.join(sorted(REGISTRY))}, or hf:ORG/NAME)")

@@ -1,5 +1,5 @@
 """pocketlm's AVX2 kernels for decoding: quantized linear layers with a few input rows, attention of
-one query over the KV cache, and a quantized model's whole decode step (see native_decode).
+one query over the KV cache, and a quantized model's whole decode step (see kernels/decode_step.py).
 
 The sources are in `csrc/`. They are compiled with the system's C++ compiler on first use, in about
 25 s, into ~/.cache/pocketlm/cpu_kernels/ (POCKETLM_CACHE moves it), and loaded as the torch ops
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .paths import cache_dir
+from ..paths import cache_dir
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_kernels.cpp", "decode_step.cpp", "train_attention.cpp", "cpu_allocator.cpp")]
 HEADERS = [Path(__file__).parent / "csrc" / "kernels.h"]

@@ -6,7 +6,7 @@ As PyTorch ops the same attention is six small batched matmuls a layer, a softma
 and the transposes between them; in a shakespeare-char training step that was about 4 ms of 24
 (BENCHMARKS.md). The model uses the kernel when it trains on an x86 CPU from position 0 (no KV cache, no
 prefix adapter); elsewhere, and with POCKETLM_CPU_KERNELS=0, attention stays PyTorch's. The kernel is
-built with pocketlm's other CPU kernels (cpu_kernels.py) on first use.
+built with pocketlm's other CPU kernels (cpu_ops.py) on first use.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from . import cpu_kernels
+from . import cpu_ops
 
 _decided: dict[str, bool] = {}
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -24,7 +24,7 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 def available() -> bool:
     """Whether the kernel is built and loaded (decided once per process: a compiled graph cannot build it)."""
     if "ok" not in _decided:
-        _decided["ok"] = (os.environ.get(cpu_kernels.SWITCH, "1") != "0" and cpu_kernels.load()
+        _decided["ok"] = (os.environ.get(cpu_ops.SWITCH, "1") != "0" and cpu_ops.load()
                           and _register())
     return _decided["ok"]
 

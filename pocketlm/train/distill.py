@@ -16,21 +16,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
+from ..engine import SamplingParams, eos_ids, generate_batch
 from ..errors import ConfigError
+from ..hub import resolve_model
+from ..loading import open_model
+from ..quant import QuantScheme, prepare_kernels, quantize_model
 from ..tokenizer import Tokenizer
+from .console import console
+from .recipe import tokenizer_source
 
 
 def load_teacher(ref: str, quantize: str | None, device: torch.device):
     """(teacher model in eval mode with frozen weights, its tokenizer, its directory)."""
-    from ..checkpoint import load_model
-    from ..hub import resolve_model
-
     path = resolve_model(ref)
-    model, tokenizer = load_model(path, device=device)
+    model, tokenizer = open_model(path, device=device)
     if quantize:
-        from ..quant import QuantScheme, prepare_kernels, quantize_model
-
         scheme = QuantScheme(method=quantize, group_size=32 if quantize == "int4" else None)
         model = quantize_model(model.float(), scheme)
         prepare_kernels(model)
@@ -45,8 +53,6 @@ def student_tokenizer(recipe) -> tuple[Tokenizer | None, str]:
     if recipe.data.prepared:
         return Tokenizer.load(recipe.data.prepared), f"data.prepared {recipe.data.prepared}"
     if recipe.data.tokenizer not in ("bpe", "char"):
-        from ..train.recipe import tokenizer_source
-
         return Tokenizer.load(tokenizer_source(recipe.data.tokenizer)), f"data.tokenizer {recipe.data.tokenizer}"
     return None, f"data.tokenizer {recipe.data.tokenizer} (a new tokenizer trained on the data)"
 
@@ -143,10 +149,6 @@ def cache_key(teacher_dir: Path, shards) -> dict:
 
 
 def _bar(total: int, label: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from ..train.loop import console
-
     progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=console)
     task = progress.add_task(label, total=total)
@@ -171,8 +173,6 @@ def write_corpus(spec, out: Path, device, seed: int, progress: bool = False) -> 
     """The teacher continues each prompt (cycled until num_sequences) with sampling, in batches, and
     appends {"prompt", "text"} lines to OUT/corpus.jsonl. Lines already there are kept, so an
     interrupted generation resumes where it stopped."""
-    from ..engine import SamplingParams, eos_ids, generate_batch
-
     out.mkdir(parents=True, exist_ok=True)
     path = out / "corpus.jsonl"
     prompts = corpus_prompts(spec)

@@ -1,7 +1,7 @@
 """A quantized model's decode step as one call of pocketlm's AVX2 kernels (csrc/decode_step.cpp).
 
 `LlamaForCausalLM.decode_step` runs through it on CPUs where pocketlm's kernels are used (see
-`cpu_kernels.wanted`) when every projection is an int8 or int4 layer those kernels serve, activations
+`cpu_ops.wanted`) when every projection is an int8 or int4 layer those kernels serve, activations
 are fp32 and the head is quantized. It computes what the Python step computes with the same kernels:
 the tests hold the two to the same logits. On a Zen 3 EPYC an int4 SmolLM2 step took 8.7 ms (median)
 against 10.7 for the compiled Python step in the same process, and it needs no `torch.compile`:
@@ -15,23 +15,19 @@ from __future__ import annotations
 
 import torch
 
-from . import cpu_kernels
-from .quant import Int4Linear, Int8Linear
+from . import cpu_ops
+from .dispatch import kernel_weights
 
 _NONE = torch.empty(0)  # an absent bias
 
 
 def _linear(module) -> list[torch.Tensor] | None:
     """(weights, scales or tables, bias) as the op reads them; None for a layer it cannot run."""
-    bias = _NONE if module.bias is None else module.bias.float().contiguous()
-    if type(module) is Int4Linear:
-        if "_native" not in module.__dict__:
-            module.prepare_kernel()
-        tables = module.__dict__.get("_native")
-        return None if tables is None else [tables[0], tables[1], bias]
-    if type(module) is Int8Linear and module.weight.is_contiguous() and module.scales.dtype == torch.float32:
-        return [module.weight, module.scales.contiguous(), bias]
-    return None
+    packed = kernel_weights(module)
+    if packed is None:
+        return None
+    bias = _NONE if packed.bias is None else packed.bias.float().contiguous()
+    return [packed.codes, packed.scales.contiguous(), bias]
 
 
 def step_weights(model) -> list[torch.Tensor] | None:
@@ -39,7 +35,7 @@ def step_weights(model) -> list[torch.Tensor] | None:
     post-attention norm, gate, up, down (each projection as three tensors), then the final norm and the
     head. None where the model has something the op does not run."""
     if (model.device.type != "cpu" or model.compute_dtype != torch.float32 or model.config.head_dim % 8
-            or not cpu_kernels.available()):
+            or not cpu_ops.available()):
         return None
     weights: list[torch.Tensor] = []
     for layer in model.model.layers:
@@ -48,7 +44,8 @@ def step_weights(model) -> list[torch.Tensor] | None:
                  *(_linear(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)),
                  [layer.post_attention_layernorm.weight.detach()],
                  *(_linear(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))]
-        if any(p is None for p in parts) or type(mlp.gate_proj) is not type(mlp.up_proj):
+        # gate and up of one kind: the op reads them as a pair (int8 codes, or int4 words as int32)
+        if any(p is None for p in parts) or parts[6][0].dtype != parts[7][0].dtype:
             return None
         weights += [t for p in parts for t in p]
     head = _linear(model.lm_head)

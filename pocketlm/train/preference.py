@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..train.objectives import reply_logprobs
+from ..loading import open_model
+from .objectives import reply_logprobs
 
 
 @torch.no_grad()
@@ -52,10 +53,7 @@ def attach_reference_logprobs(recipe, model, data, runtime, autocast) -> None:
         return
     reference = model
     if recipe.dpo.reference:
-        from ..checkpoint import load_model
-        from ..hub import resolve_model
-
-        reference, _ = load_model(resolve_model(recipe.dpo.reference), device=runtime.device)
+        reference, _ = open_model(recipe.dpo.reference, device=runtime.device)
         reference = reference.float()
     per = max(1, recipe.train.batch_size // recipe.train.grad_accum)
     record = {}

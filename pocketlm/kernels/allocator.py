@@ -7,7 +7,7 @@ turned on and off in turns (18.05 against 18.41 ms, BENCHMARKS.md). Preloading t
 it also serves oneDNN's own small aligned allocations, which do not come here.
 
 At most CAP_BYTES of free blocks are held; turning caching off gives them back. It lives in pocketlm's
-kernel library, so it is there wherever those kernels build (cpu_kernels.py), and POCKETLM_CPU_KERNELS=0
+kernel library, so it is there wherever those kernels build (cpu_ops.py), and POCKETLM_CPU_KERNELS=0
 turns it off with them.
 """
 
@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from . import cpu_kernels
+from . import cpu_ops
 
 CAP_BYTES = 1 << 30  # far above a small model's step; a larger step only caches less
 
@@ -28,7 +28,7 @@ CAP_BYTES = 1 << 30  # far above a small model's step; a larger step only caches
 def cached_cpu_memory(enabled: bool = True) -> Iterator[bool]:
     """Cache CPU tensor memory inside the block (when `enabled` and the kernels load); yields whether it
     does. Tensors allocated inside may outlive the block: they are freed normally later."""
-    on = enabled and os.environ.get(cpu_kernels.SWITCH, "1") != "0" and cpu_kernels.load()
+    on = enabled and os.environ.get(cpu_ops.SWITCH, "1") != "0" and cpu_ops.load()
     if on:
         torch.ops.pocketlm.cpu_caching_allocator(True, CAP_BYTES)
     try:

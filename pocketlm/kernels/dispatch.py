@@ -1,0 +1,51 @@
+"""The interface between layers and pocketlm's kernels.
+
+A layer takes part by offering `kernel_weights()`: its weights packed as the kernels read them
+(`KernelWeights`), or None where the kernels cannot run it. The model and the whole-step kernel ask
+for that and nothing else, so the kernels never see quant's classes.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import cpu_ops
+
+EXACT_ROWS = 16  # from this many rows on, CPU matmuls dequantize to fp32 (exact) instead of using bf16 kernels
+
+
+class KernelWeights(NamedTuple):
+    """One projection as `cpu_ops.int8_linear` / `cpu_ops.int4_linear` read it."""
+    kind: str  # "int8" or "int4"
+    codes: torch.Tensor  # int8: (out, in) int8; int4: the codes in quant.int4_words' layout, as int32
+    scales: torch.Tensor  # int8: fp32 (out,); int4: fp16 scales and mins in the block layout
+    group_size: int  # int4's group of input columns; 0 for int8
+    out_features: int
+    bias: torch.Tensor | None
+
+
+def kernel_weights(layer) -> KernelWeights | None:
+    """The layer's packed weights, where it offers them and the kernels serve it."""
+    offer = getattr(layer, "kernel_weights", None)
+    return None if offer is None else offer()
+
+
+def fused_projections(x: torch.Tensor, layers) -> list[torch.Tensor] | None:
+    """The outputs of several projections of the same input (q, k, v; gate, up; or one layer) from one call of
+    pocketlm's AVX2 kernels: one call costs 5-10 us of dispatch and thread start-up, and a decode
+    step of SmolLM2 makes 210 of them unfused. None where the kernels do not serve all the layers."""
+    rows = x.numel() // x.shape[-1]
+    if x.device.type != "cpu" or rows >= EXACT_ROWS:
+        return None
+    packed = [kernel_weights(m) for m in layers]
+    if any(p is None for p in packed) or len({(p.kind, p.group_size) for p in packed}) != 1:
+        return None
+    flat = x.reshape(rows, -1)
+    if packed[0].kind == "int4":
+        y = cpu_ops.int4_linear(flat, [p.codes for p in packed], [p.scales for p in packed], packed[0].group_size)
+    else:
+        y = cpu_ops.int8_linear(flat, [p.codes for p in packed], [p.scales for p in packed])
+    outs = y.reshape(*x.shape[:-1], -1).split([p.out_features for p in packed], dim=-1)
+    return [(o if p.bias is None else o + p.bias).to(x.dtype) for o, p in zip(outs, packed)]
