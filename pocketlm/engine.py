@@ -149,7 +149,7 @@ def compile_decoder(model, enable: bool = True) -> None:
     kernels/decode_step.py) nothing is compiled: that kernel decodes faster and from the first token.
 
     Call it on the finished model (after quantization, on its device). Dynamo's guards on the module
-    tree cost about 1.3 ms a step on SmolLM2 (a tenth of the step), so they are skipped; what they
+    tree cost about a tenth of a SmolLM2 step, so they are skipped; what they
     would protect is pinned instead: the step gets a code object of its own, so its compiled graphs
     serve this model only, and the cache length enters as the mask's shape, an input that is guarded.
     """
@@ -168,8 +168,8 @@ def compile_decoder(model, enable: bool = True) -> None:
     own = _own_copy(type(model).decode_step)
     options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
     if model.device.type == "cpu":
-        # the step's Python wrapper checks every weight's size and stride each call: ~760 checks, 1 ms of a
-        # 10 ms step on SmolLM2. The weights are fixed once compile_decoder has run (see above)
+        # the step's Python wrapper checks every weight's size and stride each call (~760 checks, a tenth of
+        # a SmolLM2 step). The weights are fixed once compile_decoder has run (see above)
         options["size_asserts"] = False
         if quant.ROW_LAYOUT == "words":
             # the int4 row product is one long pointwise expression per code word: past inductor's default of

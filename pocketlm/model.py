@@ -119,8 +119,8 @@ def _one_matmul_trains(x: torch.Tensor, layers) -> bool:
 
 def _one_matmul(x: torch.Tensor, layers) -> list[torch.Tensor]:
     """x through the layers' weights stacked, one matmul forward and two backward instead of as many per
-    layer (the input's gradient is summed inside the matmul). On a shakespeare-char step's 384 rows of 128,
-    q|k|v as one took 185 us against 220 for three; their backward likewise (BENCHMARKS.md)."""
+    layer (the input's gradient is summed inside the matmul): for the small matrices of a shakespeare-char
+    step one call beats three, forward and backward (measured in docs/benchmarks-history.md)."""
     weight = torch.cat([m.weight for m in layers])
     bias = None if layers[0].bias is None else torch.cat([m.bias for m in layers])
     return list(F.linear(x, weight, bias).split([m.out_features for m in layers], dim=-1))
@@ -226,7 +226,8 @@ def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     this beats scaled_dot_product_attention's flash kernel, which is slow for single queries (in bf16
     it took longer than all the matmuls of a 32-row decode step). In a compiled CPU step the two
     products are written as broadcast multiply-and-sum instead, which inductor fuses into its own
-    loops (60 batched-matmul calls cost about 2 ms of a 12 ms SmolLM2 step). Returns (batch, 1, heads, head_dim)."""
+    loops: a batched-matmul call per layer costs more there than the arithmetic (docs/benchmarks-history.md).
+    Returns (batch, 1, heads, head_dim)."""
     b, heads, _, d = q.shape
     kv_heads = k.shape[1]
     q = q.reshape(b, kv_heads, heads // kv_heads, d)  # the query heads of each key/value head

@@ -17,8 +17,8 @@ when `head` is on: it is a fifth of a small model's weights and the one matrix r
 
 Speed. At batch 1 a decode step reads every weight once, so the matmuls are memory-bound. Under
 `torch.compile` an int8 layer with one input row is written as a dequantizing dot product, which
-inductor turns into one vectorized loop per layer: all of SmolLM2's matrices in 6.2 ms (about 22 GB/s
-of the 28 the memory reads here), against 30.6 ms for PyTorch's bf16 GEMV. Other row counts use PyTorch's packed kernels
+inductor turns into one vectorized loop per layer, close to the memory's read bandwidth and several times
+faster than PyTorch's bf16 GEMV (docs/benchmarks-history.md). Other row counts use PyTorch's packed kernels
 (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) or dequantize to the activation dtype.
 On CPUs with AVX2 but not AVX-512, products of fewer than EXACT_ROWS rows run pocketlm's own kernels
 (kernels/cpu_ops.py: fp32 products, q/k/v and gate/up in one call each; int4 codes in `int4_words`'s layout),
@@ -177,7 +177,7 @@ def _int8_row_product(x: torch.Tensor, weight: torch.Tensor, words: torch.Tensor
 
     With AVX-512 inductor loads the int8 codes 16 at a time with masked loads. With AVX2 it has no such
     load for 8 int8 (or int32) values and copies each through a stack buffer, which ran the output head
-    at 1.4 GB/s. There `words`, the same codes seen as float32 words (four codes each; a view made
+    at a small fraction of the memory's bandwidth. There `words`, the same codes seen as float32 words (four codes each; a view made
     outside the graph, where inductor would not fuse it), are read with full-vector loads, bit-cast to
     int32, and each word's four bytes sign-extended with shifts. Byte j of word i is column 4i + j, so
     the row is laid out as four planes x[j::4] to match."""
@@ -216,7 +216,8 @@ def _int4_row_product(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor
     """One input row x (in,) through int4 codes in the `int4_words` layout, with `scales` and `mins` in
     the block layout (out / LANES, groups, LANES): w = code * scale + min, so the row's product is
     sum(scale * code . x) + sum(min * sum(x over the group)). Written for inductor on AVX2, where
-    PyTorch's int4 kernel reads 6 GB/s: this loop vectorizes over the LANES rows of a block."""
+    PyTorch's int4 kernel reads far below the memory's bandwidth: this loop vectorizes over the LANES rows
+    of a block."""
     codes = words.view(torch.int32)  # (blocks, in / 8, LANES)
     row = _stored(x.reshape(-1, 8).float() * _NIBBLE_SCALE.to(x.device))  # (in / 8, 8)
     terms = [row[None, :, k, None] * (codes & (15 << (4 * k))).float() for k in range(7)]

@@ -1,9 +1,9 @@
 """Caching of CPU tensor memory while a model trains (csrc/cpu_allocator.cpp): freed tensor blocks are kept
 by size and reused, instead of going back to glibc's malloc every time.
 
-A training step frees and allocates the same few hundred buffers every step; glibc spends about 6% of a
-shakespeare-char step serving them (perf); caching them made the step 2% faster in the same process,
-turned on and off in turns (18.05 against 18.41 ms, BENCHMARKS.md). Preloading tcmalloc gained more, 6-10%:
+A training step frees and allocates the same few hundred buffers every step, and glibc spends a
+measurable share of a shakespeare-char step serving them (perf); caching them made the step faster in the
+same process, turned on and off in turns (docs/benchmarks-history.md). Preloading tcmalloc gained more:
 it also serves oneDNN's own small aligned allocations, which do not come here.
 
 At most CAP_BYTES of free blocks are held; turning caching off gives them back. It lives in pocketlm's

@@ -9,9 +9,8 @@ the causal attention used for CPU training (train_attention.cpp; see train_atten
 limited to AVX2-only CPUs.
 
 They are used on x86 CPUs with AVX2 but without AVX-512. There inductor's int4 loop is bound by
-arithmetic: on a Zen 3 EPYC a compiled int4 SmolLM2 step took 15.8 ms with inductor's loops and 11.4-12.0
-with the single kernels; the whole step in one call took 8.7 ms against 10.7 for the compiled step
-in the same process (medians, BENCHMARKS.md). Without a compiler,
+arithmetic, and the single kernels, and the whole step in one call more so, decoded faster than the
+compiled step in the same process (docs/benchmarks-history.md). Without a compiler,
 or with POCKETLM_CPU_KERNELS=0, the layers keep PyTorch's kernels and inductor's loops, and say so once.
 """
 

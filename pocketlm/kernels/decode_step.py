@@ -3,9 +3,9 @@
 `LlamaForCausalLM.decode_step` runs through it on CPUs where pocketlm's kernels are used (see
 `cpu_ops.wanted`) when every projection is an int8 or int4 layer those kernels serve, activations
 are fp32 and the head is quantized. It computes what the Python step computes with the same kernels:
-the tests hold the two to the same logits. On a Zen 3 EPYC an int4 SmolLM2 step took 8.7 ms (median)
-against 10.7 for the compiled Python step in the same process, and it needs no `torch.compile`:
-decoding is fast from the first token (BENCHMARKS.md).
+the tests hold the two to the same logits. On an AVX2-only EPYC it was faster than the compiled
+Python step in the same process, and it needs no `torch.compile`: decoding is fast from the first
+token (docs/benchmarks-history.md).
 
 Anything it does not serve (fp32 or bf16 weights, LoRA-wrapped layers, CUDA) keeps the Python step,
 compiled or not.

@@ -34,8 +34,8 @@ def kernel_weights(layer) -> KernelWeights | None:
 
 def fused_projections(x: torch.Tensor, layers) -> list[torch.Tensor] | None:
     """The outputs of several projections of the same input (q, k, v; gate, up; or one layer) from one call of
-    pocketlm's AVX2 kernels: one call costs 5-10 us of dispatch and thread start-up, and a decode
-    step of SmolLM2 makes 210 of them unfused. None where the kernels do not serve all the layers."""
+    pocketlm's AVX2 kernels: each call pays dispatch and thread start-up, and a decode step of SmolLM2
+    makes 210 of them unfused. None where the kernels do not serve all the layers."""
     rows = x.numel() // x.shape[-1]
     if x.device.type != "cpu" or rows >= EXACT_ROWS:
         return None

@@ -3,8 +3,8 @@
 head), reading q, k and v where the projections wrote them and writing the output where o_proj reads it.
 
 As PyTorch ops the same attention is six small batched matmuls a layer, a softmax and its backward, RoPE
-and the transposes between them; in a shakespeare-char training step that was about 4 ms of 24
-(BENCHMARKS.md). The model uses the kernel when it trains on an x86 CPU from position 0 (no KV cache, no
+and the transposes between them, a sixth of a shakespeare-char training step
+(docs/benchmarks-history.md). The model uses the kernel when it trains on an x86 CPU from position 0 (no KV cache, no
 prefix adapter); elsewhere, and with POCKETLM_CPU_KERNELS=0, attention stays PyTorch's. The kernel is
 built with pocketlm's other CPU kernels (cpu_ops.py) on first use.
 """

@@ -2,10 +2,10 @@
 clipping, and PyTorch's fused AdamW, each a few calls over every parameter instead of one per tensor, and
 shared out among the batch threads instead of run by one of them while the others wait.
 
-Why: with batch threads (batch_threads.py) the end of the step ran on one core. Over a shakespeare-char
-model's 39 tensors it took 1.7 ms of an 18.7 ms step; over one buffer on one thread, 1.4 ms; shared by the
+Why: with batch threads (batch_threads.py) the end of the step ran on one core, tensor by tensor over a
+shakespeare-char model's 39 tensors. Over one flat buffer it is faster, and faster again shared by the
 two threads (each sums, clips and updates about half of the parameters, meeting twice at a barrier: once
-all gradients are in, once every share's sum of squares is), 1.2 ms (BENCHMARKS.md). It is bound by memory
+all gradients are in, once every share's sum of squares is) (docs/benchmarks-history.md). It is bound by memory
 traffic: AdamW reads and writes 16 bytes of state per parameter, out of cache after the step's activations.
 
 The parameters, their gradients and AdamW's moments and step counts become views of flat fp32 buffers,
@@ -170,7 +170,7 @@ class FlatAdamW:
     def _scale(self, max_norm: float) -> torch.Tensor | None:
         """The norm from the parts' sums of squares (added in part order, so every thread gets the same),
         and AdamW's divisor for clipping to max_norm (clip_grad_norm_'s coefficient, inverted). In Python
-        floats: as tensor ops these few numbers cost each thread 0.13 ms of a step, waiting for the GIL."""
+        floats: as tensor ops these few numbers cost each thread a noticeable slice of a step, waiting for the GIL."""
         if max_norm <= 0:
             self._grad_scale = None
             return None

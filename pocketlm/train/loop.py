@@ -139,8 +139,7 @@ def clip_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max
 class Lookahead:
     """`make(step)` for the steps to come, `ahead` of them at a time (up to `end`): each step's batches
     are a function of the step alone, and made one step at a time between the heavy steps of a small
-    model they ran on cold caches: 0.4 ms of a 17.5 ms shakespeare-char step, against 0.03 ms made
-    together (BENCHMARKS.md)."""
+    model they ran on cold caches, ten times slower than made together (docs/benchmarks-history.md)."""
 
     def __init__(self, make: Callable[[int], object], end: int, ahead: int = 16):
         self.make, self.end, self.ahead = make, end, ahead
