@@ -61,6 +61,42 @@ def _params(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, sto
                           repetition_penalty=repetition_penalty, seed=seed, stop=list(stop or []))
 
 
+def _constraint_options():
+    """The output-constraint options `generate` and `chat` share (at most one of them)."""
+    return {
+        "json_schema": typer.Option(None, "--json-schema", help="a JSON Schema file: the output is JSON that it accepts"),
+        "regex": typer.Option(None, "--regex", help="the output matches this regular expression (Rust regex syntax)"),
+        "grammar": typer.Option(None, "--grammar", help="a Lark grammar file (llguidance's dialect): the output is in its language"),
+        "choice": typer.Option(None, "--choice", help="the output is one of these strings (repeatable)"),
+    }
+
+
+def _constrained(params, lm, tokenizer, json_schema: Path | None, regex: str | None, grammar: Path | None,
+                 choice: list[str] | None, draft=None):
+    """params with the grammar of the one constraint given, checked against the model (or unchanged)."""
+    import dataclasses
+
+    from .constrain import Constraint
+    from .streaming import compile_constraint
+
+    given = [(kind, value) for kind, value in (("json_schema", json_schema), ("regex", regex), ("grammar", grammar),
+                                                ("choice", choice)) if value]
+    if not given:
+        return params
+    if len(given) > 1:
+        raise ConfigError("give one of --json-schema, --regex, --grammar or --choice, not several")
+    if draft is not None:
+        raise ConfigError("speculative decoding does not take a constraint yet; drop --draft for constrained output")
+    kind, value = given[0]
+    if kind in ("json_schema", "grammar"):
+        try:
+            value = Path(value).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            what = "JSON Schema" if kind == "json_schema" else "grammar"
+            raise ConfigError(f"{value}: cannot read the {what} file ({exc.__class__.__name__})") from None
+    return dataclasses.replace(params, grammar=compile_constraint(lm, tokenizer, Constraint(kind, value)))
+
+
 @app.command("import")
 def import_cmd(
     src: Path = typer.Argument(..., help="Hugging Face directory, .gguf file, or llama2.c .bin checkpoint"),
@@ -117,12 +153,17 @@ def generate_cmd(
     compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     draft: Optional[str] = typer.Option(None, help=DRAFT_HELP),
     draft_tokens: int = typer.Option(4, help="tokens the draft proposes per step"),
+    json_schema: Optional[Path] = _constraint_options()["json_schema"],
+    regex: Optional[str] = _constraint_options()["regex"],
+    grammar: Optional[Path] = _constraint_options()["grammar"],
+    choice: Optional[list[str]] = _constraint_options()["choice"],
 ):
     """Continue a prompt, streaming the text."""
     from .streaming import chat_prompt, stream
 
     params = _params(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
     lm, tokenizer = _load(model, compile)
+    params = _constrained(params, lm, tokenizer, json_schema, regex, grammar, choice, draft)
     draft_lm = _load_draft(draft, lm, tokenizer)
     source = chat_prompt(tokenizer, [{"role": "user", "content": prompt}]) if chat_template else prompt
     if not chat_template:
@@ -153,6 +194,10 @@ def chat_cmd(
     compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     draft: Optional[str] = typer.Option(None, help=DRAFT_HELP),
     draft_tokens: int = typer.Option(4, help="tokens the draft proposes per step"),
+    json_schema: Optional[Path] = _constraint_options()["json_schema"],
+    regex: Optional[str] = _constraint_options()["regex"],
+    grammar: Optional[Path] = _constraint_options()["grammar"],
+    choice: Optional[list[str]] = _constraint_options()["choice"],
 ):
     """Chat with a model in the terminal (streams; /reset clears the conversation, /exit or Ctrl-D quits)."""
     from .streaming import fit_conversation, stream
@@ -162,6 +207,7 @@ def chat_cmd(
     with err.status(f"loading {model} ..."):
         lm, tokenizer = _load(model, compile)
         draft_lm = _load_draft(draft, lm, tokenizer)
+        params = _constrained(params, lm, tokenizer, json_schema, regex, grammar, choice, draft)
     if not tokenizer.chat_template:
         raise PocketLMError(f"{model} has no chat template; use `pocketlm generate` for plain text continuation")
     messages = [{"role": "system", "content": system}] if system else []

@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 
 from . import quant
+from .constrain import Grammar, Guide
 from .errors import ConfigError, ContextLengthError
 from .kernels import cpu_ops, decode_step
 from .tokenizer import Tokenizer
@@ -34,6 +35,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    grammar: Grammar | None = None  # constrained decoding: only what the grammar accepts (pocketlm.constrain)
 
     def __post_init__(self) -> None:
         checks = [
@@ -44,6 +46,8 @@ class SamplingParams:
             (0 < self.repetition_penalty < math.inf,
              f"repetition_penalty must be > 0 and finite (1 turns it off), got {self.repetition_penalty}"),
         ]
+        if self.grammar is not None and self.ignore_eos:
+            checks.append((False, "ignore_eos cannot be combined with a constraint: a complete output ends with EOS"))
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
@@ -136,6 +140,13 @@ def eos_ids(model, tokenizer: Tokenizer) -> set[int]:
 CACHE_BUCKET = 256  # cache lengths are rounded up to this, so a compiled step is reused across prompts
 
 
+def constrained(logits: torch.Tensor, guides: list[Guide | None]) -> torch.Tensor:
+    """(batch, vocab) logits with each row's disallowed tokens at -inf (a None guide leaves its row free)."""
+    vocab = logits.shape[-1]
+    allowed = torch.stack([torch.ones(vocab, dtype=torch.bool) if g is None else g.allowed(vocab) for g in guides])
+    return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+
+
 def cache_length(tokens: int, context: int) -> int:
     return min(context, -(-tokens // CACHE_BUCKET) * CACHE_BUCKET)
 
@@ -222,14 +233,19 @@ def generate_tokens(model, prompt_ids: list[int], params: SamplingParams, stop_i
     tokens = torch.tensor([prompt_ids], device=device)
     model.setup_cache(1, cache_length(len(prompt_ids) + max_new, context))
     step_fn = decode_fn(model)
+    guide = params.grammar.guide() if params.grammar is not None else None
     try:
         logits = _prefill(model, step_fn, [prompt_ids], device)
         pos = torch.tensor([len(prompt_ids)], device=device)
         for step in range(max_new):
             if params.repetition_penalty != 1.0:
                 logits = apply_repetition_penalty(logits, tokens, params.repetition_penalty)
+            if guide is not None:
+                logits = constrained(logits, [guide])
             next_id = sample_next(logits, params, generator)
             token = int(next_id)
+            if guide is not None:
+                guide.advance(token)
             yield token
             if token in stop_ids and not params.ignore_eos:
                 return
@@ -259,6 +275,7 @@ def generate_batch(model, prompts: list[list[int]], params: SamplingParams,
     generator = seeded_generator(params.seed, device)
     model.setup_cache(n, cache_length(max(len(p) for p in prompts) + max_new, context))
     step_fn = decode_fn(model)
+    guides = [params.grammar.guide() for _ in prompts] if params.grammar is not None else None
     try:
         logits = _prefill(model, step_fn, prompts, device)
         pos = torch.tensor([len(p) for p in prompts], device=device)
@@ -268,9 +285,13 @@ def generate_batch(model, prompts: list[list[int]], params: SamplingParams,
                 for row in range(n):
                     seen = torch.tensor([prompts[row] + outputs[row]], device=device)
                     logits[row:row + 1] = apply_repetition_penalty(logits[row:row + 1], seen, params.repetition_penalty)
+            if guides is not None:
+                logits = constrained(logits, [None if done[row] else g for row, g in enumerate(guides)])
             next_ids = sample_next(logits, params, generator)
             for row, token in enumerate(next_ids.tolist()):
                 if not done[row]:
+                    if guides is not None:
+                        guides[row].advance(token)
                     outputs[row].append(token)
                     done[row] = token in stop_ids and not params.ignore_eos
             if all(done) or step + 1 == max_new:

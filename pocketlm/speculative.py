@@ -73,6 +73,8 @@ def speculative_tokens(target, draft, prompt_ids: list[int], max_new_tokens: int
         raise ConfigError(f"the number of draft tokens k must be >= 1; got {k}")
     if sampling is not None and sampling.repetition_penalty != 1.0:
         raise ConfigError("speculative decoding takes no repetition penalty; leave it at 1 with a draft model")
+    if sampling is not None and sampling.grammar is not None:
+        raise ConfigError("speculative decoding does not take a constraint yet; drop --draft for constrained output")
     greedy = sampling is None or sampling.greedy
     # sampling happens on the CPU (vocabulary-sized vectors), so the draft and the target may sit on other devices
     generator = None if greedy else seeded_generator(sampling.seed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+from .constrain import Constraint, Grammar
 from .engine import SamplingParams, eos_ids, generate_tokens
 from .errors import ContextLengthError
 from .speculative import SpeculativeStats, speculative_tokens
@@ -153,3 +154,10 @@ def fit_conversation(tokenizer: Tokenizer, messages: list[dict[str, str]], conte
             raise ContextLengthError(f"the message has {len(ids)} tokens; with room for {reserve} tokens of answer "
                                      f"it does not fit the model's context of {context}; shorten it")
         turns = turns[2:] if len(turns) > 2 else turns[1:]  # drop the oldest user/assistant exchange
+
+
+def compile_constraint(model, tokenizer: Tokenizer, constraint: Constraint) -> Grammar:
+    """The constraint checked for this model and tokenizer, for `SamplingParams(grammar=...)`; a schema
+    keyword, regex or grammar the engine cannot enforce is a ConfigError naming it."""
+    return Grammar.build(constraint, tokenizer, model.config.vocab_size, eos_ids(model, tokenizer))
+

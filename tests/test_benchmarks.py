@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -106,3 +107,14 @@ def test_serve_soak_benchmark_runs_and_counts_what_it_sends(tmp_path):
     assert result["server_errors_5xx"] == 0 and result["transport_failures"] == 0, result["problem_samples"]
     assert result["canary_mismatches"] == 0 and result["hostile_4xx"] == result["hostile"]
     assert result["idle_after_s"] is not None and result["health_failures"] == 0
+
+
+@pytest.mark.slow  # the real SmolLM2
+def test_structured_benchmark_runs_and_decodes_the_same_tokens_both_ways(smollm2_dir, tmp_path):
+    out = tmp_path / "structured.json"
+    run = subprocess.run([sys.executable, "benchmarks/structured.py", "--tokens", "12", "--repeats", "1", "--json", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert 0 < result["mask_ms_p50"] <= result["mask_ms_p99"]
+    assert result["batch1_tok_s"]["free"] > 0 and result["batch8_tok_s"]["constrained"] > 0

@@ -124,6 +124,8 @@ class Scheduler:
     def submit(self, job: Job, emit: Callable[[object], None]) -> Job:
         """Queue a job; `emit` receives its TokenEvent / PromptLogprobs / Finished events, from this
         scheduler's thread. Raises ContextLengthError or QueueFullError at once."""
+        if job.sampling.grammar is not None:  # the server has no constrained decoding yet: never ignore one
+            raise ConfigError("this server does not enforce output constraints yet")
         if not job.prompt_ids:
             raise ContextLengthError("the prompt is empty; give at least one token of text")
         if len(job.prompt_ids) >= self.context:
