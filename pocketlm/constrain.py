@@ -77,7 +77,7 @@ def _one_line(error: object) -> str:
 
 def llg_tokenizer(tokenizer: Tokenizer, vocab_size: int, eos: list[int]) -> llguidance.LLTokenizer:
     """llguidance's view of the tokenizer, with the model's vocabulary size (the logits' width); built once
-    per tokenizer (it takes about a second for a 49k vocabulary)."""
+    per tokenizer and kept on it, since it reads the whole vocabulary."""
     key = (vocab_size, tuple(eos))
     cached = tokenizer.__dict__.setdefault("_llguidance", {})
     if key not in cached:
@@ -130,11 +130,6 @@ class Guide:
         if not self.matcher.consume_token(token):
             self._check()
             raise PocketLMError(f"token {token} is not allowed by the grammar here")
-
-    @property
-    def complete(self) -> bool:
-        """The grammar is satisfied and allows nothing but end-of-sequence."""
-        return self.matcher.is_stopped()
 
     def _check(self) -> None:
         if self.matcher.is_error():
