@@ -80,7 +80,7 @@ def _constrained(params, lm, tokenizer, json_schema: Path | None, regex: str | N
     from .streaming import compile_constraint
 
     given = [(kind, value) for kind, value in (("json_schema", json_schema), ("regex", regex), ("grammar", grammar),
-                                                ("choice", choice)) if value]
+                                                ("choice", choice)) if value is not None]
     if not given:
         return params
     if len(given) > 1:

@@ -218,6 +218,8 @@ def test_the_command_line_constrains_and_refuses_in_one_line(tmp_path):
     assert "finish: stop" in done.stderr
     schema = tmp_path / "schema.json"
     schema.write_text(json.dumps(SCHEMAS[1]))
+    done = pocketlm("generate", model, "go", "--regex", "", "-n", "5")  # an empty pattern is a constraint too
+    assert done.returncode == 0 and done.stdout.strip() == "go" and "finish: stop" in done.stderr
     done = pocketlm("generate", model, "x=", "--json-schema", schema, "-t", "1", "--seed", "1", "-n", "40")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().removeprefix("x="))["ok"] in (True, False)
