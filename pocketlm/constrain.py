@@ -121,10 +121,7 @@ class Guide:
         llguidance.torch.fill_next_token_bitmask(self.matcher, self._bitmask, 0)
         self._check()
         bits = (self._bitmask[0].unsqueeze(-1) >> _SHIFTS) & 1
-        allowed = bits.bool().reshape(-1)
-        if allowed.numel() < vocab:
-            allowed = torch.cat([allowed, allowed.new_zeros(vocab - allowed.numel())])
-        return allowed[:vocab]
+        return bits.bool().reshape(-1)[:vocab]  # the bitmask covers the model's vocabulary (Grammar.build)
 
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(token):
