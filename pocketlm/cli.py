@@ -72,7 +72,7 @@ def _constraint_options():
 
 
 def _constrained(params, lm, tokenizer, json_schema: Path | None, regex: str | None, grammar: Path | None,
-                 choice: list[str] | None, draft=None):
+                 choice: list[str] | None):
     """params with the grammar of the one constraint given, checked against the model (or unchanged)."""
     import dataclasses
 
@@ -85,8 +85,6 @@ def _constrained(params, lm, tokenizer, json_schema: Path | None, regex: str | N
         return params
     if len(given) > 1:
         raise ConfigError("give one of --json-schema, --regex, --grammar or --choice, not several")
-    if draft is not None:
-        raise ConfigError("speculative decoding does not take a constraint yet; drop --draft for constrained output")
     kind, value = given[0]
     if kind in ("json_schema", "grammar"):
         try:
@@ -163,7 +161,7 @@ def generate_cmd(
 
     params = _params(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
     lm, tokenizer = _load(model, compile)
-    params = _constrained(params, lm, tokenizer, json_schema, regex, grammar, choice, draft)
+    params = _constrained(params, lm, tokenizer, json_schema, regex, grammar, choice)
     draft_lm = _load_draft(draft, lm, tokenizer)
     source = chat_prompt(tokenizer, [{"role": "user", "content": prompt}]) if chat_template else prompt
     if not chat_template:
@@ -207,7 +205,7 @@ def chat_cmd(
     with err.status(f"loading {model} ..."):
         lm, tokenizer = _load(model, compile)
         draft_lm = _load_draft(draft, lm, tokenizer)
-        params = _constrained(params, lm, tokenizer, json_schema, regex, grammar, choice, draft)
+        params = _constrained(params, lm, tokenizer, json_schema, regex, grammar, choice)
     if not tokenizer.chat_template:
         raise PocketLMError(f"{model} has no chat template; use `pocketlm generate` for plain text continuation")
     messages = [{"role": "system", "content": system}] if system else []

@@ -128,6 +128,12 @@ class Guide:
             self._check()
             raise PocketLMError(f"token {token} is not allowed by the grammar here")
 
+    def rollback(self, tokens: int) -> None:
+        """Undo the last `tokens` advances (draft tokens the target rejected)."""
+        if tokens and not self.matcher.rollback(tokens):
+            self._check()
+            raise PocketLMError(f"the grammar engine cannot roll back {tokens} tokens")
+
     def _check(self) -> None:
         if self.matcher.is_error():
             raise PocketLMError(f"the grammar engine stopped: {_one_line(self.matcher.get_error())}")

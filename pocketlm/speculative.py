@@ -9,6 +9,11 @@ the first rejection the target's token is drawn from max(0, p - q), renormalised
 target's own sampling would draw it. The gain is that one target pass can yield up to k + 1 tokens. The
 draft must share the target's tokenizer, for example a quantized copy of the target or a small model
 distilled from it.
+
+Under a grammar (`SamplingParams.grammar`) the draft proposes only tokens the grammar allows, each
+position's mask is kept, and the target's logits at that position are masked the same way before the
+check, so the output is what constrained decoding with the target alone gives (greedy: token for token;
+sampled: in distribution). The grammar's state is rolled back over the rejected proposals.
 """
 
 from __future__ import annotations
@@ -73,8 +78,6 @@ def speculative_tokens(target, draft, prompt_ids: list[int], max_new_tokens: int
         raise ConfigError(f"the number of draft tokens k must be >= 1; got {k}")
     if sampling is not None and sampling.repetition_penalty != 1.0:
         raise ConfigError("speculative decoding takes no repetition penalty; leave it at 1 with a draft model")
-    if sampling is not None and sampling.grammar is not None:
-        raise ConfigError("speculative decoding does not take a constraint yet; drop --draft for constrained output")
     greedy = sampling is None or sampling.greedy
     # sampling happens on the CPU (vocabulary-sized vectors), so the draft and the target may sit on other devices
     generator = None if greedy else seeded_generator(sampling.seed)
@@ -108,51 +111,76 @@ def speculative_tokens(target, draft, prompt_ids: list[int], max_new_tokens: int
     def distribution(logits: torch.Tensor) -> torch.Tensor:
         return token_probs(logits, sampling).cpu()
 
+    guide = sampling.grammar.guide() if sampling is not None and sampling.grammar is not None else None
+    vocab = target.config.vocab_size
+
+    def allowed() -> torch.Tensor | None:
+        return None if guide is None else guide.allowed(vocab)
+
+    def masked(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return logits if mask is None else logits.masked_fill(~mask.to(logits.device), float("-inf"))
+
     try:
         seq = list(prompt_ids)
-        logits = target(torch.tensor([seq], device=t_dev), last_only=True)[0, -1]
+        logits = masked(target(torch.tensor([seq], device=t_dev), last_only=True)[0, -1], allowed())
         out = [int(logits.argmax()) if greedy else draw(distribution(logits))]
+        if guide is not None:
+            guide.advance(out[0])
         yield out[0]
         draft_fed = 0  # positions of `seq` already in the draft's cache
         while len(out) < max_new and out[-1] not in stop_ids:
             full = seq + out
             # draft: catch up on tokens it has not seen, then propose k tokens one at a time
-            proposals, q = [], []
+            proposals, q, masks = [], [], []
             logits = draft_logits(full[draft_fed:], draft_fed)
             for i in range(k):
                 if i:
                     logits = draft_logits(proposals[-1:], len(full) + i - 1)
+                masks.append(allowed())
+                logits = masked(logits, masks[-1])
                 if greedy:
                     proposals.append(int(logits.argmax()))
                 else:
                     q.append(distribution(logits))
                     proposals.append(draw(q[-1]))
-            # target: one pass over the last accepted token and the k proposals
+                if guide is not None:
+                    if proposals[-1] in stop_ids:  # the end: the grammar takes nothing after it
+                        break  # (and is not advanced by it: llguidance's rollback does not count an end)
+                    guide.advance(proposals[-1])
+            m = len(proposals)
+            masks.append(allowed() if guide is not None and proposals[-1] not in stop_ids else None)
+            # target: one pass over the last accepted token and the proposals, each position masked as the draft's was
             chunk = torch.tensor([[full[-1]] + proposals], device=t_dev)
             logits = target(chunk, start=len(full) - 1)[0]
+            if guide is not None:
+                logits = torch.stack([masked(row, mask) for row, mask in zip(logits, masks)])
             if greedy:  # accept while the proposals are the target's own argmax
                 preds = logits.argmax(-1).tolist()
                 n = 0
-                while n < k and proposals[n] == preds[n]:
+                while n < m and proposals[n] == preds[n]:
                     n += 1
                 own = preds[n]
             else:  # accept x with probability min(1, p(x) / q(x)); at a rejection draw from max(0, p - q)
                 p = distribution(logits)
                 n = 0
-                while n < k and float(torch.rand((), generator=generator)) * q[n][proposals[n]] < p[n][proposals[n]]:
+                while n < m and float(torch.rand((), generator=generator)) * q[n][proposals[n]] < p[n][proposals[n]]:
                     n += 1
-                residual = (p[n] - q[n]).clamp(min=0) if n < k else p[n]
+                residual = (p[n] - q[n]).clamp(min=0) if n < m else p[n]
                 own = draw(residual if residual.sum() > 0 else p[n])
-            stats.drafted += k
+            stats.drafted += m
             stats.accepted += n
             stats.target_passes += 1
             new = proposals[:n] + [own]
+            if guide is not None and not any(t in stop_ids for t in proposals[:n]):
+                # back to the last accepted proposal (a proposed end was never advanced), then the target's token
+                guide.rollback(m - n - (proposals[-1] in stop_ids))
+                guide.advance(own)
             for token in new:
                 out.append(token)
                 yield token
                 if token in stop_ids or len(out) >= max_new:
                     return
-            draft_fed = min(len(full) + k - 1, len(full) + n)
+            draft_fed = min(len(full) + m - 1, len(full) + n)
     finally:
         target.clear_cache()
         draft.clear_cache()

@@ -130,9 +130,10 @@ def generate(model, tokenizer: Tokenizer, prompt: str | list[int], params: Sampl
                       finish_reason=info["finish_reason"])
 
 
-def chat_prompt(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of a conversation rendered with the chat template, ready for the assistant's turn."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+def chat_prompt(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """Token ids of a conversation rendered with the chat template, ready for the assistant's turn
+    (`tools` for a template that renders them: pocketlm.tools)."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
     # The template writes BOS itself where the model wants one; don't add a second.
     return tokenizer.encode(text, add_special_tokens=False)
 

@@ -7,6 +7,7 @@ The files written here (tokenizer.json, tokenizer_config.json, special_tokens_ma
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -54,8 +55,10 @@ class Tokenizer:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     # ---- chat ------------------------------------------------------------------------------
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render messages with the model's Jinja chat template, as transformers does."""
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """Render messages with the model's Jinja chat template, as transformers does (`tools`, OpenAI's
+        function specs, go to templates that describe tools themselves: see `supports_tools`)."""
         if not self.chat_template:
             raise ConfigError(
                 "this model has no chat template; use `generate` with a plain prompt instead of chat"
@@ -74,9 +77,15 @@ class Tokenizer:
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
+                **({"tools": tools} if tools else {}),
             )
         except jinja2.TemplateError as exc:
             raise ConfigError(f"chat template could not be rendered: {exc}") from None
+
+    @property
+    def supports_tools(self) -> bool:
+        """The chat template renders a `tools` list itself (Qwen2.5, Hermes, SmolLM3 and others do)."""
+        return bool(self.chat_template) and re.search(r"\btools\b", self.chat_template) is not None
 
     # ---- files -----------------------------------------------------------------------------
     def tokenizer_config(self) -> dict[str, Any]:

@@ -22,11 +22,11 @@ from fastapi.responses import (
 )
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import SamplingParams, eos_ids
 from ..errors import PocketLMError
-from ..streaming import chat_prompt
 from .config import ServeConfig
 from .generation import (
     Run,
@@ -52,6 +52,7 @@ from .protocol import (
 )
 from .report import ab_report
 from .server import Server
+from .structured import CallStream, chat_input
 from .variants import Variant, load_variant
 
 STATIC = Path(__file__).parent / "static"
@@ -134,10 +135,11 @@ def create_app(config: ServeConfig, variants: list[Variant] | None = None) -> Fa
     def user_of(request: Request, body_user: str | None) -> str | None:
         return request.headers.get("x-user") or body_user
 
-    def job_args(body, max_new: int, logprobs: int | None, echo: int | None, variant: Variant) -> dict:
+    def job_args(body, max_new: int, logprobs: int | None, echo: int | None, variant: Variant,
+                 grammar=None) -> dict:
         return dict(max_new_tokens=max_new,
                     sampling=SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                                            seed=body.seed, ignore_eos=body.ignore_eos),
+                                            seed=body.seed, ignore_eos=body.ignore_eos, grammar=grammar),
                     presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                     logit_bias=body.bias(), logprobs=logprobs, echo_logprobs=echo,
                     stop_ids=frozenset(eos_ids(variant.model, variant.tokenizer)),
@@ -149,41 +151,63 @@ def create_app(config: ServeConfig, variants: list[Variant] | None = None) -> Fa
     @app.post("/v1/chat/completions", responses=documented(ChatCompletion, CHAT_STREAM))
     async def chat_completions(request: Request, body: ChatRequest):
         variant = server.route(body.model, user_of(request, body.user))
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        prompt = chat_prompt(variant.tokenizer, messages)
+        given = await run_in_threadpool(chat_input, body, variant)  # a new grammar takes milliseconds to build
         max_new = server.max_tokens(body.wanted_tokens(), server.config.default_max_tokens)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        run = Run(server, variant, "chat", [prompt] * body.n, job_args(body, max_new, top, None, variant),
-                  body.stop, user_of(request, body.user), "\n".join(m["content"] for m in messages))
+        run = Run(server, variant, "chat", [given.prompt] * body.n,
+                  job_args(body, max_new, top, None, variant, given.grammar),
+                  body.stop, user_of(request, body.user), "\n".join(m.text() for m in body.messages))
         run.start()
         extra = {"variant": variant.name, "experiment": variant.experiment}
         if body.stream:
-            return StreamingResponse(chat_stream(run, body, extra), media_type="text/event-stream", headers=headers(run))
+            return StreamingResponse(chat_stream(run, body, extra, given.calls), media_type="text/event-stream",
+                                     headers=headers(run))
         await until_done(request, run)
         if (failure := run.failure()) is not None:
             return failure.response()
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": chat_logprobs(variant.tokenizer, c.tokens) if body.logprobs else None,
-                    "finish_reason": c.finish} for c in run.choices]
+        choices = []
+        for c in run.choices:
+            message = {"role": "assistant", "content": c.text}
+            if given.calls:
+                message = CallStream(c.text).message()
+            choices.append({"index": c.index, "message": message,
+                            "logprobs": chat_logprobs(variant.tokenizer, c.tokens) if body.logprobs else None,
+                            "finish_reason": finish_reason(c.finish, message)})
         return JSONResponse({"id": run.id, "object": "chat.completion", "created": run.created, "model": body.model,
                              "choices": choices, "usage": run.usage(), **extra}, headers=headers(run))
 
-    async def chat_stream(run: Run, body: ChatRequest, extra: dict):
+    def finish_reason(finish: str, message: dict) -> str:
+        return "tool_calls" if finish == "stop" and message.get("tool_calls") else finish
+
+    async def chat_stream(run: Run, body: ChatRequest, extra: dict, calls: bool):
         head = {"id": run.id, "object": "chat.completion.chunk", "created": run.created, "model": body.model, **extra}
         for choice in run.choices:
             yield sse({**head, "choices": [{"index": choice.index, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}]})
         sent = [0] * len(run.choices)
+        closed = [False] * len(run.choices)
+        readers = [CallStream() for _ in run.choices] if calls else None
         async for choice, piece in run.events():
+            if closed[choice.index]:  # an event after its end (a stop string matched, then the job was cancelled)
+                continue
+            ended = choice.finish in ("stop", "length")
+            if readers is None:
+                deltas = [{"content": piece}] if piece else []
+            else:
+                deltas = readers[choice.index].feed(piece, final=ended)
             new_tokens = choice.tokens[sent[choice.index]:]
-            if piece or (body.logprobs and new_tokens):
-                sent[choice.index] = len(choice.tokens)
-                logprobs = chat_logprobs(run.variant.tokenizer, new_tokens) if body.logprobs else None
-                yield sse({**head, "choices": [{"index": choice.index, "delta": {"content": piece},
+            sent[choice.index] = len(choice.tokens)
+            if body.logprobs and new_tokens and not deltas:
+                deltas = [{"content": ""}]
+            for i, delta in enumerate(deltas):  # the new tokens' log-probs go with the first delta
+                logprobs = chat_logprobs(run.variant.tokenizer, new_tokens) if body.logprobs and i == 0 else None
+                yield sse({**head, "choices": [{"index": choice.index, "delta": delta,
                                                 "logprobs": logprobs, "finish_reason": None}]})
-            if choice.finish in ("stop", "length"):
+            if ended:
+                closed[choice.index] = True
+                message = readers[choice.index].message() if readers else {}
                 yield sse({**head, "choices": [{"index": choice.index, "delta": {}, "logprobs": None,
-                                                "finish_reason": choice.finish}]})
+                                                "finish_reason": finish_reason(choice.finish, message)}]})
         for line in stream_end(run, body, head):
             yield line
 

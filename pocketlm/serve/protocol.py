@@ -36,15 +36,82 @@ class ContentPart(BaseModel):
     text: str
 
 
+FunctionName = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
+class CalledFunction(BaseModel):
+    model_config = Lenient
+    name: FunctionName
+    arguments: str = "{}"  # JSON text, as the model wrote it
+
+
+class MessageToolCall(BaseModel):
+    """A call an assistant made earlier in the conversation."""
+    model_config = Lenient
+    id: str = Field(default="", max_length=128)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class Message(BaseModel):
     model_config = Lenient
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[MessageToolCall] | None = Field(default=None, max_length=64)  # an assistant's calls
+    tool_call_id: str | None = Field(default=None, max_length=128)  # a tool's result: the call it answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+    def for_template(self) -> dict:
+        """The message as chat templates take it (developer is system)."""
+        out: dict = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+class FunctionSpec(BaseModel):
+    model_config = Lenient
+    name: FunctionName
+    description: str | None = Field(default=None, max_length=8192)
+    parameters: dict | None = None  # a JSON Schema of the arguments (an object); none: no arguments
+    strict: bool | None = None  # always enforced here
+
+
+class ToolSpec(BaseModel):
+    model_config = Lenient
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(BaseModel):
+    model_config = Lenient
+    name: FunctionName
+
+
+class NamedToolChoice(BaseModel):
+    model_config = Lenient
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: FunctionName
+    description: str | None = None
+    schema_: dict = Field(alias="schema")
+    strict: bool | None = None  # always enforced here
+
+
+class ResponseFormat(BaseModel):
+    model_config = Lenient
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
 
 
 class StreamOptions(BaseModel):
@@ -91,6 +158,10 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[ToolSpec] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     def wanted_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -159,16 +230,28 @@ class Answer(BaseModel):
     experiment: str | None = None
 
 
+class ResponseFunction(BaseModel):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: ResponseFunction
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: list[ResponseToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: dict | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
 
 
 class ChatCompletion(Answer):
@@ -241,10 +324,15 @@ def _event_stream(chunk_object: str, choice: dict) -> dict:
 
 
 FINISH = {"enum": ["stop", "length", None]}
+_CALL_DELTA = {"type": "object", "required": ["index"], "properties": {
+    "index": {"type": "integer"}, "id": {"type": "string"}, "type": {"const": "function"},
+    "function": {"type": "object", "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}}}
 CHAT_STREAM = _event_stream("chat.completion.chunk", {
     "type": "object", "required": ["index", "delta", "finish_reason"],
-    "properties": {"index": {"type": "integer"}, "finish_reason": FINISH,
-                   "delta": {"type": "object", "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}}}})
+    "properties": {"index": {"type": "integer"}, "finish_reason": {"enum": ["stop", "length", "tool_calls", None]},
+                   "delta": {"type": "object", "properties": {
+                       "role": {"const": "assistant"}, "content": {"type": "string"},
+                       "tool_calls": {"type": "array", "items": _CALL_DELTA}}}}})
 COMPLETION_STREAM = _event_stream("text_completion", {
     "type": "object", "required": ["index", "text", "finish_reason"],
     "properties": {"index": {"type": "integer"}, "text": {"type": "string"}, "finish_reason": FINISH}})

@@ -25,7 +25,8 @@ from typing import Callable
 
 import torch
 
-from ..engine import NonFiniteLogitsError, SamplingParams, sample_next, seeded_generator
+from ..constrain import Guide
+from ..engine import NonFiniteLogitsError, SamplingParams, constrained, sample_next, seeded_generator
 from ..errors import ConfigError, ContextLengthError, PocketLMError
 
 log = logging.getLogger("pocketlm.serve")
@@ -80,6 +81,7 @@ class Job:
     deadline: float | None = None
     generator: torch.Generator | None = field(default=None, repr=False)
     echo: PromptLogprobs | None = field(default=None, repr=False)
+    guide: Guide | None = field(default=None, repr=False)  # its place in sampling.grammar, if it has one
 
     @property
     def pos(self) -> int:
@@ -94,7 +96,7 @@ class Job:
     def plain_greedy(self) -> bool:
         """The argmax of the raw logits is its token: no sampling, penalty or bias to apply."""
         return (self.sampling.greedy and not self.presence_penalty and not self.frequency_penalty
-                and not self.logit_bias)
+                and not self.logit_bias and self.guide is None)
 
 
 class Scheduler:
@@ -124,8 +126,6 @@ class Scheduler:
     def submit(self, job: Job, emit: Callable[[object], None]) -> Job:
         """Queue a job; `emit` receives its TokenEvent / PromptLogprobs / Finished events, from this
         scheduler's thread. Raises ContextLengthError or QueueFullError at once."""
-        if job.sampling.grammar is not None:  # the server has no constrained decoding yet: never ignore one
-            raise ConfigError("this server does not enforce output constraints yet")
         if not job.prompt_ids:
             raise ContextLengthError("the prompt is empty; give at least one token of text")
         if len(job.prompt_ids) >= self.context:
@@ -140,6 +140,8 @@ class Scheduler:
         if job.timeout:
             job.deadline = time.monotonic() + job.timeout
         job.generator = seeded_generator(job.sampling.seed)
+        if job.sampling.grammar is not None:
+            job.guide = job.sampling.grammar.guide()  # each job keeps its own place in the grammar
         with self._cond:
             if self._stopped:
                 raise QueueFullError(f"{self.name} is shutting down")
@@ -414,6 +416,8 @@ class Scheduler:
         if not finite:
             raise NonFiniteLogitsError("the model gave a NaN or infinite logit for this sequence")
         token = argmax if job.plain_greedy else self._sample(job, logits)
+        if job.guide is not None:
+            job.guide.advance(token)
         event = TokenEvent(token, eos=token in job.stop_ids and not job.sampling.ignore_eos)
         if job.logprobs is not None:
             event.logprob = float(logprobs[token])
@@ -430,6 +434,8 @@ class Scheduler:
             logits[0, ids] -= counts.float() * job.frequency_penalty + job.presence_penalty
         if job.logit_bias:
             logits[0, list(job.logit_bias)] += torch.tensor(list(job.logit_bias.values()))
+        if job.guide is not None:
+            logits = constrained(logits, [job.guide])
         return int(sample_next(logits, job.sampling, job.generator)[0])
 
 
