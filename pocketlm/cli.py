@@ -62,7 +62,7 @@ def _params(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, sto
 
 
 def _constraint_options():
-    """The output-constraint options `generate` and `chat` share (at most one of them)."""
+    """The output-constraint options `generate`, `chat` and `eval` share (at most one of them)."""
     return {
         "json_schema": typer.Option(None, "--json-schema", help="a JSON Schema file: the output is JSON that it accepts"),
         "regex": typer.Option(None, "--regex", help="the output matches this regular expression (Rust regex syntax)"),
@@ -71,18 +71,14 @@ def _constraint_options():
     }
 
 
-def _constrained(params, lm, tokenizer, json_schema: Path | None, regex: str | None, grammar: Path | None,
-                 choice: list[str] | None):
-    """params with the grammar of the one constraint given, checked against the model (or unchanged)."""
-    import dataclasses
-
+def _constraint(json_schema: Path | None, regex: str | None, grammar: Path | None, choice: list[str] | None):
+    """The one output constraint the options give (files read), or None."""
     from .constrain import Constraint
-    from .streaming import compile_constraint
 
     given = [(kind, value) for kind, value in (("json_schema", json_schema), ("regex", regex), ("grammar", grammar),
                                                 ("choice", choice)) if value is not None]
     if not given:
-        return params
+        return None
     if len(given) > 1:
         raise ConfigError("give one of --json-schema, --regex, --grammar or --choice, not several")
     kind, value = given[0]
@@ -92,7 +88,20 @@ def _constrained(params, lm, tokenizer, json_schema: Path | None, regex: str | N
         except (OSError, UnicodeDecodeError) as exc:
             what = "JSON Schema" if kind == "json_schema" else "grammar"
             raise ConfigError(f"{value}: cannot read the {what} file ({exc.__class__.__name__})") from None
-    return dataclasses.replace(params, grammar=compile_constraint(lm, tokenizer, Constraint(kind, value)))
+    return Constraint(kind, value)
+
+
+def _constrained(params, lm, tokenizer, json_schema: Path | None, regex: str | None, grammar: Path | None,
+                 choice: list[str] | None):
+    """params with the grammar of the one constraint given, checked against the model (or unchanged)."""
+    import dataclasses
+
+    from .streaming import compile_constraint
+
+    constraint = _constraint(json_schema, regex, grammar, choice)
+    if constraint is None:
+        return params
+    return dataclasses.replace(params, grammar=compile_constraint(lm, tokenizer, constraint))
 
 
 @app.command("import")
@@ -388,8 +397,13 @@ def eval_cmd(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="write the results JSON here"),
     log_samples: bool = typer.Option(False, help="include every example's scores and prediction in the JSON"),
     list_tasks: bool = typer.Option(False, "--list-tasks", help="list the built-in tasks and exit"),
+    json_schema: Optional[Path] = _constraint_options()["json_schema"],
+    regex: Optional[str] = _constraint_options()["regex"],
+    grammar: Optional[Path] = _constraint_options()["grammar"],
+    choice: Optional[list[str]] = _constraint_options()["choice"],
 ):
-    """Evaluate a model: multiple choice (acc, acc_norm), generation (exact match), perplexity."""
+    """Evaluate a model: multiple choice (acc, acc_norm), generation (exact match), perplexity. A constraint
+    option decodes the generation tasks' answers under it (compare with the same run without)."""
     import json
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -405,6 +419,7 @@ def eval_cmd(
     if not model or not tasks:
         raise ConfigError("give a model and --tasks (see --list-tasks)")
     specs = [t.strip() for t in tasks.split(",") if t.strip()]
+    constraint = _constraint(json_schema, regex, grammar, choice)
     path = resolve_model(model)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True) as bar:
@@ -416,7 +431,8 @@ def eval_cmd(
             bar.update(bars[name], completed=done, total=total)
 
         document = evaluate_dir(path, specs, dtype=dtype, num_fewshot=num_fewshot, limit=limit, max_tokens=max_tokens,
-                                batch_tokens=batch_tokens, progress=progress, log_samples=log_samples)
+                                batch_tokens=batch_tokens, progress=progress, log_samples=log_samples,
+                                constraint=constraint)
     sys.stdout.write(results_table(document) + "\n")
     if output:
         output.write_text(json.dumps(document, indent=2))

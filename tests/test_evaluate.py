@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.eval_vs_lm_eval import PIQA_YAML  # noqa: E402  (lm-eval's PIQA task, written for local files)
 
 from pocketlm.checkpoint import load_model
+from pocketlm.constrain import Constraint
 from pocketlm.errors import ConfigError
 from pocketlm.evaluate import loaders, records
 from pocketlm.evaluate.runner import evaluate, evaluate_dir
@@ -276,6 +278,10 @@ def test_task_file_runs(tiny, tmp_path):
     (("{{country}}", "{{contry}}"), "'prompt' template: 'contry' is undefined; the record's fields are: country, options, answer"),
     (("type: multiple_choice", "type: multiple-choice"), "type: Input should be 'multiple_choice', 'generate' or 'perplexity'"),
     (("target: \"{{answer}}\"\n", ""), "target: missing (required for type multiple_choice)"),
+    (("target:", "constraint: {choice: [a, b]}\ntarget:"), "constraint: only generate tasks decode their answers"),
+    (("target:", "constraint: {regex: a, choice: [a]}\ntarget:"), "constraint: Dictionary should have at most 1 item"),
+    (("target:", "constraint: {xml: a}\ntarget:"), "constraint.xml.[key]: Input should be 'json_schema'"),
+    (("type: multiple_choice", "type: generate\nconstraint: {json_schema: '{oops'}"), "constraint: the JSON Schema is not valid JSON"),
 ])
 def test_task_file_errors_are_one_line(tmp_path, change, message):
     from pocketlm.evaluate.taskfile import load_task_file
@@ -284,6 +290,45 @@ def test_task_file_errors_are_one_line(tmp_path, change, message):
     with pytest.raises(ConfigError) as info:
         load_task_file(path)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_generation_task_decodes_under_its_constraint_or_the_one_given(tiny, tmp_path):
+    """The constrained answers are the grammar's; the free ones are not; exact match and `parsed` count
+    them; a constraint given to evaluate overrides the task file's."""
+    write_jsonl(tmp_path / "sums.jsonl", [{"q": f"{a}+{b}", "a": str(a + b)} for a, b in ((1, 1), (2, 3), (4, 4))])
+    text = ('task: sums\ntype: generate\ndata: sums.jsonl\nprompt: "Q: {{q}}\\nA:"\ntarget: "{{a}}"\n'
+            'until: ["\\n"]\nmax_new_tokens: 12\n')
+    (tmp_path / "free.yaml").write_text(text)
+    (tmp_path / "number.yaml").write_text(text + 'constraint: {regex: " #### [0-9]{1,2}"}\n')
+    model, tok = load_model(tiny)
+    free = evaluate(model, tok, [str(tmp_path / "free.yaml")], log_samples=True)
+    number = evaluate(model, tok, [str(tmp_path / "number.yaml")], log_samples=True)
+    assert all(re.fullmatch(r" #### [0-9]{1,2}", s["completion"]) for s in number["samples"]["sums"])
+    assert not any(re.fullmatch(r" #### [0-9]{1,2}", s["completion"]) for s in free["samples"]["sums"])
+    result = number["results"]["sums"]
+    assert result["parsed"] == 1.0 and free["results"]["sums"]["parsed"] == 0.0
+    assert result["constraint"] == {"kind": "regex", "value": " #### [0-9]{1,2}"}
+    assert result["exact_match"] == result["exact_match_strict"] == \
+        sum(s["strict"] == s["gold"] for s in number["samples"]["sums"]) / 3
+    given = evaluate(model, tok, [str(tmp_path / "number.yaml")], log_samples=True,
+                     constraint=Constraint("choice", [" 2", " 5", " 8"]))
+    assert {s["completion"] for s in given["samples"]["sums"]} <= {" 2", " 5", " 8"}
+    assert given["settings"]["constraint"] == {"kind": "choice", "value": [" 2", " 5", " 8"]}
+
+
+def test_cli_eval_takes_the_constraint_options(tiny, tmp_path):
+    write_jsonl(tmp_path / "yn.jsonl", [{"q": "sky blue?", "a": "yes"}, {"q": "fire cold?", "a": "no"}])
+    (tmp_path / "yn.yaml").write_text('task: yn\ntype: generate\ndata: yn.jsonl\nprompt: "{{q}}"\ntarget: "{{a}}"\n'
+                                      'max_new_tokens: 4\n')
+    out = tmp_path / "results.json"
+    proc = run_cli("eval", str(tiny), "--tasks", str(tmp_path / "yn.yaml"), "--choice", "yes", "--choice", "no",
+                   "--log-samples", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "| yn | exact_match |" in proc.stdout
+    document = json.loads(out.read_text())
+    assert {s["completion"] for s in document["samples"]["yn"]} <= {"yes", "no"}
+    bad = run_cli("eval", str(tiny), "--tasks", str(tmp_path / "yn.yaml"), "--regex", "a(")
+    assert bad.returncode != 0 and "unclosed group" in bad.stderr and "Traceback" not in bad.stderr
 
 
 # ---- the command line --------------------------------------------------------------------------

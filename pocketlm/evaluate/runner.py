@@ -10,16 +10,18 @@ from pathlib import Path
 
 from .. import __version__
 from ..checkpoint import read_provenance
+from ..constrain import Constraint
 from ..engine import SamplingParams
 from ..errors import ConfigError
 from ..loading import open_model
 from ..model import expected_shapes
-from ..streaming import generate
+from ..streaming import compile_constraint, generate
 from .loaders import resolve_tasks
 from .perplexity import perplexity
 from .scoring import encode_pair, loglikelihoods
 from .tasks import (
     GENERATE,
+    INVALID,
     MULTIPLE_CHOICE,
     Example,
     Task,
@@ -72,25 +74,37 @@ def run_multiple_choice(model, tokenizer, task: Task, examples: list[Example], n
 
 
 def run_generation(model, tokenizer, task: Task, examples: list[Example], num_fewshot: int,
-                   progress: TaskProgress | None) -> tuple[dict, list[dict]]:
-    params = SamplingParams(max_new_tokens=task.max_new_tokens, temperature=0.0, stop=task.until)
+                   progress: TaskProgress | None, constraint: Constraint | None = None) -> tuple[dict, list[dict]]:
+    """Greedy answers scored by exact match after extraction (GSM8K's strict '#### N' and flexible last
+    number, as lm-evaluation-harness), and of the whole answer; `parsed` is the share with a strict answer.
+    Under a constraint (`constraint`, else the task's own) the answers are decoded under its grammar."""
+    constraint = constraint or task.constraint
+    grammar = compile_constraint(model, tokenizer, constraint) if constraint is not None else None
+    params = SamplingParams(max_new_tokens=task.max_new_tokens, temperature=0.0, stop=task.until, grammar=grammar)
     context = model.context_length
-    strict, flexible, samples = [], [], []
+    strict, flexible, whole, parsed, samples = [], [], [], [], []
     for i, example in enumerate(examples):
         prompt = task.context(example, fewshot_examples(task, examples, i, num_fewshot)) + example.query
         ids = tokenizer.encode(prompt)[-(context - task.max_new_tokens):]  # keep the question, drop early shots
-        text = generate(model, tokenizer, ids, params).text
+        generation = generate(model, tokenizer, ids, params)
+        text = generation.text
         gold = normalize_number(example.answer)
         got_strict, got_flexible = extract_answer(text)
         strict.append(float(normalize_number(got_strict) == gold))
         flexible.append(float(normalize_number(got_flexible) == gold))
-        samples.append({"query": example.query, "gold": gold, "completion": text,
+        whole.append(float(normalize_number(text) == gold))
+        parsed.append(float(got_strict != INVALID))
+        samples.append({"query": example.query, "gold": gold, "completion": text, "finish": generation.finish_reason,
                         "strict": got_strict, "flexible": got_flexible})
         if progress:
             progress(task.name, i + 1, len(examples))
-    (s, s_err), (f, f_err) = mean_and_stderr(strict), mean_and_stderr(flexible)
-    return {"exact_match_strict": s, "exact_match_strict_stderr": s_err,
-            "exact_match_flexible": f, "exact_match_flexible_stderr": f_err}, samples
+    metrics = {}
+    for name, values in (("exact_match_strict", strict), ("exact_match_flexible", flexible),
+                         ("exact_match", whole), ("parsed", parsed)):
+        metrics[name], metrics[name + "_stderr"] = mean_and_stderr(values)
+    if constraint is not None:
+        metrics["constraint"] = {"kind": constraint.kind, "value": constraint.value}
+    return metrics, samples
 
 
 def run_perplexity(model, tokenizer, task: Task, max_tokens: int | None, progress: TaskProgress | None) -> dict:
@@ -108,7 +122,7 @@ def run_perplexity(model, tokenizer, task: Task, max_tokens: int | None, progres
 
 def run_task(model, tokenizer, task: Task, num_fewshot: int | None = None, limit: int | None = None,
              max_tokens: int | None = None, batch_tokens: int = 4096, progress: TaskProgress | None = None,
-             ) -> tuple[dict, list[dict]]:
+             constraint: Constraint | None = None) -> tuple[dict, list[dict]]:
     started = time.perf_counter()
     if task.load is None:  # perplexity over a text file
         metrics, samples = run_perplexity(model, tokenizer, task, max_tokens, progress), []
@@ -120,7 +134,7 @@ def run_task(model, tokenizer, task: Task, num_fewshot: int | None = None, limit
         if task.kind == MULTIPLE_CHOICE:
             metrics, samples = run_multiple_choice(model, tokenizer, task, examples, shots, progress, batch_tokens)
         elif task.kind == GENERATE:
-            metrics, samples = run_generation(model, tokenizer, task, examples, shots, progress)
+            metrics, samples = run_generation(model, tokenizer, task, examples, shots, progress, constraint)
         else:
             raise ConfigError(f"task {task.name}: unknown kind {task.kind!r}")
         metrics.update(n=len(examples), num_fewshot=shots)
@@ -168,20 +182,23 @@ def model_facts(model, model_dir: Path | None) -> dict:
 
 def evaluate(model, tokenizer, tasks: list[str] | list[Task], num_fewshot: int | None = None, limit: int | None = None,
              max_tokens: int | None = None, batch_tokens: int = 4096, model_dir: Path | None = None,
-             progress: TaskProgress | None = None, log_samples: bool = False) -> dict:
-    """Run `tasks` (names, `NAME=PATH`, task files, or Task objects) and return the results document."""
+             progress: TaskProgress | None = None, log_samples: bool = False,
+             constraint: Constraint | None = None) -> dict:
+    """Run `tasks` (names, `NAME=PATH`, task files, or Task objects) and return the results document;
+    `constraint` decodes the generation tasks' answers under it."""
     tasks = resolve_tasks(tasks) if tasks and isinstance(tasks[0], str) else list(tasks)
     if not tasks:
         raise ConfigError("no tasks given; name at least one (see `pocketlm eval --list-tasks`)")
     results, samples = {}, {}
     for task in tasks:
         results[task.name], samples[task.name] = run_task(model, tokenizer, task, num_fewshot, limit, max_tokens,
-                                                          batch_tokens, progress)
+                                                          batch_tokens, progress, constraint)
     document = {
         "pocketlm_version": __version__,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "model": model_facts(model, model_dir),
-        "settings": {"num_fewshot": num_fewshot, "limit": limit, "max_tokens": max_tokens, "batch_tokens": batch_tokens},
+        "settings": {"num_fewshot": num_fewshot, "limit": limit, "max_tokens": max_tokens, "batch_tokens": batch_tokens,
+                     "constraint": None if constraint is None else {"kind": constraint.kind, "value": constraint.value}},
         "results": results,
         "groups": group_results(tasks, results),
     }

@@ -6,6 +6,7 @@
     prompt: "Question: What is the capital of {{country}}?\\nAnswer:"
     choices: "{{options}}"          # a list of templates, or one template giving a list
     target: "{{answer}}"            # an index into the choices, or the text of the right choice
+    constraint: {regex: "[0-9]+"}   # generate: decode the answer under a json_schema, regex, grammar or choice
 
 Templates are Jinja, as in lm-evaluation-harness (`doc_to_text`, `doc_to_choice`, `doc_to_target`).
 A typo in a key, a missing key, a missing data file or a template naming a field the records lack
@@ -17,12 +18,13 @@ from __future__ import annotations
 import ast
 import csv
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import jinja2
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..constrain import Constraint
 from ..errors import ConfigError
 from ..validation import validation_message
 from .records import read_records
@@ -45,6 +47,9 @@ class TaskFile(BaseModel):
     num_fewshot: int = Field(default=0, ge=0)
     until: list[str] = Field(default_factory=list)
     max_new_tokens: int = Field(default=256, gt=0)
+    # generate: decode the answer under one of json_schema (a schema), regex, grammar (Lark) or choice (a list)
+    constraint: dict[Literal["json_schema", "regex", "grammar", "choice"], Any] | None = Field(
+        default=None, min_length=1, max_length=1)
 
 
 _jinja = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
@@ -132,6 +137,15 @@ def load_task_file(path: Path) -> Task:
     fewshot_path = (path.parent / spec.fewshot_data).resolve() if spec.fewshot_data else None
     if fewshot_path is not None and not fewshot_path.is_file():
         raise ConfigError(f"{path}: fewshot_data: {spec.fewshot_data}: no such file (looked at {fewshot_path})")
+    constraint = None
+    if spec.constraint:
+        if spec.type != GENERATE:
+            raise ConfigError(f"{path}: constraint: only generate tasks decode their answers (this one is {spec.type})")
+        constraint = Constraint(*next(iter(spec.constraint.items())))
+        try:
+            constraint.grammar_text()  # a schema that is not JSON, or not a list of choices: now, before the model loads
+        except ConfigError as e:
+            raise ConfigError(f"{path}: constraint: {e}") from None
     renderer = _Renderer(spec, str(path))
     first = _records(data_path)[:1]
     if not first:
@@ -144,4 +158,5 @@ def load_task_file(path: Path) -> Task:
         description=spec.description, target_delimiter=spec.target_delimiter,
         fewshot_delimiter=spec.fewshot_delimiter, default_fewshot=spec.num_fewshot,
         until=spec.until, max_new_tokens=spec.max_new_tokens,
+        constraint=constraint,
     )

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..constrain import Constraint
+
 MULTIPLE_CHOICE = "multiple_choice"
 GENERATE = "generate"
 PERPLEXITY = "perplexity"
@@ -47,6 +49,7 @@ class Task:
     # generation
     until: list[str] = field(default_factory=list)
     max_new_tokens: int = 256
+    constraint: Constraint | None = None  # the answer is decoded under it (pocketlm.constrain)
     default_fewshot: int = 0
     # perplexity
     text_path: Path | None = None
@@ -87,12 +90,15 @@ STRICT_ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")
 ANY_NUMBER = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 
 
+INVALID = "[invalid]"  # no answer found (lm-evaluation-harness's marker)
+
+
 def extract_answer(text: str) -> tuple[str, str]:
     """(strict, flexible) answers from a GSM8K-style completion: the number after '####', and the last
     number anywhere in the text (lm-evaluation-harness's two filters)."""
     strict = STRICT_ANSWER.search(text)
     numbers = [a or b for a, b in ANY_NUMBER.findall(text)]
-    return (strict.group(1) if strict else "[invalid]"), (numbers[-1] if numbers else "[invalid]")
+    return (strict.group(1) if strict else INVALID), (numbers[-1] if numbers else INVALID)
 
 
 def normalize_number(text: str) -> str:

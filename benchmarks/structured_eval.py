@@ -1,0 +1,94 @@
+"""What constrained decoding is worth on real tasks: SmolLM2-135M-Instruct's answers with and without a
+constraint, through `pocketlm eval` (the same prompts, greedy, in one process).
+
+- GSM8K (5-shot, ../shared/data/gsm8k/test.jsonl): free, and under the regex GSM8K_FORMAT (reasoning of
+  at most 600 characters, then "#### " and an integer). Parsed: a strict "#### N" answer was found.
+- ARC-Challenge as a generation task (../shared/data/arc_raw, a task file written here): the model writes
+  the answer's label after "Answer:", free, and under the choice list of the labels. Parsed: the answer is
+  one of the labels.
+
+    .venv/bin/python benchmarks/structured_eval.py [--gsm8k 40] [--arc 300] [--threads 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+GSM8K_FORMAT = r"[^#]{0,600}#### -?[0-9][0-9,]{0,12}"
+LABELS = ["A", "B", "C", "D", "E", "1", "2", "3", "4", "5"]
+ARC_TASK = """\
+task: arc_challenge_label
+type: generate
+data: {data}
+prompt: "Question: {{{{ question.stem }}}}\\n{{% for c in question.choices %}}{{{{ c.label }}}}. {{{{ c.text }}}}\\n{{% endfor %}}Answer:"
+target: "{{{{ answerKey }}}}"
+until: ["\\n"]
+max_new_tokens: 8
+"""
+
+
+def run(model, tokenizer, task, limit: int, constraint) -> tuple[dict, list[dict]]:
+    from pocketlm.evaluate.runner import evaluate
+
+    document = evaluate(model, tokenizer, [task], limit=limit, log_samples=True, constraint=constraint)
+    name = next(iter(document["results"]))
+    return document["results"][name], document["samples"][name]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gsm8k", type=int, default=40, help="GSM8K questions")
+    ap.add_argument("--arc", type=int, default=300, help="ARC-Challenge questions")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    import tempfile
+
+    import torch
+
+    from pocketlm.constrain import Constraint
+    from pocketlm.evaluate.tasks import INVALID
+    from pocketlm.loading import open_model
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = open_model(args.model)
+    rows = []
+
+    def measure(name, task, limit, constraint, parsed):
+        for label, given in (("free", None), ("constrained", constraint)):
+            started = time.perf_counter()
+            metrics, samples = run(model, tokenizer, task, limit, given)
+            rows.append({"task": name, "decoding": label, "n": metrics["n"],
+                         "parsed": sum(map(parsed, samples)) / len(samples),
+                         "accuracy": metrics["exact_match_strict" if name == "gsm8k" else "exact_match"],
+                         "cut_by_length": sum(s["finish"] == "length" for s in samples) / len(samples),
+                         "seconds": round(time.perf_counter() - started, 1)})
+            print(json.dumps(rows[-1]), flush=True)
+
+    if args.gsm8k:
+        measure("gsm8k", "gsm8k", args.gsm8k, Constraint("regex", GSM8K_FORMAT), lambda s: s["strict"] != INVALID)
+    if args.arc:
+        with tempfile.TemporaryDirectory() as tmp:
+            task_file = Path(tmp) / "arc_label.yaml"
+            task_file.write_text(ARC_TASK.format(data=SHARED / "arc_raw" / "ARC-Challenge-Test.jsonl"))
+            measure("arc_challenge_label", str(task_file), args.arc, Constraint("choice", [" " + x for x in LABELS]),
+                    lambda s: s["completion"].strip() in LABELS)
+    print("\n| task | decoding | n | parsed | accuracy | cut by max tokens | s |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['task']} | {r['decoding']} | {r['n']} | {100 * r['parsed']:.1f}% | {100 * r['accuracy']:.1f}% | "
+              f"{100 * r['cut_by_length']:.1f}% | {r['seconds']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
