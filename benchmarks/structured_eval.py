@@ -3,11 +3,11 @@ constraint, through `pocketlm eval` (the same prompts, greedy, in one process).
 
 - GSM8K (5-shot, ../shared/data/gsm8k/test.jsonl): free, and under the regex GSM8K_FORMAT (reasoning of
   at most 600 characters, then "#### " and an integer). Parsed: a strict "#### N" answer was found.
-- ARC-Challenge as a generation task (../shared/data/arc_raw, a task file written here): the model writes
-  the answer's label after "Answer:", free, and under the choice list of the labels. Parsed: the answer is
-  one of the labels.
+- ARC-Challenge as a generation task (docs/tasks/arc_challenge_label.yaml over ../shared/data/arc_raw):
+  the model writes the answer's label after "Answer:", free, and under the choice list of the labels.
+  Parsed: the answer is one of the labels.
 
-    .venv/bin/python benchmarks/structured_eval.py [--gsm8k 40] [--arc 300] [--threads 2] [--json out.json]
+    .venv/bin/python benchmarks/structured_eval.py [--gsm8k 100] [--arc 500] [--threads 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -20,18 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 GSM8K_FORMAT = r"[^#]{0,600}#### -?[0-9][0-9,]{0,12}"
 LABELS = ["A", "B", "C", "D", "E", "1", "2", "3", "4", "5"]
-ARC_TASK = """\
-task: arc_challenge_label
-type: generate
-data: {data}
-prompt: "Question: {{{{ question.stem }}}}\\n{{% for c in question.choices %}}{{{{ c.label }}}}. {{{{ c.text }}}}\\n{{% endfor %}}Answer:"
-target: "{{{{ answerKey }}}}"
-until: ["\\n"]
-max_new_tokens: 8
-"""
+ARC_TASK = Path(__file__).resolve().parents[1] / "docs" / "tasks" / "arc_challenge_label.yaml"
 
 
 def run(model, tokenizer, task, limit: int, constraint) -> tuple[dict, list[dict]]:
@@ -44,14 +35,12 @@ def run(model, tokenizer, task, limit: int, constraint) -> tuple[dict, list[dict
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--gsm8k", type=int, default=40, help="GSM8K questions")
-    ap.add_argument("--arc", type=int, default=300, help="ARC-Challenge questions")
+    ap.add_argument("--gsm8k", type=int, default=100, help="GSM8K questions")
+    ap.add_argument("--arc", type=int, default=500, help="ARC-Challenge questions")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--json")
     args = ap.parse_args()
-
-    import tempfile
 
     import torch
 
@@ -77,11 +66,8 @@ def main() -> None:
     if args.gsm8k:
         measure("gsm8k", "gsm8k", args.gsm8k, Constraint("regex", GSM8K_FORMAT), lambda s: s["strict"] != INVALID)
     if args.arc:
-        with tempfile.TemporaryDirectory() as tmp:
-            task_file = Path(tmp) / "arc_label.yaml"
-            task_file.write_text(ARC_TASK.format(data=SHARED / "arc_raw" / "ARC-Challenge-Test.jsonl"))
-            measure("arc_challenge_label", str(task_file), args.arc, Constraint("choice", [" " + x for x in LABELS]),
-                    lambda s: s["completion"].strip() in LABELS)
+        measure("arc_challenge_label", str(ARC_TASK), args.arc, Constraint("choice", [" " + x for x in LABELS]),
+                lambda s: s["completion"].strip() in LABELS)
     print("\n| task | decoding | n | parsed | accuracy | cut by max tokens | s |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['task']} | {r['decoding']} | {r['n']} | {100 * r['parsed']:.1f}% | {100 * r['accuracy']:.1f}% | "

@@ -84,6 +84,16 @@ def read_tools(entries: list[dict]) -> list[Tool]:
 # ---------------------------------------------------------------------------------------------
 # the grammar
 # ---------------------------------------------------------------------------------------------
+def check_choice(tools: list[Tool], choice: str) -> None:
+    """A ConfigError unless `choice` (CHOICES, or a tool's name) can be met with these tools."""
+    if choice in CHOICES:
+        if choice != "none" and not tools:
+            raise ConfigError(f"tool_choice {choice!r} needs tools; give `tools` or leave tool_choice out")
+    elif not any(t.name == choice for t in tools):
+        known = ", ".join(t.name for t in tools) or "none given"
+        raise ConfigError(f"tool_choice names the function {choice!r}, which is not among the tools ({known})")
+
+
 def tool_constraint(tools: list[Tool], choice: str = "auto", parallel: bool = True,
                     answer: Constraint | None = None) -> Constraint:
     """What the model may write: `choice` is "none" (an answer, never a call), "auto" (an answer or
@@ -92,14 +102,9 @@ def tool_constraint(tools: list[Tool], choice: str = "auto", parallel: bool = Tr
     `parallel`: one or more calls, else exactly one."""
     if answer is not None and answer.kind not in _JSON_KINDS:
         raise ConfigError(f"tool calls combine with a JSON answer format only, not {answer.describe()}")
+    check_choice(tools, choice)
     if choice not in CHOICES:
-        named = [t for t in tools if t.name == choice]
-        if not named:
-            known = ", ".join(t.name for t in tools) or "none"
-            raise ConfigError(f"tool_choice names {choice!r}, which is not among the tools ({known})")
-        tools, choice, parallel = named, "required", False
-    elif choice != "none" and not tools:
-        raise ConfigError(f"tool_choice {choice!r} needs at least one tool")
+        tools, choice, parallel = [t for t in tools if t.name == choice], "required", False
     rules = {"start": {"none": "answer", "auto": "answer | calls", "required": "calls"}[choice]}
     if choice != "none":
         rules["calls"] = 'call ("\\n" call)*' if parallel else "call"

@@ -118,3 +118,15 @@ def test_structured_benchmark_runs_and_decodes_the_same_tokens_both_ways(smollm2
     result = json.loads(out.read_text())
     assert 0 < result["mask_ms_p50"] <= result["mask_ms_p99"]
     assert result["batch1_tok_s"]["free"] > 0 and result["batch8_tok_s"]["constrained"] > 0
+
+
+@pytest.mark.slow  # the real SmolLM2
+def test_structured_eval_benchmark_compares_free_and_constrained_answers(smollm2_dir, tmp_path):
+    out = tmp_path / "structured_eval.json"
+    run = subprocess.run([sys.executable, "benchmarks/structured_eval.py", "--gsm8k", "1", "--arc", "6", "--json", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {(r["task"], r["decoding"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {(t, d) for t in ("gsm8k", "arc_challenge_label") for d in ("free", "constrained")}
+    assert rows["arc_challenge_label", "constrained"]["parsed"] == 1.0  # a label, always
+    assert rows["gsm8k", "constrained"]["parsed"] == 1.0 and rows["gsm8k", "constrained"]["n"] == 1

@@ -5,7 +5,8 @@ cache and its prompt is prefilled a chunk at a time, so a long prompt delays the
 a step rather than by the whole prompt. When its prompt is in, it joins the batch at the next step and
 leaves it when it finishes, is cancelled (its client went away, or a stop string matched) or times out.
 Busy rows are kept contiguous (rows 0..n-1) so each step computes only them, over only the cache
-positions they reach.
+positions they reach. A request decoded under a grammar (response_format, tools) keeps its own place in
+it: its row's logits are masked to what its grammar allows before its token is chosen.
 
 One request cannot break another: a failure while preparing, prefilling, decoding or sampling one row
 ends that request alone (400 when a PocketLMError says the request was at fault, else 500, logged with

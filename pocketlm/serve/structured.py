@@ -11,7 +11,7 @@ from ..constrain import Constraint, Grammar
 from ..engine import eos_ids
 from ..errors import ConfigError
 from ..streaming import chat_prompt, compile_constraint
-from ..tools import compile_tools, read_calls, read_tools, tool_messages
+from ..tools import check_choice, compile_tools, read_calls, read_tools, tool_messages
 from .protocol import APIError, ChatRequest, ResponseFormat
 from .variants import Variant
 
@@ -32,9 +32,7 @@ def chat_input(body: ChatRequest, variant: Variant) -> ChatInput:
     choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
     if not isinstance(choice, str):
         choice = choice.function.name
-    if choice != "none" and not tools:
-        raise APIError(400, f"tool_choice {choice!r} needs tools; give `tools` or leave tool_choice out",
-                       param="tool_choice")
+    _guarded("tool_choice", lambda: check_choice(tools, choice))
     answer = _answer(body.response_format)
     extra: dict = {}
     if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
@@ -42,10 +40,6 @@ def chat_input(body: ChatRequest, variant: Variant) -> ChatInput:
     prompt = chat_prompt(tokenizer, messages, **extra)
     grammar = None
     if tools:
-        if choice not in ("none", "auto", "required") and not any(t.name == choice for t in tools):
-            known = ", ".join(t.name for t in tools)
-            raise APIError(400, f"tool_choice names the function {choice!r}, which is not among the tools ({known})",
-                           param="tool_choice")
         grammar = _guarded("tools", lambda: compile_tools(
             tools, choice, body.parallel_tool_calls, answer, tokenizer, variant.model.config.vocab_size,
             eos_ids(variant.model, tokenizer)))
@@ -69,7 +63,8 @@ def _guarded(param: str, build):
     try:
         return build()
     except ConfigError as e:
-        raise APIError(400, f"{param}: {e}", param=param) from None
+        message = str(e) if str(e).startswith(param) else f"{param}: {e}"
+        raise APIError(400, message, param=param) from None
 
 
 @dataclass
