@@ -1,8 +1,9 @@
 """What constrained decoding is worth on real tasks: SmolLM2-135M-Instruct's answers with and without a
 constraint, through `pocketlm eval` (the same prompts, greedy, in one process).
 
-- GSM8K (5-shot, ../shared/data/gsm8k/test.jsonl): free, and under the regex GSM8K_FORMAT (reasoning of
-  at most 600 characters, then "#### " and an integer). Parsed: a strict "#### N" answer was found.
+- GSM8K (5-shot, ../shared/data/gsm8k/test.jsonl): free, and under the Lark grammar
+  docs/structured/gsm8k_answer.lark (reasoning of at most 200 tokens, then "#### " and an integer).
+  Parsed: a strict "#### N" answer was found.
 - ARC-Challenge as a generation task (docs/tasks/arc_challenge_label.yaml over ../shared/data/arc_raw):
   the model writes the answer's label after "Answer:", free, and under the choice list of the labels.
   Parsed: the answer is one of the labels.
@@ -20,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-GSM8K_FORMAT = r"[^#]{0,600}#### -?[0-9][0-9,]{0,12}"
+GSM8K_FORMAT = Path(__file__).resolve().parents[1] / "docs" / "structured" / "gsm8k_answer.lark"
 LABELS = ["A", "B", "C", "D", "E", "1", "2", "3", "4", "5"]
 ARC_TASK = Path(__file__).resolve().parents[1] / "docs" / "tasks" / "arc_challenge_label.yaml"
 
@@ -64,7 +65,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
 
     if args.gsm8k:
-        measure("gsm8k", "gsm8k", args.gsm8k, Constraint("regex", GSM8K_FORMAT), lambda s: s["strict"] != INVALID)
+        measure("gsm8k", "gsm8k", args.gsm8k, Constraint("grammar", GSM8K_FORMAT.read_text()), lambda s: s["strict"] != INVALID)
     if args.arc:
         measure("arc_challenge_label", str(ARC_TASK), args.arc, Constraint("choice", [" " + x for x in LABELS]),
                 lambda s: s["completion"].strip() in LABELS)

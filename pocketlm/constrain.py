@@ -34,17 +34,24 @@ class Constraint:
     kind: str
     value: Any = None
 
+    def schema(self) -> dict | bool:
+        """A json_schema or json_object constraint's JSON Schema, parsed."""
+        if self.kind == "json_object":
+            return {"type": "object"}
+        schema = self.value
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"the JSON Schema is not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(schema, (dict, bool)):
+            raise ConfigError("a JSON Schema must be a JSON object (or true/false)")
+        return schema
+
     def grammar_text(self) -> str:
         """The constraint as an llguidance grammar (not yet checked)."""
         if self.kind == "json_schema":
-            schema = self.value
-            if isinstance(schema, str):
-                try:
-                    schema = json.loads(schema)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"the JSON Schema is not valid JSON ({e.msg} at line {e.lineno})") from None
-            if not isinstance(schema, (dict, bool)):
-                raise ConfigError("a JSON Schema must be a JSON object (or true/false)")
+            schema = self.schema()
             try:
                 return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
             except (ValueError, TypeError, RuntimeError) as e:

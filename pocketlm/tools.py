@@ -112,17 +112,12 @@ def tool_constraint(tools: list[Tool], choice: str = "auto", parallel: bool = Tr
         for i, tool in enumerate(tools):
             head = json.dumps(OPEN + '{"name": ' + json.dumps(tool.name) + ', "arguments": ')
             rules[f"call_{i}"] = f"{head} {_inline_json(tool.parameters)} {json.dumps('}' + CLOSE)}"
-    if choice == "required":
-        pass
-    elif answer is None:
+    if choice != "required" and answer is not None:
+        rules["answer"] = _inline_json(answer.schema())
+    elif choice != "required":
         rules["answer"] = "TEXT"
         # any text, except text that opens a call: that must be a call, under its schema
         rules["TEXT"] = r"/(.|\n)*/ & ~/<tool_call>(.|\n)*/"
-    else:
-        schema = answer.value if answer.kind == "json_schema" else {"type": "object"}
-        if isinstance(schema, str):
-            schema = _json(schema, "the JSON Schema")
-        rules["answer"] = _inline_json(schema)
     return Constraint("grammar", "\n".join(f"{name}: {body}" for name, body in rules.items()))
 
 
@@ -138,6 +133,8 @@ def compile_tools(tools: list[Tool], choice: str, parallel: bool, answer: Constr
                 Grammar.build(Constraint("json_schema", tool.parameters), tokenizer, vocab_size, eos)
             except ConfigError as e:
                 raise ConfigError(f"tools[{i}] ({tool.name}) parameters: {e}") from None
+        if answer is not None:
+            Grammar.build(answer, tokenizer, vocab_size, eos)  # the answer's schema, then
         raise
 
 
@@ -146,13 +143,6 @@ def _inline_json(schema: Any) -> str:
     if isinstance(schema, dict):
         schema = {"x-guidance": JSON_OPTIONS, **schema}
     return "%json " + json.dumps(schema)
-
-
-def _json(text: str, what: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{what} is not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,10 +159,10 @@ def read_calls(text: str, final: bool = True) -> tuple[str | None, list[ToolCall
     """(answer, calls) in an output written under `tool_constraint`: the answer's text, or None when the
     output is calls. Not `final` (the output is still streaming), an output that may yet open a call is
     neither, and the last call may be incomplete."""
-    if not text.startswith(OPEN[:len(text)] if len(text) < len(OPEN) else OPEN):
-        return text, []
-    if len(text) < len(OPEN):
+    if len(text) < len(OPEN) and OPEN.startswith(text):  # it may still open a call
         return (text if final else None), []
+    if not text.startswith(OPEN):
+        return text, []
     calls: list[ToolCall] = []
     at = 0
     while (head := _HEAD.match(text, at)) is not None:
