@@ -293,7 +293,7 @@ def test_task_file_errors_are_one_line(tmp_path, change, message):
 
 
 def test_a_generation_task_decodes_under_its_constraint_or_the_one_given(tiny, tmp_path):
-    """The constrained answers are the grammar's; the free ones are not; exact match and `parsed` count
+    """The constrained answers are the grammar's; the free ones are not; exact match and `strict_found` count
     them; a constraint given to evaluate overrides the task file's."""
     write_jsonl(tmp_path / "sums.jsonl", [{"q": f"{a}+{b}", "a": str(a + b)} for a, b in ((1, 1), (2, 3), (4, 4))])
     text = ('task: sums\ntype: generate\ndata: sums.jsonl\nprompt: "Q: {{q}}\\nA:"\ntarget: "{{a}}"\n'
@@ -306,7 +306,7 @@ def test_a_generation_task_decodes_under_its_constraint_or_the_one_given(tiny, t
     assert all(re.fullmatch(r" #### [0-9]{1,2}", s["completion"]) for s in number["samples"]["sums"])
     assert not any(re.fullmatch(r" #### [0-9]{1,2}", s["completion"]) for s in free["samples"]["sums"])
     result = number["results"]["sums"]
-    assert result["parsed"] == 1.0 and free["results"]["sums"]["parsed"] == 0.0
+    assert result["strict_found"] == 1.0 and free["results"]["sums"]["strict_found"] == 0.0
     assert result["constraint"] == {"kind": "regex", "value": " #### [0-9]{1,2}"}
     assert result["exact_match"] == result["exact_match_strict"] == \
         sum(s["strict"] == s["gold"] for s in number["samples"]["sums"]) / 3

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 # the metrics shown per task kind, in order
-SHOWN = ("acc", "acc_norm", "exact_match_strict", "exact_match_flexible", "exact_match", "parsed", "word_perplexity",
-         "token_perplexity", "bits_per_byte")
-PERCENT = ("acc", "acc_norm", "exact_match_strict", "exact_match_flexible", "exact_match", "parsed", "acc_subject_mean")
+SHOWN = ("acc", "acc_norm", "exact_match_strict", "exact_match_flexible", "exact_match", "strict_found",
+         "word_perplexity", "token_perplexity", "bits_per_byte")
+PERCENT = ("acc", "acc_norm", "exact_match_strict", "exact_match_flexible", "exact_match", "strict_found",
+           "acc_subject_mean")
 
 
 def format_value(metric: str, value: float) -> str:

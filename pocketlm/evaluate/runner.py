@@ -76,13 +76,13 @@ def run_multiple_choice(model, tokenizer, task: Task, examples: list[Example], n
 def run_generation(model, tokenizer, task: Task, examples: list[Example], num_fewshot: int,
                    progress: TaskProgress | None, constraint: Constraint | None = None) -> tuple[dict, list[dict]]:
     """Greedy answers scored by exact match after extraction (GSM8K's strict '#### N' and flexible last
-    number, as lm-evaluation-harness), and of the whole answer; `parsed` is the share with a strict answer.
+    number, as lm-evaluation-harness) and of the whole answer; `strict_found`: the share with a strict answer.
     Under a constraint (`constraint`, else the task's own) the answers are decoded under its grammar."""
     constraint = constraint or task.constraint
     grammar = compile_constraint(model, tokenizer, constraint) if constraint is not None else None
     params = SamplingParams(max_new_tokens=task.max_new_tokens, temperature=0.0, stop=task.until, grammar=grammar)
     context = model.context_length
-    strict, flexible, whole, parsed, samples = [], [], [], [], []
+    strict, flexible, whole, found, samples = [], [], [], [], []
     for i, example in enumerate(examples):
         prompt = task.context(example, fewshot_examples(task, examples, i, num_fewshot)) + example.query
         ids = tokenizer.encode(prompt)[-(context - task.max_new_tokens):]  # keep the question, drop early shots
@@ -93,14 +93,14 @@ def run_generation(model, tokenizer, task: Task, examples: list[Example], num_fe
         strict.append(float(normalize_number(got_strict) == gold))
         flexible.append(float(normalize_number(got_flexible) == gold))
         whole.append(float(normalize_number(text) == gold))
-        parsed.append(float(got_strict != INVALID))
+        found.append(float(got_strict != INVALID))
         samples.append({"query": example.query, "gold": gold, "completion": text, "finish": generation.finish_reason,
                         "strict": got_strict, "flexible": got_flexible})
         if progress:
             progress(task.name, i + 1, len(examples))
     metrics = {}
     for name, values in (("exact_match_strict", strict), ("exact_match_flexible", flexible),
-                         ("exact_match", whole), ("parsed", parsed)):
+                         ("exact_match", whole), ("strict_found", found)):
         metrics[name], metrics[name + "_stderr"] = mean_and_stderr(values)
     if constraint is not None:
         metrics["constraint"] = {"kind": constraint.kind, "value": constraint.value}
