@@ -295,7 +295,7 @@ def test_task_file_errors_are_one_line(tmp_path, change, message):
 def test_a_generation_task_decodes_under_its_constraint_or_the_one_given(tiny, tmp_path):
     """The constrained answers are the grammar's; the free ones are not; exact match and `strict_found` count
     them; a constraint given to evaluate overrides the task file's."""
-    write_jsonl(tmp_path / "sums.jsonl", [{"q": f"{a}+{b}", "a": str(a + b)} for a, b in ((1, 1), (2, 3), (4, 4))])
+    write_jsonl(tmp_path / "sums.jsonl", [{"q": f"{a}+{b}", "a": f"#### {a + b}"} for a, b in ((1, 1), (2, 3), (4, 4))])
     text = ('task: sums\ntype: generate\ndata: sums.jsonl\nprompt: "Q: {{q}}\\nA:"\ntarget: "{{a}}"\n'
             'until: ["\\n"]\nmax_new_tokens: 12\n')
     (tmp_path / "free.yaml").write_text(text)
@@ -324,7 +324,7 @@ def test_cli_eval_takes_the_constraint_options(tiny, tmp_path):
     proc = run_cli("eval", str(tiny), "--tasks", str(tmp_path / "yn.yaml"), "--choice", "yes", "--choice", "no",
                    "--log-samples", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert "| yn | exact_match |" in proc.stdout
+    assert "| yn | exact_match |" in proc.stdout and "strict" not in proc.stdout  # no '#### N' answers to extract
     document = json.loads(out.read_text())
     assert {s["completion"] for s in document["samples"]["yn"]} <= {"yes", "no"}
     bad = run_cli("eval", str(tiny), "--tasks", str(tmp_path / "yn.yaml"), "--regex", "a(")

@@ -75,9 +75,10 @@ def run_multiple_choice(model, tokenizer, task: Task, examples: list[Example], n
 
 def run_generation(model, tokenizer, task: Task, examples: list[Example], num_fewshot: int,
                    progress: TaskProgress | None, constraint: Constraint | None = None) -> tuple[dict, list[dict]]:
-    """Greedy answers scored by exact match after extraction (GSM8K's strict '#### N' and flexible last
-    number, as lm-evaluation-harness) and of the whole answer; `strict_found`: the share with a strict answer.
-    Under a constraint (`constraint`, else the task's own) the answers are decoded under its grammar."""
+    """Greedy answers scored by exact match of the whole answer and, where the gold answers end in
+    '#### N' (GSM8K's form), after extraction as lm-evaluation-harness does (strict '#### N', flexible last
+    number), with `strict_found`, the share with a strict answer. Under a constraint (`constraint`, else
+    the task's own) the answers are decoded under its grammar."""
     constraint = constraint or task.constraint
     grammar = compile_constraint(model, tokenizer, constraint) if constraint is not None else None
     params = SamplingParams(max_new_tokens=task.max_new_tokens, temperature=0.0, stop=task.until, grammar=grammar)
@@ -98,9 +99,11 @@ def run_generation(model, tokenizer, task: Task, examples: list[Example], num_fe
                         "strict": got_strict, "flexible": got_flexible})
         if progress:
             progress(task.name, i + 1, len(examples))
+    scored = [("exact_match", whole)]
+    if any("####" in example.answer for example in examples):
+        scored = [("exact_match_strict", strict), ("exact_match_flexible", flexible)] + scored + [("strict_found", found)]
     metrics = {}
-    for name, values in (("exact_match_strict", strict), ("exact_match_flexible", flexible),
-                         ("exact_match", whole), ("strict_found", found)):
+    for name, values in scored:
         metrics[name], metrics[name + "_stderr"] = mean_and_stderr(values)
     if constraint is not None:
         metrics["constraint"] = {"kind": constraint.kind, "value": constraint.value}
