@@ -245,7 +245,8 @@ def tool_messages(messages: list[dict], tools: list[Tool], template_has_tools: b
         elif m.get("tool_calls"):
             calls = "\n".join(call_text(c["function"]["name"], c["function"].get("arguments") or "{}")
                               for c in m["tool_calls"])
-            out.append({"role": m["role"], "content": (m.get("content") or "") + ("\n" if m.get("content") else "") + calls})
+            said = m.get("content") or ""
+            out.append({"role": m["role"], "content": said + ("\n" if said else "") + calls})
         else:
             out.append({"role": m["role"], "content": m.get("content") or ""})
     out = [{k: v for k, v in m.items() if k != "_results"} for m in out]

@@ -101,7 +101,7 @@ def run_generation(model, tokenizer, task: Task, examples: list[Example], num_fe
             progress(task.name, i + 1, len(examples))
     scored = [("exact_match", whole)]
     if any("####" in example.answer for example in examples):
-        scored = [("exact_match_strict", strict), ("exact_match_flexible", flexible)] + scored + [("strict_found", found)]
+        scored = [("exact_match_strict", strict), ("exact_match_flexible", flexible), *scored, ("strict_found", found)]
     metrics = {}
     for name, values in scored:
         metrics[name], metrics[name + "_stderr"] = mean_and_stderr(values)
