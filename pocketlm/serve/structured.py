@@ -87,7 +87,7 @@ class CallStream:
             return deltas
         for index, call in enumerate(calls):
             if index == len(self.ids):
-                self.ids.append("call_" + uuid.uuid4().hex[:24])
+                self.ids.append(_call_id())
                 self.arguments_sent.append(0)
                 deltas.append({"tool_calls": [{"index": index, "id": self.ids[index], "type": "function",
                                                "function": {"name": call.name, "arguments": ""}}]})
@@ -101,9 +101,13 @@ class CallStream:
         """The assistant message of the whole output (after the last `feed`)."""
         answer, calls = read_calls(self.text)
         while len(self.ids) < len(calls):
-            self.ids.append("call_" + uuid.uuid4().hex[:24])
+            self.ids.append(_call_id())
         if answer is not None:
             return {"role": "assistant", "content": answer}
         return {"role": "assistant", "content": None,
                 "tool_calls": [{"id": i, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
                                for i, c in zip(self.ids, calls)]}
+
+
+def _call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
