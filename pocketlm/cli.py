@@ -560,6 +560,49 @@ def ab_report_cmd(
         err.print(f"json: {json_out}", highlight=False)
 
 
+data_app = typer.Typer(help="Datasets: test collections converted to the layouts pocketlm reads.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("cranfield")
+def data_cranfield(
+    source: Path = typer.Argument(..., help="a directory with cran.all.1400, cran.qry and cranqrel"),
+    destination: Path = typer.Argument(..., help="where the BEIR layout goes (corpus.jsonl, queries.jsonl, qrels/test.tsv)"),
+) -> None:
+    """Convert the Cranfield collection to BEIR's layout (queries numbered by position, gain = 5 - grade)."""
+    from .retrieval.collection import read_cranfield, write_beir
+
+    collection = read_cranfield(source)
+    write_beir(collection, destination)
+    judgements = sum(len(j) for j in collection.qrels.values())
+    sys.stdout.write(f"{destination}: {len(collection.corpus)} documents, {len(collection.queries)} queries, "
+                     f"{judgements} judgements\n")
+
+
+@app.command("eval-retrieval")
+def eval_retrieval_cmd(
+    dataset: Path = typer.Argument(..., help="a BEIR-layout directory, or the Cranfield files' directory"),
+    retriever: list[str] = typer.Option(["bm25"], "--retriever", "-r", help="bm25 (repeatable)"),
+    k: int = typer.Option(100, help="documents retrieved per query"),
+    run_dir: Optional[Path] = typer.Option(None, "--runs", help="write each retriever's run (TREC format) here"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write the results JSON here"),
+) -> None:
+    """Score retrievers on a test collection: nDCG@10, recall@10, recall@100, MAP and MRR (trec_eval's)."""
+    import json
+
+    from .retrieval.evaluate import evaluate_retrieval
+
+    document = evaluate_retrieval(dataset, retriever, k=k, run_dir=run_dir)
+    lines = ["| retriever | nDCG@10 | recall@10 | recall@100 | MAP | MRR | queries | index s | search s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in document["results"].items():
+        lines.append(f"| {name} | {r['ndcg@10']:.4f} | {r['recall@10']:.4f} | {r['recall@100']:.4f} | {r['map']:.4f} | "
+                     f"{r['mrr']:.4f} | {r['queries']} | {r['index_s']:.2f} | {r['search_s']:.2f} |")
+    sys.stdout.write("\n".join(lines) + "\n")
+    if output:
+        output.write_text(json.dumps(document, indent=2))
+
+
 @app.command("drift")
 def drift_cmd(
     db: str = typer.Option("pocketlm-serve.db", "--db", help="the server's request log (SQLite path or SQLAlchemy URL)"),

@@ -130,3 +130,12 @@ def test_structured_eval_benchmark_compares_free_and_constrained_answers(smollm2
     assert set(rows) == {(t, d) for t in ("gsm8k", "arc_challenge_label") for d in ("free", "constrained")}
     assert rows["arc_challenge_label", "constrained"]["parsed"] == 1.0  # a label, always
     assert rows["gsm8k", "constrained"]["parsed"] == 1.0 and rows["gsm8k", "constrained"]["n"] == 1
+
+
+def test_retrieval_benchmark_scores_bm25_on_cranfield(shared_data, tmp_path):
+    out = tmp_path / "retrieval.json"
+    run = subprocess.run([sys.executable, "benchmarks/retrieval.py", "--repeats", "1", "--json", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    bm25 = json.loads(out.read_text())["bm25"]
+    assert 0.2 < bm25["ndcg@10"] < 0.6 and 0 < bm25["query_ms_p50"] <= bm25["query_ms_p99"]
