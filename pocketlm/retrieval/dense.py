@@ -10,6 +10,7 @@ import torch
 
 from ..errors import ConfigError
 from ..hub import DEFAULT_EMBEDDER, EMBEDDERS, fetch_embedder
+from .measures import ranking
 
 
 def embedder_path(name_or_dir: str) -> str:
@@ -60,8 +61,6 @@ class Dense:
 def reciprocal_rank_fusion(runs: list[dict[str, float]], k: int = 100, constant: int = 60) -> dict[str, float]:
     """One query's fused ranking: each document scores sum(1 / (constant + rank)) over the runs that
     retrieved it (Cormack et al. 2009; constant 60 as there), the top k kept."""
-    from .measures import ranking
-
     fused: dict[str, float] = {}
     for run in runs:
         for rank, doc in enumerate(ranking(run), 1):
