@@ -29,6 +29,7 @@ CHOICES = ("none", "auto", "required")
 NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for function names
 _HEAD = re.compile(r'<tool_call>\n\{"name": "(' + NAME.pattern + r')", "arguments": ')
 _JSON_KINDS = ("json_schema", "json_object")
+_DECODER = json.JSONDecoder()
 
 
 @dataclass(frozen=True)
@@ -177,27 +178,13 @@ def read_calls(text: str, final: bool = True) -> tuple[str | None, list[ToolCall
 
 
 def _json_end(text: str, start: int) -> int | None:
-    """The index just past the JSON object that starts at `start` (after any whitespace), or None while
-    it is not closed."""
-    depth, in_string, escaped = 0, False, False
-    for i in range(start, len(text)):
-        c = text[i]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif c == "\\":
-                escaped = True
-            elif c == '"':
-                in_string = False
-        elif c == '"':
-            in_string = True
-        elif c in "{[":
-            depth += 1
-        elif c in "}]":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return None
+    """The index just past the JSON value that starts at `start` (after any whitespace), or None while
+    it is not complete."""
+    at = len(text) - len(text[start:].lstrip())
+    try:
+        return _DECODER.raw_decode(text, at)[1]
+    except json.JSONDecodeError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
