@@ -604,6 +604,129 @@ def eval_retrieval_cmd(
         output.write_text(json.dumps(document, indent=2))
 
 
+index_app = typer.Typer(help="Indexes of local documents for retrieval and `pocketlm ask`.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+STRICT_HELP = "stop at the first document that cannot be read, instead of naming it and going on"
+
+
+def _report_update(report) -> None:
+    for line in report.skipped:
+        err.print(f"skipped: {line}", highlight=False, soft_wrap=True)
+    sys.stdout.write(report.summary() + "\n")
+
+
+@index_app.command("build")
+def index_build_cmd(
+    documents: list[Path] = typer.Argument(..., help="files and folders (.txt, .md, .html, .pdf, .jsonl)"),
+    output: Path = typer.Option(..., "--out", "-o", help="the index folder; rebuilding into it skips unchanged files"),
+    embedder: Optional[str] = typer.Option(None, help="a sentence-transformers directory or name (default all-minilm-l6-v2)"),
+    chunk_tokens: Optional[int] = typer.Option(None, help="chunk length in the embedder's tokens (default 128)"),
+    overlap: Optional[int] = typer.Option(None, help="tokens each chunk repeats of the one before (default 32)"),
+    strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
+) -> None:
+    """Index documents: chunks by tokens, embedded, in SQLite with memory-mapped vectors. Indexed files no
+    longer among DOCUMENTS are dropped; unchanged ones are not embedded again."""
+    from .retrieval.chunking import Chunking
+    from .retrieval.index import Index
+
+    chunking = None
+    if chunk_tokens is not None or overlap is not None:
+        chunking = Chunking(chunk_tokens if chunk_tokens is not None else Chunking.tokens,
+                            overlap if overlap is not None else Chunking.overlap)
+    index = Index.open_or_create(output, embedder, chunking)
+    report = index.update(documents, strict=strict, prune=True)
+    _report_update(report)
+    if not index.stats()["chunks"]:
+        raise ConfigError(f"nothing could be indexed: all {len(report.skipped)} documents were unreadable")
+
+
+@index_app.command("add")
+def index_add_cmd(
+    index_dir: Path = typer.Argument(..., metavar="INDEX", help="an index folder (`pocketlm index build`)"),
+    documents: list[Path] = typer.Argument(..., help="files and folders to add or update"),
+    strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
+) -> None:
+    """Add files to an index, or update changed ones, without rebuilding it."""
+    from .retrieval.index import Index
+
+    _report_update(Index.open(index_dir).update(documents, strict=strict))
+
+
+@index_app.command("remove")
+def index_remove_cmd(
+    index_dir: Path = typer.Argument(..., metavar="INDEX", help="an index folder"),
+    documents: list[Path] = typer.Argument(..., help="indexed files, or folders whose files to drop"),
+) -> None:
+    """Drop files from an index."""
+    from .retrieval.index import Index
+
+    removed = Index.open(index_dir).remove(documents)
+    sys.stdout.write("".join(f"removed {path}\n" for path in removed))
+
+
+@index_app.command("info")
+def index_info_cmd(index_dir: Path = typer.Argument(..., metavar="INDEX", help="an index folder")) -> None:
+    """An index's size and provenance (embedder, chunking, pocketlm version) as JSON."""
+    import json
+
+    from .retrieval.index import Index
+
+    sys.stdout.write(json.dumps(Index.open(index_dir).stats(), indent=2) + "\n")
+
+
+@index_app.command("search")
+def index_search_cmd(
+    index_dir: Path = typer.Argument(..., metavar="INDEX", help="an index folder"),
+    query: str = typer.Argument(...),
+    k: int = typer.Option(5, "-k", help="passages to show"),
+    retriever: str = typer.Option("hybrid", "--retriever", "-r", help="bm25, dense or hybrid"),
+    embedder: Optional[str] = typer.Option(None, help="must be the index's own (default: it)"),
+) -> None:
+    """The passages an index gives for a query, best first."""
+    from .retrieval.index import Index
+    from .retrieval.search import Searcher
+
+    for p in Searcher(Index.open(index_dir, embedder), retriever).search(query, k):
+        text = " ".join(p.text.split())
+        sys.stdout.write(f"[{p.number}] {p.score:.4f} {p.doc_id}, characters {p.start}-{p.end}: "
+                         f"{text[:200]}{'...' if len(text) > 200 else ''}\n")
+
+
+@app.command("ask")
+def ask_cmd(
+    index_dir: Path = typer.Argument(..., metavar="INDEX", help="an index folder (`pocketlm index build`)"),
+    model: str = typer.Argument(..., help="an instruction-tuned model directory or name"),
+    question: str = typer.Argument(...),
+    k: int = typer.Option(4, "-k", help="passages given to the model"),
+    retriever: str = typer.Option("hybrid", "--retriever", "-r", help="bm25, dense or hybrid"),
+    embedder: Optional[str] = typer.Option(None, help="must be the index's own (default: it)"),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n"),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 is greedy"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    json_out: bool = typer.Option(False, "--json", help="print the answer, citations and sources as one JSON object"),
+) -> None:
+    """Answer a question from an index: the top passages, numbered, in the chat template; the answer cites them."""
+    import json
+
+    from .retrieval.answer import Answer, format_sources, stream_answer
+    from .retrieval.index import Index
+    from .retrieval.search import Searcher
+
+    params = _params(max_tokens, temperature, 0, 1.0, 1.0, seed, None)
+    with err.status(f"loading {index_dir} and {model} ..."):
+        searcher = Searcher(Index.open(index_dir, embedder), retriever)
+        lm, tokenizer = _load(model)
+    answer = Answer(question)
+    for piece in stream_answer(searcher, lm, tokenizer, question, k, params, answer):
+        if not json_out:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    if json_out:
+        sys.stdout.write(json.dumps(answer.as_dict(), indent=2) + "\n")
+    else:
+        sys.stdout.write("\n\nSources:\n" + format_sources(answer) + "\n")
+
+
 @app.command("drift")
 def drift_cmd(
     db: str = typer.Option("pocketlm-serve.db", "--db", help="the server's request log (SQLite path or SQLAlchemy URL)"),

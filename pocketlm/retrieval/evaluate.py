@@ -11,8 +11,7 @@ from .bm25 import BM25
 from .collection import Collection, read_beir, read_cranfield
 from .dense import Dense, reciprocal_rank_fusion
 from .measures import evaluate_run, write_run
-
-RETRIEVERS = ("bm25", "dense", "hybrid")
+from .search import RETRIEVERS
 
 
 def load_collection(path: str | Path) -> Collection:
