@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import SamplingParams, eos_ids
-from ..errors import PocketLMError
+from ..errors import ConfigError, PocketLMError
 from .config import ServeConfig
 from .generation import (
     Run,
@@ -44,15 +45,18 @@ from .protocol import (
     ChatRequest,
     Completion,
     CompletionRequest,
+    EmbeddingList,
+    EmbeddingRequest,
     FeedbackRequest,
     FeedbackResponse,
     Health,
     ModelList,
     documented,
 )
+from .rag import Library, cited, sources
 from .report import ab_report
 from .server import Server
-from .structured import CallStream, chat_input
+from .structured import CallStream, ChatInput, chat_input
 from .variants import Variant, load_variant
 
 STATIC = Path(__file__).parent / "static"
@@ -63,12 +67,26 @@ log = logging.getLogger("pocketlm.serve")
 # the app
 # ---------------------------------------------------------------------------------------------
 def create_app(config: ServeConfig, variants: list[Variant] | None = None) -> FastAPI:
-    """The FastAPI app for a config; `variants` are loaded from it unless given."""
-    if variants is None:
-        variants = [load_variant(spec, config) for spec in config.models]
-        if config.experiment:
-            variants += [load_variant(spec, config, config.experiment.name) for spec in config.experiment.variants]
-    server = Server(config, variants)
+    """The FastAPI app for a config; `variants` are loaded from it unless given. The indexes variants name
+    are opened first (a missing one is a ConfigError before any model loads)."""
+    library = Library(config)
+    try:
+        if variants is None:
+            variants = [load_variant(spec, config) for spec in config.models]
+            if config.experiment:
+                variants += [load_variant(spec, config, config.experiment.name) for spec in config.experiment.variants]
+        for variant in variants:
+            if variant.spec.index is not None and not variant.tokenizer.chat_template:
+                raise ConfigError(f"variant {variant.name}: {variant.spec.model} has no chat template; answering "
+                                  f"from an index needs an instruction-tuned model")
+        names = {v.name for v in variants} | ({config.experiment.name} if config.experiment else set())
+        clash = sorted(set(library.embedders) & names)
+        if clash:
+            raise ConfigError(f"the embedding model {clash[0]!r} has the name of a variant; rename the variant")
+    except BaseException:
+        library.close()
+        raise
+    server = Server(config, variants, library)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -126,10 +144,14 @@ def create_app(config: ServeConfig, variants: list[Variant] | None = None) -> Fa
     async def models():
         data = [{"id": v.name, "object": "model", "created": 0, "owned_by": "pocketlm", "model": v.spec.model,
                  "adapter": v.spec.adapter, "experiment": v.experiment, "weight": v.spec.weight,
-                 "context_length": v.scheduler.context} for v in server.variants.values()]
+                 "context_length": v.scheduler.context, **({"index": v.spec.index} if v.spec.index else {})}
+                for v in server.variants.values()]
         if server.experiment:
             data.append({"id": server.experiment, "object": "model", "created": 0, "owned_by": "pocketlm",
                          "variants": [v.name for v in server.arms]})
+        data += [{"id": e.name, "object": "model", "created": 0, "owned_by": "pocketlm", "task": "embedding",
+                  "dimensions": e.dimension, "max_input_tokens": e.max_tokens, "model": e.ref}
+                 for e in server.library.embedders.values()]
         return {"object": "list", "data": data}
 
     def user_of(request: Request, body_user: str | None) -> str | None:
@@ -151,8 +173,15 @@ def create_app(config: ServeConfig, variants: list[Variant] | None = None) -> Fa
     @app.post("/v1/chat/completions", responses=documented(ChatCompletion, CHAT_STREAM))
     async def chat_completions(request: Request, body: ChatRequest):
         variant = server.route(body.model, user_of(request, body.user))
-        given = await run_in_threadpool(chat_input, body, variant)  # a new grammar takes milliseconds to build
         max_new = server.max_tokens(body.wanted_tokens(), server.config.default_max_tokens)
+        passages = None
+        if variant.name in server.library.shelves:  # answered from documents: retrieval on its own thread
+            started = time.perf_counter()
+            prompt, passages = await server.library.prompt(body, variant, max_new)
+            server.metrics.retrieved(variant, time.perf_counter() - started)
+            given = ChatInput(prompt, None, calls=False)
+        else:
+            given = await run_in_threadpool(chat_input, body, variant)  # a new grammar takes milliseconds to build
         top = (body.top_logprobs or 0) if body.logprobs else None
         run = Run(server, variant, "chat", [given.prompt] * body.n,
                   job_args(body, max_new, top, None, variant, given.grammar),
@@ -160,8 +189,8 @@ def create_app(config: ServeConfig, variants: list[Variant] | None = None) -> Fa
         run.start()
         extra = {"variant": variant.name, "experiment": variant.experiment}
         if body.stream:
-            return StreamingResponse(chat_stream(run, body, extra, given.calls), media_type="text/event-stream",
-                                     headers=headers(run))
+            return StreamingResponse(chat_stream(run, body, extra, given.calls, passages),
+                                     media_type="text/event-stream", headers=headers(run))
         await until_done(request, run)
         if (failure := run.failure()) is not None:
             return failure.response()
@@ -172,18 +201,24 @@ def create_app(config: ServeConfig, variants: list[Variant] | None = None) -> Fa
                 message = CallStream(c.text).message()
             choices.append({"index": c.index, "message": message,
                             "logprobs": chat_logprobs(variant.tokenizer, c.tokens) if body.logprobs else None,
-                            "finish_reason": finish_reason(c.finish, message)})
+                            "finish_reason": finish_reason(c.finish, message),
+                            **({"cited": cited(c.text, passages)} if passages is not None else {})})
+        if passages is not None:
+            extra["sources"] = sources(passages)
         return JSONResponse({"id": run.id, "object": "chat.completion", "created": run.created, "model": body.model,
                              "choices": choices, "usage": run.usage(), **extra}, headers=headers(run))
 
     def finish_reason(finish: str, message: dict) -> str:
         return "tool_calls" if finish == "stop" and message.get("tool_calls") else finish
 
-    async def chat_stream(run: Run, body: ChatRequest, extra: dict, calls: bool):
+    async def chat_stream(run: Run, body: ChatRequest, extra: dict, calls: bool, passages=None):
+        """OpenAI's chunks; from a variant with an index, the first chunk also carries `sources` and each
+        choice's last chunk (the one with its finish_reason) the numbers it `cited`."""
         head = {"id": run.id, "object": "chat.completion.chunk", "created": run.created, "model": body.model, **extra}
         for choice in run.choices:
+            first = {"sources": sources(passages)} if passages is not None and choice.index == 0 else {}
             yield sse({**head, "choices": [{"index": choice.index, "delta": {"role": "assistant", "content": ""},
-                                            "logprobs": None, "finish_reason": None}]})
+                                            "logprobs": None, "finish_reason": None}], **first})
         sent = [0] * len(run.choices)
         closed = [False] * len(run.choices)
         readers = [CallStream() for _ in run.choices] if calls else None
@@ -206,8 +241,9 @@ def create_app(config: ServeConfig, variants: list[Variant] | None = None) -> Fa
             if ended:
                 closed[choice.index] = True
                 message = readers[choice.index].message() if readers else {}
+                citing = {"cited": cited(choice.text, passages)} if passages is not None else {}
                 yield sse({**head, "choices": [{"index": choice.index, "delta": {}, "logprobs": None,
-                                                "finish_reason": finish_reason(choice.finish, message)}]})
+                                                "finish_reason": finish_reason(choice.finish, message), **citing}]})
         for line in stream_end(run, body, head):
             yield line
 
@@ -267,6 +303,14 @@ def create_app(config: ServeConfig, variants: list[Variant] | None = None) -> Fa
                                                 "finish_reason": choice.finish}]})
         for line in stream_end(run, body, head):
             yield line
+
+    @app.post("/v1/embeddings", responses=documented(EmbeddingList))
+    async def embeddings(body: EmbeddingRequest):
+        """OpenAI's embeddings: unit vectors (sentence-transformers' normalized encode) of each input, as
+        floats or as base64 of little-endian float32."""
+        answer = await server.library.embeddings(body)
+        server.metrics.embeddings(answer["model"], len(answer["data"]), answer["usage"]["prompt_tokens"])
+        return JSONResponse(answer)
 
     @app.post("/v1/feedback", responses=documented(FeedbackResponse))
     async def feedback(body: FeedbackRequest):

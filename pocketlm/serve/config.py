@@ -10,6 +10,9 @@
       variants:
         - {name: base, model: smollm2-135m-instruct, weight: 0.5}
         - {name: tuned, model: smollm2-135m-instruct, adapter: runs/lora/adapter, weight: 0.5}
+    models:
+      - {name: docs, model: smollm2-135m-instruct, index: runs/index, retriever: hybrid, k: 4}
+    embedder: all-minilm-l6-v2    # served at /v1/embeddings (default: the embedders of the indexes named)
 """
 
 from __future__ import annotations
@@ -34,6 +37,16 @@ class VariantSpec(Strict):
     model: str  # a model directory, a quantized one, a PEFT adapter directory, or a known model name
     adapter: str | None = None  # a LoRA adapter directory applied to `model` (merged at load)
     weight: float = Field(default=1.0, ge=0)
+    # an index folder (`pocketlm index build`): chat requests to this variant are answered from its passages
+    index: str | None = None
+    retriever: Literal["hybrid", "bm25", "dense"] = "hybrid"
+    k: int = Field(default=4, ge=1, le=64)  # passages retrieved per question (those that fit the context are used)
+
+    @model_validator(mode="after")
+    def _check(self) -> "VariantSpec":
+        if self.index is None and {"retriever", "k"} & self.model_fields_set:
+            raise ValueError(f"variant {self.name}: `retriever` and `k` need an `index` to search")
+        return self
 
 
 class ExperimentSpec(Strict):
@@ -57,6 +70,9 @@ class ServeConfig(Strict):
     experiment: ExperimentSpec | None = None
     database: str = "pocketlm-serve.db"
     log_prompts: bool = False
+    # the embedding model /v1/embeddings serves (a registry name or a sentence-transformers folder); the
+    # embedders of the variants' indexes are served as well
+    embedder: str | None = None
     api_keys: list[str] = Field(default_factory=list)
     api_keys_env: str | None = None
     max_body_bytes: int = Field(default=1 << 20, gt=0)

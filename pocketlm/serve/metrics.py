@@ -32,6 +32,12 @@ class ServerMetrics:
         self.generated_tokens = Counter("pocketlm_generated_tokens", "Tokens generated", labels,
                                         registry=self.registry)
         self.feedback = Counter("pocketlm_feedback", "Feedback votes", labels + ["rating"], registry=self.registry)
+        self.retrieval = Histogram("pocketlm_retrieval_seconds", "Time to retrieve passages and build the prompt "
+                                   "(variants with an index)", labels, buckets=TTFT_BUCKETS, registry=self.registry)
+        self.embedded = Counter("pocketlm_embedded_inputs", "Inputs embedded by /v1/embeddings", ["model"],
+                                registry=self.registry)
+        self.embedded_tokens = Counter("pocketlm_embedded_tokens", "Tokens embedded by /v1/embeddings", ["model"],
+                                       registry=self.registry)
         self.registry.register(_SchedulerCollector(variants))
 
     def labels(self, variant) -> dict[str, str]:
@@ -52,6 +58,13 @@ class ServerMetrics:
             self.ttft.labels(**labels).observe(ttft)
         if prompt_tokens:
             self.prompt_tokens.labels(**labels).inc(prompt_tokens)
+
+    def retrieved(self, variant, seconds: float) -> None:
+        self.retrieval.labels(**self.labels(variant)).observe(seconds)
+
+    def embeddings(self, model: str, inputs: int, tokens: int) -> None:
+        self.embedded.labels(model=model).inc(inputs)
+        self.embedded_tokens.labels(model=model).inc(tokens)
 
     def vote(self, variant_name: str, model: str, rating: int) -> None:
         self.feedback.labels(model=model, variant=variant_name, rating="up" if rating > 0 else "down").inc()

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 # Unknown fields are ignored, as OpenAI-compatible servers do: clients send options they don't need.
 Lenient = ConfigDict(extra="ignore")
@@ -198,6 +199,44 @@ class FeedbackRequest(BaseModel):
         return 1 if self.rating in ("up", 1) else -1
 
 
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on the inputs of one request
+
+
+class EmbeddingRequest(BaseModel):
+    """OpenAI's embeddings request. `input` is checked by `texts` (one clear line for each way it can be
+    wrong); token ids are refused there: they would be ids of the client's vocabulary, not the embedder's."""
+    model_config = Lenient
+    model: str = Field(min_length=1)
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32, as OpenAI sends it
+    dimensions: int | None = Field(default=None, ge=1)  # must be the model's own (vectors are not shortened)
+    user: str | None = Field(default=None, max_length=256)
+
+    @field_validator("input", mode="wrap")
+    @classmethod
+    def _input(cls, value, handler):
+        try:
+            return handler(value)
+        except ValidationError:  # one line, not one per member of the union
+            raise PydanticCustomError("input_type", "should be a string or a list of strings") from None
+
+    def texts(self) -> list[str]:
+        value = [self.input] if isinstance(self.input, str) else self.input
+        if not value:
+            raise APIError(400, "input is an empty list; give a string or a list of strings", param="input")
+        if len(value) > MAX_EMBEDDING_INPUTS:
+            raise APIError(400, f"input has {len(value)} items; at most {MAX_EMBEDDING_INPUTS} per request",
+                           param="input")
+        if not all(isinstance(v, str) for v in value):
+            raise APIError(400, "input as token ids is not supported (they would be another tokenizer's ids); "
+                                "send the text", param="input")
+        empty = next((i for i, v in enumerate(value) if not v), None)
+        if empty is not None:
+            raise APIError(400, "input is an empty string" if isinstance(self.input, str)
+                           else f"input[{empty}] is an empty string", param="input")
+        return list(value)
+
+
 # ---------------------------------------------------------------------------------------------
 # responses, as the OpenAPI schema documents them (the routes build their JSON directly; the fuzzing
 # tests check every answer against these)
@@ -252,11 +291,44 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: dict | None = None
     finish_reason: Literal["stop", "length", "tool_calls"]
+    cited: list[int] | None = None  # from a variant with an index: the `sources` numbers this answer cites
+
+
+class Source(BaseModel):
+    """A passage a variant with an index put before the question: [number] in the prompt, what answers cite."""
+    number: int
+    chunk: int  # its id in the index
+    doc_id: str
+    source: str  # the file it came from
+    title: str
+    start: int  # character offsets in the document
+    end: int
+    text: str
+    score: float  # the retriever's (for hybrid, the reciprocal-rank-fusion score)
 
 
 class ChatCompletion(Answer):
     object: Literal["chat.completion"]
     choices: list[ChatChoice]
+    sources: list[Source] | None = None  # only from a variant with an index
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str  # a base64 string of little-endian float32 with encoding_format "base64"
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"]
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
 
 
 class CompletionChoice(BaseModel):
@@ -278,6 +350,9 @@ class ModelEntry(BaseModel):
     owned_by: str
     context_length: int | None = None
     variants: list[str] | None = None  # for an experiment's name: the variants it splits between
+    index: str | None = None  # a variant that answers from this index
+    task: Literal["embedding"] | None = None  # an embedding model (for /v1/embeddings)
+    dimensions: int | None = None  # an embedding model's
 
 
 class ModelList(BaseModel):
@@ -308,15 +383,17 @@ ERROR_RESPONSES = {
 }
 
 
-def _event_stream(chunk_object: str, choice: dict) -> dict:
+def _event_stream(chunk_object: str, choice: dict, more: dict | None = None) -> dict:
     """An SSE response as OpenAPI documents one (`schema` describes each event): `data` is a JSON chunk
-    with `object` = chunk_object and choices shaped as `choice`, or an error object, and `[DONE]` last."""
+    with `object` = chunk_object and choices shaped as `choice` (and `more` properties), or an error
+    object, and `[DONE]` last."""
     text = {"type": "string"}
     number = {"type": "integer"}
     chunk = {"type": "object", "required": ["id", "object", "created", "model", "choices"],
              "properties": {"id": text, "object": {"const": chunk_object}, "created": number, "model": text,
                             "choices": {"type": "array", "items": choice},
-                            "usage": {"anyOf": [{"$ref": "#/components/schemas/Usage"}, {"type": "null"}]}}}
+                            "usage": {"anyOf": [{"$ref": "#/components/schemas/Usage"}, {"type": "null"}]},
+                            **(more or {})}}
     data = {"anyOf": [{"const": "[DONE]"},
                       {"type": "string", "contentMediaType": "application/json",
                        "contentSchema": {"anyOf": [chunk, {"$ref": "#/components/schemas/ErrorResponse"}]}}]}
@@ -332,7 +409,11 @@ CHAT_STREAM = _event_stream("chat.completion.chunk", {
     "properties": {"index": {"type": "integer"}, "finish_reason": {"enum": ["stop", "length", "tool_calls", None]},
                    "delta": {"type": "object", "properties": {
                        "role": {"const": "assistant"}, "content": {"type": "string"},
-                       "tool_calls": {"type": "array", "items": _CALL_DELTA}}}}})
+                       "tool_calls": {"type": "array", "items": _CALL_DELTA}}},
+                   # a variant with an index: the numbers of `sources` the answer cites, with its finish_reason
+                   "cited": {"type": "array", "items": {"type": "integer"}}}},
+    # a variant with an index: the passages the answer was given, in the first chunk
+    {"sources": {"type": "array", "items": {"$ref": "#/components/schemas/Source"}}})
 COMPLETION_STREAM = _event_stream("text_completion", {
     "type": "object", "required": ["index", "text", "finish_reason"],
     "properties": {"index": {"type": "integer"}, "text": {"type": "string"}, "finish_reason": FINISH}})

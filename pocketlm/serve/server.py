@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from .config import ServeConfig
 from .metrics import ServerMetrics
 from .protocol import APIError
+from .rag import Library
 from .store import RequestLog, RequestRecord
 from .variants import Variant, assign
 
@@ -14,8 +15,9 @@ from .variants import Variant, assign
 class Server:
     """What the routes share: the variants, the request log, the metrics and the limits."""
 
-    def __init__(self, config: ServeConfig, variants: list[Variant]):
+    def __init__(self, config: ServeConfig, variants: list[Variant], library: Library | None = None):
         self.config = config
+        self.library = library if library is not None else Library(config)
         self.variants = {v.name: v for v in variants}
         self.experiment = config.experiment.name if config.experiment else None
         self.arms = [v for v in variants if v.experiment is not None]
@@ -49,4 +51,5 @@ class Server:
     def close(self) -> None:
         for variant in self.variants.values():
             variant.scheduler.close()
+        self.library.close()
         self._writer.shutdown(wait=True)
