@@ -131,3 +131,85 @@ def test_web_page_chat_arena_dashboard(server_url, tmp_path):
             assert not outside, f"the page fetched from other hosts: {outside}"
         finally:
             browser.close()
+
+
+@pytest.fixture
+def rag_server_url(tmp_path):
+    """A variant that answers from an index of a few documents, and a plain one, on a tiny random model."""
+    from test_serve_rag import build_index, write_config
+
+    from pocketlm.serve.app import create_app
+    from pocketlm.serve.config import load_serve_config
+
+    index = build_index(tmp_path / "rag")
+    tiny = tiny_model_dir(tmp_path / "tiny", seed=3, max_position_embeddings=2048)
+    config = write_config(tmp_path / "serve.yaml", database=str(tmp_path / "log.db"), max_context=2048, models=[
+        {"name": "docs", "model": str(tiny), "index": str(index), "k": 3}, {"name": "plain", "model": str(tiny)}])
+    with running_server(create_app(load_serve_config(config))) as url:
+        yield url, index
+
+
+def test_web_page_shows_the_sources_of_an_answer_from_documents(rag_server_url):
+    """Under an answer from an index: each passage numbered as the prompt numbered it, its title and document,
+    an excerpt, the whole passage on hover and when opened, and which the answer cites; none under a plain one."""
+    from playwright.sync_api import expect, sync_playwright
+    from test_serve_rag import QUESTION, cited_numbers
+
+    from pocketlm.retrieval.index import Index
+    from pocketlm.retrieval.search import Searcher
+
+    url, index_dir = rag_server_url
+    index = Index.open(index_dir)
+    passages = Searcher(index, "hybrid").search(QUESTION, 3)
+    index.close()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            expect.set_options(timeout=TIMEOUT_MS)
+            page_errors = []
+            page.on("pageerror", lambda e: page_errors.append(str(e)))
+            page.goto(url + "/")
+            # the embedding model the index uses is served too, but is not offered for chat
+            expect(page.locator("#chat-model option")).to_have_count(2)
+            expect(page.locator("#chat-model option").first).to_have_text("docs (answers from index)")
+            page.select_option("#chat-model", "docs")
+            page.fill("#chat-temperature", "0")
+            page.fill("#chat-max-tokens", "8")
+            page.fill("#chat-input", QUESTION)
+            page.click("#chat-send")
+            reply = page.locator("[data-testid=assistant-message]").last
+            expect(reply).to_have_attribute("data-state", "done")
+            answer = reply.locator("[data-testid=assistant-text]").text_content()
+            sources = reply.locator("[data-testid=source]")
+            expect(sources).to_have_count(len(passages))
+            cited = cited_numbers(answer, len(passages))
+            expect(reply.locator(".sources-head")).to_have_text(f"Sources ({len(cited)} cited)")
+            for i, passage in enumerate(passages):
+                item = sources.nth(i)
+                assert item.get_attribute("data-number") == str(passage.number)
+                assert item.get_attribute("data-doc-id") == passage.doc_id
+                assert item.get_attribute("title") == passage.text
+                assert item.get_attribute("data-cited") == ("true" if passage.number in cited else "false")
+                title = f"{passage.title} · " if passage.title else ""
+                expect(item.locator("[data-testid=source-label]")).to_have_text(f"[{passage.number}] {title}{passage.doc_id}")
+                flat = " ".join(passage.text.split())
+                excerpt = item.locator("[data-testid=source-excerpt]").text_content()
+                assert excerpt == (flat if len(flat) <= 140 else flat[:140] + "…")
+                expect(item.locator("[data-testid=source-text]")).to_be_hidden()
+            sources.first.locator("summary").click()
+            expect(sources.first.locator("[data-testid=source-text]")).to_be_visible()
+            expect(sources.first.locator("[data-testid=source-text]")).to_have_text(passages[0].text)
+            assert passages[0].doc_id == "boiler.md"
+
+            page.select_option("#chat-model", "plain")
+            page.fill("#chat-input", "Hello")
+            page.click("#chat-send")
+            plain = page.locator("[data-testid=assistant-message]").last
+            expect(plain).to_have_attribute("data-state", "done")
+            expect(plain.locator("[data-testid=sources]")).to_be_hidden()
+            expect(plain.locator("[data-testid=source]")).to_have_count(0)
+            assert not page_errors, page_errors
+        finally:
+            browser.close()

@@ -52,16 +52,18 @@ function sendFeedback(id, rating, comment) {
   return api("/v1/feedback", body);
 }
 
-// Stream a chat completion. `onText(piece)` is called as text arrives and `onMeta({id, variant})`
-// as soon as both are known. Resolves to {id, variant, text}; rejects with the server's message.
-async function streamChat(request, onText, onMeta, signal) {
+// Stream a chat completion. `onText(piece)` is called as text arrives, `onMeta({id, variant})`
+// as soon as both are known, and `onSources(sources, cited)` when a model that answers from an index
+// sends the passages it was given (first chunk) and the numbers its answer cites (last chunk).
+// Resolves to {id, variant, text, sources, cited}; rejects with the server's message.
+async function streamChat(request, onText, onMeta, signal, onSources) {
   const response = await fetch("/v1/chat/completions", {
     method: "POST", headers: headers(true), signal,
     body: JSON.stringify({ ...request, stream: true, user: userId() }),
   });
   if (!response.ok) throw await errorOf(response);
   const meta = { id: response.headers.get("X-Request-Id"), variant: response.headers.get("X-Pocketlm-Variant") };
-  let text = "", buffer = "", done = false;
+  let text = "", buffer = "", done = false, sources = null, cited = null;
   if (meta.id || meta.variant) onMeta(meta);
 
   // Server-sent events: "data: <json>" lines, events separated by blank lines, "data: [DONE]" last.
@@ -76,7 +78,10 @@ async function streamChat(request, onText, onMeta, signal) {
       meta.variant = event.variant || meta.variant;
       onMeta(meta);
     }
-    const piece = event.choices && event.choices[0] && event.choices[0].delta && event.choices[0].delta.content;
+    const choice = event.choices && event.choices[0];
+    if (Array.isArray(event.sources)) { sources = event.sources; if (onSources) onSources(sources, cited); }
+    if (choice && Array.isArray(choice.cited)) { cited = choice.cited; if (onSources) onSources(sources, cited); }
+    const piece = choice && choice.delta && choice.delta.content;
     if (piece) { text += piece; onText(piece); }
   };
 
@@ -95,7 +100,60 @@ async function streamChat(request, onText, onMeta, signal) {
     reader.cancel().catch(() => {});  // closes the connection if we stopped early; a no-op otherwise
   }
   if (!done) throw new Error("the stream ended before [DONE]");
-  return { id: meta.id, variant: meta.variant, text };
+  return { id: meta.id, variant: meta.variant, text, sources, cited };
+}
+
+// The passages an answer was given, under it: numbered as the answer cites them, the document and title,
+// a short excerpt (the whole passage on hover, and when opened), cited ones marked.
+const EXCERPT_CHARS = 140;
+
+function renderSources(box, sources, cited) {
+  if (!box) return;
+  box.hidden = !sources || sources.length === 0;
+  if (box.hidden) { box.replaceChildren(); return; }
+  const citedSet = new Set(cited || []);
+  const head = document.createElement("div");
+  head.className = "sources-head";
+  head.textContent = cited ? `Sources (${citedSet.size} cited)` : "Sources";
+  const list = document.createElement("ol");
+  for (const s of sources) {
+    const item = document.createElement("li");
+    item.dataset.testid = "source";
+    item.dataset.number = s.number;
+    item.dataset.docId = s.doc_id;
+    item.dataset.cited = citedSet.has(s.number) ? "true" : "false";
+    item.classList.toggle("cited", citedSet.has(s.number));
+    item.title = s.text;
+    const details = document.createElement("details");
+    const summary = document.createElement("summary");
+    const label = document.createElement("span");
+    label.className = "source-label";
+    label.dataset.testid = "source-label";
+    label.textContent = `[${s.number}] ${s.title ? s.title + " · " : ""}${s.doc_id}`;
+    const excerpt = document.createElement("span");
+    excerpt.className = "excerpt";
+    excerpt.dataset.testid = "source-excerpt";
+    const flat = String(s.text).replace(/\s+/g, " ").trim();
+    excerpt.textContent = flat.length > EXCERPT_CHARS ? flat.slice(0, EXCERPT_CHARS) + "…" : flat;
+    summary.append(label, " ", excerpt);
+    if (citedSet.has(s.number)) {
+      const badge = document.createElement("span");
+      badge.className = "badge";
+      badge.textContent = "cited";
+      summary.append(" ", badge);
+    }
+    const full = document.createElement("div");
+    full.className = "source-text";
+    full.dataset.testid = "source-text";
+    full.textContent = s.text;
+    const where = document.createElement("div");
+    where.className = "muted";
+    where.textContent = `${s.source}, characters ${s.start}–${s.end}, score ${Number(s.score).toPrecision(3)}`;
+    details.append(summary, full, where);
+    item.append(details);
+    list.append(item);
+  }
+  box.replaceChildren(head, list);
 }
 
 function showError(box, error) {
@@ -121,7 +179,9 @@ async function loadModels() {
     showError($("chat-error"), error);
     showError($("arena-error"), error);
   }
-  const label = (m) => m.variants ? `${m.id} (experiment: ${m.variants.join(", ")})` : m.id;
+  const label = (m) => m.variants ? `${m.id} (experiment: ${m.variants.join(", ")})`
+    : m.index ? `${m.id} (answers from ${m.index.split("/").filter(Boolean).pop()})` : m.id;
+  models = models.filter((m) => m.task !== "embedding");  // /v1/embeddings' models do not chat
   const fill = (select, chosen) => {
     const previous = select.value;
     select.replaceChildren(...models.map((m) => new Option(label(m), m.id)));
@@ -181,6 +241,7 @@ async function sendChat(event) {
   $("chat-messages").append(bubble);
   const textBox = bubble.querySelector(".msg-text");
   const variantLabel = bubble.querySelector("[data-testid=variant-label]");
+  const sourcesBox = bubble.querySelector("[data-testid=sources]");
   chat.controller = new AbortController();
   $("chat-send").disabled = true;
   try {
@@ -189,7 +250,8 @@ async function sendChat(event) {
         temperature: number($("chat-temperature"), 0.7), max_tokens: Math.round(number($("chat-max-tokens"), 128)) },
       (piece) => { textBox.textContent += piece; bubble.scrollIntoView({ block: "end" }); },
       (meta) => { variantLabel.textContent = meta.variant ? "variant: " + meta.variant : ""; },
-      chat.controller.signal);
+      chat.controller.signal,
+      (sources, cited) => renderSources(sourcesBox, sources, cited));
     chat.messages.push({ role: "assistant", content: result.text });
     bubble.dataset.state = "done";
     wireFeedback(bubble, result.id);
@@ -224,15 +286,18 @@ function setVotes(enabled) {
 
 async function runSide(side, prompt) {
   const column = $(`arena-${side}`), textBox = $(`arena-${side}-text`), label = $(`arena-${side}-variant`);
+  const sourcesBox = $(`arena-${side}-sources`);
   column.dataset.state = "streaming";
   textBox.textContent = "";
   label.textContent = "";
+  renderSources(sourcesBox, null);
   try {
     const result = await streamChat(
       { model: $(`arena-${side}-model`).value, messages: [{ role: "user", content: prompt }],
         temperature: number($("arena-temperature"), 0.7), max_tokens: Math.round(number($("arena-max-tokens"), 128)) },
       (piece) => { textBox.textContent += piece; },
-      (meta) => { label.textContent = meta.variant ? "(" + meta.variant + ")" : ""; });
+      (meta) => { label.textContent = meta.variant ? "(" + meta.variant + ")" : ""; },
+      undefined, (sources, cited) => renderSources(sourcesBox, sources, cited));
     column.dataset.state = "done";
     column.dataset.responseId = result.id;
     return result;
