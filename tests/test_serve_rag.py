@@ -399,17 +399,23 @@ def sqlite3_rows(database: str, sql: str) -> list[tuple]:
 # the real model
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_smollm2_answers_from_the_index_and_cites_it(smollm2_dir, index_dir, searchers, tmp_path):
-    from pocketlm.retrieval.answer import cited
+def test_smollm2_answers_from_the_index_as_pocketlm_ask_does(smollm2_dir, index_dir, searchers, tmp_path):
+    """The server's answer, sources and citations are those of `pocketlm ask` (retrieval.answer.ask, the
+    engine's own decoding loop) on the same index and question."""
+    from pocketlm.loading import open_model
+    from pocketlm.retrieval.answer import ask
 
+    question = "What pressure is the boiler B-2 rated for?"
+    model, tokenizer = open_model(str(smollm2_dir))
+    expected = ask(searchers["hybrid"], model, tokenizer, question, 3, SamplingParams(max_new_tokens=48, temperature=0))
     config = write_config(tmp_path / "serve.yaml", database=str(tmp_path / "log.db"), max_context=1024,
                           models=[{"name": "docs", "model": str(smollm2_dir), "index": str(index_dir), "k": 3}])
     with running_server(create_app(load_serve_config(config))) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-        completion = client.chat.completions.create(model="docs", messages=[{"role": "user", "content": QUESTION}],
+        completion = client.chat.completions.create(model="docs", messages=[{"role": "user", "content": question}],
                                                     max_tokens=48, temperature=0)
-    passages = searchers["hybrid"].search(QUESTION, 3)
     answer = completion.choices[0].message.content
-    assert completion.model_extra["sources"] == [p.as_dict() for p in passages]
-    assert "1998" in answer
-    assert completion.choices[0].model_extra["cited"] == cited(answer, passages)
+    assert completion.model_extra["sources"] == [p.as_dict() for p in expected.passages]
+    assert expected.passages[0].doc_id == "boiler.md"
+    assert answer == expected.text and "40 bar" in answer
+    assert completion.choices[0].model_extra["cited"] == expected.cited
