@@ -401,9 +401,14 @@ def eval_cmd(
     regex: Optional[str] = _constraint_options()["regex"],
     grammar: Optional[Path] = _constraint_options()["grammar"],
     choice: Optional[list[str]] = _constraint_options()["choice"],
+    index: Optional[Path] = typer.Option(None, "--index", help="generation tasks answer from this index's passages (`pocketlm index build`)"),
+    retrieve_k: Optional[int] = typer.Option(None, "--retrieve-k", help="passages per prompt (default: the task's, else 4)"),
+    retriever: Optional[str] = typer.Option(None, "--retriever", help="bm25, dense or hybrid (default: the task's, else hybrid)"),
+    closed_book: bool = typer.Option(False, "--closed-book", help="turn off a task's own retrieval: the model answers alone"),
 ):
-    """Evaluate a model: multiple choice (acc, acc_norm), generation (exact match), perplexity. A constraint
-    option decodes the generation tasks' answers under it (compare with the same run without)."""
+    """Evaluate a model: multiple choice (acc, acc_norm), generation (exact match, contains), perplexity. A
+    constraint option decodes the generation tasks' answers under it (compare with the same run without);
+    --index answers them from an index's passages (compare with --closed-book)."""
     import json
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -420,6 +425,21 @@ def eval_cmd(
         raise ConfigError("give a model and --tasks (see --list-tasks)")
     specs = [t.strip() for t in tasks.split(",") if t.strip()]
     constraint = _constraint(json_schema, regex, grammar, choice)
+    retrieval = None
+    if index is not None or retrieve_k is not None or retriever is not None:
+        from .evaluate.tasks import Retrieval
+        from .retrieval.index import Index
+        from .retrieval.search import RETRIEVERS
+
+        if closed_book:
+            raise ConfigError("--closed-book turns retrieval off; leave out --index, --retrieve-k and --retriever")
+        if retriever is not None and retriever not in RETRIEVERS:
+            raise ConfigError(f"unknown retriever {retriever!r}; choose from {', '.join(RETRIEVERS)}")
+        if retrieve_k is not None and retrieve_k < 1:
+            raise ConfigError("--retrieve-k must be 1 or more")
+        if index is not None:
+            Index.open(index).close()  # a missing index is one line now, before the model loads
+        retrieval = Retrieval(str(index) if index else None, retrieve_k, retriever)
     path = resolve_model(model)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True) as bar:
@@ -432,7 +452,7 @@ def eval_cmd(
 
         document = evaluate_dir(path, specs, dtype=dtype, num_fewshot=num_fewshot, limit=limit, max_tokens=max_tokens,
                                 batch_tokens=batch_tokens, progress=progress, log_samples=log_samples,
-                                constraint=constraint)
+                                constraint=constraint, retrieval=retrieval, closed_book=closed_book)
     sys.stdout.write(results_table(document) + "\n")
     if output:
         output.write_text(json.dumps(document, indent=2))
@@ -579,11 +599,29 @@ def data_cranfield(
                      f"{judgements} judgements\n")
 
 
+@data_app.command("wikitext-cloze")
+def data_wikitext_cloze(
+    destination: Path = typer.Argument(..., help="where corpus.jsonl and questions.jsonl go"),
+    sources: list[Path] = typer.Option(..., "--articles", help="WikiText files whose articles form the corpus (repeatable)"),
+    questions_from: Path = typer.Option(..., "--questions-from", help="the WikiText file the questions are drawn from"),
+    per_article: int = typer.Option(4, help="questions per article, at most"),
+) -> None:
+    """Cloze questions from WikiText articles (a number or name masked out of one sentence), with the
+    articles as a corpus to answer them from (construction: pocketlm/retrieval/cloze.py)."""
+    from .retrieval.cloze import write_cloze
+
+    made = write_cloze(sources, questions_from, destination, per_article)
+    sys.stdout.write(f"{destination}: {made['articles']} articles, {made['questions']} questions\n")
+
+
 @app.command("eval-retrieval")
 def eval_retrieval_cmd(
-    dataset: Path = typer.Argument(..., help="a BEIR-layout directory, or the Cranfield files' directory"),
+    dataset: Path = typer.Argument(..., help="a BEIR-layout directory, the Cranfield files' directory, or an index"),
     retriever: list[str] = typer.Option(["bm25"], "--retriever", "-r", help="bm25, dense or hybrid (repeatable)"),
-    embedder: str = typer.Option("all-minilm-l6-v2", help="dense and hybrid: a sentence-transformers directory or name"),
+    embedder: Optional[str] = typer.Option(None, help="dense and hybrid: a sentence-transformers directory or name "
+                                           "(default all-minilm-l6-v2; an index's own)"),
+    queries: Optional[Path] = typer.Option(None, help="with an index: the queries (BEIR queries.jsonl, or id<TAB>text lines)"),
+    qrels: Optional[Path] = typer.Option(None, help="with an index: the judgements (TREC qrels or BEIR's tsv)"),
     k: int = typer.Option(100, help="documents retrieved per query"),
     run_dir: Optional[Path] = typer.Option(None, "--runs", help="write each retriever's run (TREC format) here"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="write the results JSON here"),
@@ -591,9 +629,18 @@ def eval_retrieval_cmd(
     """Score retrievers on a test collection: nDCG@10, recall@10, recall@100, MAP and MRR (trec_eval's)."""
     import json
 
-    from .retrieval.evaluate import evaluate_retrieval
+    from .hub import DEFAULT_EMBEDDER
 
-    document = evaluate_retrieval(dataset, retriever, k=k, run_dir=run_dir, embedder=embedder)
+    from .retrieval.evaluate import evaluate_index, evaluate_retrieval
+
+    if (dataset / "index.sqlite").is_file():
+        if queries is None or qrels is None:
+            raise ConfigError(f"{dataset} is an index: give its queries and judgements with --queries and --qrels")
+        document = evaluate_index(dataset, queries, qrels, retriever, k=k, run_dir=run_dir, embedder=embedder)
+    else:
+        if queries is not None or qrels is not None:
+            raise ConfigError("--queries and --qrels go with an index; a dataset folder has its own")
+        document = evaluate_retrieval(dataset, retriever, k=k, run_dir=run_dir, embedder=embedder or DEFAULT_EMBEDDER)
     lines = ["| retriever | nDCG@10 | recall@10 | recall@100 | MAP | MRR | queries | index s | search s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in document["results"].items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -15,7 +16,7 @@ from ..engine import SamplingParams
 from ..errors import ConfigError
 from ..loading import open_model
 from ..model import expected_shapes
-from ..streaming import compile_constraint, generate
+from ..streaming import chat_prompt, compile_constraint, generate
 from .loaders import resolve_tasks
 from .perplexity import perplexity
 from .scoring import encode_pair, loglikelihoods
@@ -24,6 +25,7 @@ from .tasks import (
     INVALID,
     MULTIPLE_CHOICE,
     Example,
+    Retrieval,
     Task,
     choose,
     extract_answer,
@@ -73,40 +75,99 @@ def run_multiple_choice(model, tokenizer, task: Task, examples: list[Example], n
     return {"acc": a, "acc_stderr": a_err, "acc_norm": n, "acc_norm_stderr": n_err}, samples
 
 
+def _searcher(retrieval: Retrieval | None):
+    if retrieval is None:
+        return None
+    from ..retrieval.index import Index
+    from ..retrieval.search import Searcher
+
+    return Searcher(Index.open(retrieval.index), retrieval.retriever)
+
+
+def generation_prompt(tokenizer, task: Task, example: Example, shots: list[Example], passages: list,
+                      context: int, reserve: int) -> tuple[list[int], list]:
+    """Prompt ids (and the passages that fit): the task's text with the passages before it, or, for a chat
+    task, the demonstrations as earlier turns, the passages and question as the user's turn (as `pocketlm
+    ask` builds it) and the reply begun with the example's prefix."""
+    from ..retrieval.answer import fit_passages, numbered_passages
+
+    if not task.chat:
+        prompt = task.context(example, shots) + example.query
+        if passages:
+            prompt = f"Passages:\n\n{numbered_passages(passages)}\n\n{prompt}"
+        return tokenizer.encode(prompt)[-(context - reserve):], passages  # keep the question, drop early shots
+    if not tokenizer.chat_template:
+        raise ConfigError(f"task {task.name} is a chat task and the model has no chat template")
+    history = [turn for shot in shots for turn in ({"role": "user", "content": shot.query},
+                                                    {"role": "assistant", "content": shot.prefix + shot.answer})]
+    prefix = tokenizer.encode(example.prefix, add_special_tokens=False) if example.prefix else []
+    if passages:
+        ids, passages = fit_passages(tokenizer, example.query, passages, context, reserve + len(prefix), history)
+    else:
+        ids = chat_prompt(tokenizer, history + [{"role": "user", "content": example.query}])
+    return ids + prefix, passages
+
+
 def run_generation(model, tokenizer, task: Task, examples: list[Example], num_fewshot: int,
-                   progress: TaskProgress | None, constraint: Constraint | None = None) -> tuple[dict, list[dict]]:
-    """Greedy answers scored by exact match of the whole answer and, where the gold answers end in
-    '#### N' (GSM8K's form), after extraction as lm-evaluation-harness does (strict '#### N', flexible last
-    number), with `strict_found`, the share with a strict answer. Under a constraint (`constraint`, else
-    the task's own) the answers are decoded under its grammar."""
+                   progress: TaskProgress | None, constraint: Constraint | None = None,
+                   retrieval: Retrieval | None = None) -> tuple[dict, list[dict]]:
+    """Greedy answers scored by exact match of the whole answer, and by whether the answer contains the
+    gold one, and, where the gold answers end in '#### N' (GSM8K's form), after extraction as
+    lm-evaluation-harness does (strict '#### N', flexible last number), with `strict_found`, the share with a
+    strict answer. Under a constraint (`constraint`, else the task's own) the answers are decoded under its
+    grammar. With `retrieval`, each prompt carries the index's top passages; citations ([n]) are dropped
+    before matching, and `retrieved_holds_answer`, `cited` and `cited_holds_answer` say how often a passage
+    given, any citation, and a passage cited hold the gold answer."""
+    from ..retrieval.answer import cited
+
     constraint = constraint or task.constraint
     grammar = compile_constraint(model, tokenizer, constraint) if constraint is not None else None
-    params = SamplingParams(max_new_tokens=task.max_new_tokens, temperature=0.0, stop=task.until, grammar=grammar)
+    searcher = _searcher(retrieval)
     context = model.context_length
-    strict, flexible, whole, found, samples = [], [], [], [], []
+    scores: dict[str, list[float]] = {name: [] for name in ("strict", "flexible", "whole", "contains", "found",
+                                                             "retrieved", "cited", "cited_holds")}
+    samples = []
     for i, example in enumerate(examples):
-        prompt = task.context(example, fewshot_examples(task, examples, i, num_fewshot)) + example.query
-        ids = tokenizer.encode(prompt)[-(context - task.max_new_tokens):]  # keep the question, drop early shots
+        passages = searcher.search(example.search or example.query, retrieval.k) if searcher else []
+        ids, passages = generation_prompt(tokenizer, task, example, fewshot_examples(task, examples, i, num_fewshot),
+                                          passages, context, task.max_new_tokens)
+        params = SamplingParams(max_new_tokens=task.max_new_tokens, temperature=0.0, grammar=grammar,
+                                stop=example.until if example.until is not None else task.until)
         generation = generate(model, tokenizer, ids, params)
         text = generation.text
+        answer = re.sub(r"\s*\[\d+(?:\s*,\s*\d+)*\]", "", text) if searcher else text
         gold = normalize_number(example.answer)
-        got_strict, got_flexible = extract_answer(text)
-        strict.append(float(normalize_number(got_strict) == gold))
-        flexible.append(float(normalize_number(got_flexible) == gold))
-        whole.append(float(normalize_number(text) == gold))
-        found.append(float(got_strict != INVALID))
-        samples.append({"query": example.query, "gold": gold, "completion": text, "finish": generation.finish_reason,
-                        "strict": got_strict, "flexible": got_flexible})
+        got_strict, got_flexible = extract_answer(answer)
+        scores["strict"].append(float(normalize_number(got_strict) == gold))
+        scores["flexible"].append(float(normalize_number(got_flexible) == gold))
+        scores["whole"].append(float(normalize_number(answer) == gold))
+        scores["contains"].append(float(gold in normalize_number(answer)))
+        scores["found"].append(float(got_strict != INVALID))
+        sample = {"query": example.query, "gold": gold, "completion": text, "finish": generation.finish_reason,
+                  "strict": got_strict, "flexible": got_flexible}
+        if searcher:
+            holds = {p.number for p in passages if gold in normalize_number(p.text)}
+            numbers = cited(text, passages)
+            scores["retrieved"].append(float(bool(holds)))
+            scores["cited"].append(float(bool(numbers)))
+            scores["cited_holds"].append(float(bool(holds & set(numbers))))
+            sample.update(passages=[p.doc_id for p in passages], holding=sorted(holds), cited=numbers)
+        samples.append(sample)
         if progress:
             progress(task.name, i + 1, len(examples))
-    scored = [("exact_match", whole)]
+    named = [("exact_match", "whole"), ("contains", "contains")]
     if any("####" in example.answer for example in examples):
-        scored = [("exact_match_strict", strict), ("exact_match_flexible", flexible), *scored, ("strict_found", found)]
+        named = [("exact_match_strict", "strict"), ("exact_match_flexible", "flexible"), *named,
+                 ("strict_found", "found")]
+    if searcher:
+        named += [("retrieved_holds_answer", "retrieved"), ("cited", "cited"), ("cited_holds_answer", "cited_holds")]
     metrics = {}
-    for name, values in scored:
-        metrics[name], metrics[name + "_stderr"] = mean_and_stderr(values)
+    for name, key in named:
+        metrics[name], metrics[name + "_stderr"] = mean_and_stderr(scores[key])
     if constraint is not None:
         metrics["constraint"] = {"kind": constraint.kind, "value": constraint.value}
+    if searcher:
+        metrics["retrieval"] = {"index": retrieval.index, "k": retrieval.k, "retriever": retrieval.retriever}
     return metrics, samples
 
 
@@ -123,9 +184,22 @@ def run_perplexity(model, tokenizer, task: Task, max_tokens: int | None, progres
             "stride": result.stride}
 
 
+def task_retrieval(task: Task, override: Retrieval | None, closed_book: bool) -> Retrieval | None:
+    """What a task retrieves from: nothing when closed-book or when no index is named (a task file's
+    retrieval section may say only how to retrieve); else the task's settings, with the override's index,
+    k and retriever (from `pocketlm eval --index`) where they are not None."""
+    if closed_book or task.kind != GENERATE or (task.retrieval is None and override is None):
+        return None
+    base = task.retrieval or Retrieval()
+    if override is not None:
+        base = Retrieval(override.index or base.index, override.k or base.k, override.retriever or base.retriever)
+    return base if base.index else None
+
+
 def run_task(model, tokenizer, task: Task, num_fewshot: int | None = None, limit: int | None = None,
              max_tokens: int | None = None, batch_tokens: int = 4096, progress: TaskProgress | None = None,
-             constraint: Constraint | None = None) -> tuple[dict, list[dict]]:
+             constraint: Constraint | None = None, retrieval: Retrieval | None = None,
+             closed_book: bool = False) -> tuple[dict, list[dict]]:
     started = time.perf_counter()
     if task.load is None:  # perplexity over a text file
         metrics, samples = run_perplexity(model, tokenizer, task, max_tokens, progress), []
@@ -137,7 +211,8 @@ def run_task(model, tokenizer, task: Task, num_fewshot: int | None = None, limit
         if task.kind == MULTIPLE_CHOICE:
             metrics, samples = run_multiple_choice(model, tokenizer, task, examples, shots, progress, batch_tokens)
         elif task.kind == GENERATE:
-            metrics, samples = run_generation(model, tokenizer, task, examples, shots, progress, constraint)
+            metrics, samples = run_generation(model, tokenizer, task, examples, shots, progress, constraint,
+                                              task_retrieval(task, retrieval, closed_book))
         else:
             raise ConfigError(f"task {task.name}: unknown kind {task.kind!r}")
         metrics.update(n=len(examples), num_fewshot=shots)
@@ -186,22 +261,25 @@ def model_facts(model, model_dir: Path | None) -> dict:
 def evaluate(model, tokenizer, tasks: list[str] | list[Task], num_fewshot: int | None = None, limit: int | None = None,
              max_tokens: int | None = None, batch_tokens: int = 4096, model_dir: Path | None = None,
              progress: TaskProgress | None = None, log_samples: bool = False,
-             constraint: Constraint | None = None) -> dict:
+             constraint: Constraint | None = None, retrieval: Retrieval | None = None,
+             closed_book: bool = False) -> dict:
     """Run `tasks` (names, `NAME=PATH`, task files, or Task objects) and return the results document;
-    `constraint` decodes the generation tasks' answers under it."""
+    `constraint` decodes the generation tasks' answers under it; `retrieval` answers them from an index
+    (`closed_book` turns a task's own retrieval off)."""
     tasks = resolve_tasks(tasks) if tasks and isinstance(tasks[0], str) else list(tasks)
     if not tasks:
         raise ConfigError("no tasks given; name at least one (see `pocketlm eval --list-tasks`)")
     results, samples = {}, {}
     for task in tasks:
         results[task.name], samples[task.name] = run_task(model, tokenizer, task, num_fewshot, limit, max_tokens,
-                                                          batch_tokens, progress, constraint)
+                                                          batch_tokens, progress, constraint, retrieval, closed_book)
     document = {
         "pocketlm_version": __version__,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "model": model_facts(model, model_dir),
         "settings": {"num_fewshot": num_fewshot, "limit": limit, "max_tokens": max_tokens, "batch_tokens": batch_tokens,
-                     "constraint": None if constraint is None else {"kind": constraint.kind, "value": constraint.value}},
+                     "constraint": None if constraint is None else {"kind": constraint.kind, "value": constraint.value},
+                     "retrieval": None if retrieval is None else asdict(retrieval), "closed_book": closed_book},
         "results": results,
         "groups": group_results(tasks, results),
     }

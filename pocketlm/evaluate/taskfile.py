@@ -7,6 +7,10 @@
     choices: "{{options}}"          # a list of templates, or one template giving a list
     target: "{{answer}}"            # an index into the choices, or the text of the right choice
     constraint: {regex: "[0-9]+"}   # generate: decode the answer under a json_schema, regex, grammar or choice
+    chat: true                      # generate: the prompt is a user turn in the model's chat template...
+    answer_prefix: "{{start}}"      # ...and the assistant's reply begins with this (the model continues it)
+    until: ["{{stop}}", "\n"]        # stop strings; templates are rendered per record
+    retrieval: {index: INDEX, k: 4, retriever: hybrid, query: "{{question}}"}  # answer from an index's passages
 
 Templates are Jinja, as in lm-evaluation-harness (`doc_to_text`, `doc_to_choice`, `doc_to_target`).
 A typo in a key, a missing key, a missing data file or a template naming a field the records lack
@@ -28,7 +32,16 @@ from ..constrain import Constraint
 from ..errors import ConfigError
 from ..validation import validation_message
 from .records import read_records
-from .tasks import GENERATE, MULTIPLE_CHOICE, PERPLEXITY, Example, Task
+from .tasks import GENERATE, MULTIPLE_CHOICE, PERPLEXITY, Example, Retrieval, Task
+
+
+class RetrievalSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    index: str | None = None  # relative to the task file; or given by `pocketlm eval --index`
+    k: int = Field(default=4, ge=1, le=64)
+    retriever: Literal["bm25", "dense", "hybrid"] = "hybrid"
+    query: str | None = None  # a template: what is looked up (default: the prompt)
 
 
 class TaskFile(BaseModel):
@@ -50,6 +63,9 @@ class TaskFile(BaseModel):
     # generate: decode the answer under one of json_schema (a schema), regex, grammar (Lark) or choice (a list)
     constraint: dict[Literal["json_schema", "regex", "grammar", "choice"], Any] | None = Field(
         default=None, min_length=1, max_length=1)
+    chat: bool = False
+    answer_prefix: str | None = None
+    retrieval: RetrievalSpec | None = None
 
 
 _jinja = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
@@ -74,6 +90,7 @@ def _records(path: Path) -> list[dict]:
 class _Renderer:
     def __init__(self, spec: TaskFile, source: str):
         self.spec, self.source = spec, source
+        self.templated_until = any("{{" in u or "{%" in u for u in spec.until)
 
     def choices(self, record: dict, where: str) -> list[str]:
         spec = self.spec.choices
@@ -96,7 +113,12 @@ class _Renderer:
         query = _render(self.spec.prompt, record, "prompt", where)
         target = _render(self.spec.target, record, "target", where).strip()
         if self.spec.type == GENERATE:
-            return Example(query, answer=target)
+            spec = self.spec
+            return Example(query, answer=target,
+                           prefix=_render(spec.answer_prefix, record, "answer_prefix", where) if spec.answer_prefix else "",
+                           until=[_render(u, record, "until", where) for u in spec.until] if self.templated_until else None,
+                           search=_render(spec.retrieval.query, record, "retrieval.query", where)
+                           if spec.retrieval and spec.retrieval.query else "")
         choices = self.choices(record, where)
         if target.lstrip("-").isdigit():
             gold = int(target)
@@ -137,6 +159,14 @@ def load_task_file(path: Path) -> Task:
     fewshot_path = (path.parent / spec.fewshot_data).resolve() if spec.fewshot_data else None
     if fewshot_path is not None and not fewshot_path.is_file():
         raise ConfigError(f"{path}: fewshot_data: {spec.fewshot_data}: no such file (looked at {fewshot_path})")
+    if spec.type != GENERATE and (spec.chat or spec.answer_prefix or spec.retrieval):
+        raise ConfigError(f"{path}: chat, answer_prefix and retrieval are for generate tasks (this one is {spec.type})")
+    if spec.answer_prefix and not spec.chat:
+        raise ConfigError(f"{path}: answer_prefix begins the assistant's reply, so it needs chat: true")
+    retrieval = None
+    if spec.retrieval:
+        index = str((path.parent / spec.retrieval.index).resolve()) if spec.retrieval.index else None
+        retrieval = Retrieval(index, spec.retrieval.k, spec.retrieval.retriever)
     constraint = None
     if spec.constraint:
         if spec.type != GENERATE:
@@ -158,5 +188,5 @@ def load_task_file(path: Path) -> Task:
         description=spec.description, target_delimiter=spec.target_delimiter,
         fewshot_delimiter=spec.fewshot_delimiter, default_fewshot=spec.num_fewshot,
         until=spec.until, max_new_tokens=spec.max_new_tokens,
-        constraint=constraint,
+        constraint=constraint, chat=spec.chat, retrieval=retrieval,
     )

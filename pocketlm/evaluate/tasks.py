@@ -28,12 +28,25 @@ class Example:
     gold: int = 0  # index into choices
     answer: str = ""  # generation tasks: the gold answer, compared after extraction
     partial: bool = False  # WinoGrande style: each choice completes the context; `query` is the shared ending
+    # generation
+    prefix: str = ""  # a chat task: the start of the assistant's reply, written for the model
+    until: list[str] | None = None  # this example's stop strings, instead of the task's
+    search: str = ""  # what retrieval looks up (default: the query)
 
     def solved(self, delimiter: str) -> str:
         """The example with its answer, as a few-shot demonstration."""
         if self.partial:
             return self.choices[self.gold] + delimiter + self.query
         return self.query + delimiter + (self.choices[self.gold] if self.choices else self.answer)
+
+
+@dataclass
+class Retrieval:
+    """A generation task answered from an index: the top k passages of `retriever` go into each prompt."""
+
+    index: str | None = None  # an index folder (`pocketlm index build`); None: given by `pocketlm eval --index`
+    k: int = 4
+    retriever: str = "hybrid"
 
 
 @dataclass
@@ -50,6 +63,8 @@ class Task:
     until: list[str] = field(default_factory=list)
     max_new_tokens: int = 256
     constraint: Constraint | None = None  # the answer is decoded under it (pocketlm.constrain)
+    chat: bool = False  # the prompt is the user's turn in the model's chat template
+    retrieval: Retrieval | None = None
     default_fewshot: int = 0
     # perplexity
     text_path: Path | None = None

@@ -16,13 +16,17 @@ INSTRUCTIONS = ("Answer the question from the numbered passages. Cite each passa
                 "square brackets, like [1]. If the passages do not hold the answer, say that you do not know.")
 
 
+def numbered_passages(passages: list[Passage]) -> str:
+    """The passages as a model reads them: `[n] title`, then the text, a blank line between."""
+    return "\n\n".join(f"[{p.number}] {p.title}\n{p.text.strip()}" if p.title else f"[{p.number}] {p.text.strip()}"
+                       for p in passages)
+
+
 def rag_messages(question: str, passages: list[Passage], history: list[dict] | None = None) -> list[dict]:
     """The conversation the model answers: instructions as the system message, earlier turns (`history`,
     without a system message), then the passages and the question as the last user turn."""
-    numbered = "\n\n".join(f"[{p.number}] {p.title}\n{p.text.strip()}" if p.title else f"[{p.number}] {p.text.strip()}"
-                           for p in passages)
     return [{"role": "system", "content": INSTRUCTIONS}, *(history or []),
-            {"role": "user", "content": f"Passages:\n\n{numbered}\n\nQuestion: {question}"}]
+            {"role": "user", "content": f"Passages:\n\n{numbered_passages(passages)}\n\nQuestion: {question}"}]
 
 
 def fit_passages(tokenizer, question: str, passages: list[Passage], context: int, reserve: int,

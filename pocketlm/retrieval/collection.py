@@ -25,8 +25,12 @@ class Collection:
     qrels: Qrels
 
     def judged_queries(self) -> dict[str, str]:
-        """The queries with at least one relevant document (trec_eval averages over those)."""
-        return {q: text for q, text in self.queries.items() if any(g > 0 for g in self.qrels.get(q, {}).values())}
+        return judged(self.queries, self.qrels)
+
+
+def judged(queries: dict[str, str], qrels: Qrels) -> dict[str, str]:
+    """The queries with at least one relevant document (trec_eval averages over those)."""
+    return {q: text for q, text in queries.items() if any(g > 0 for g in qrels.get(q, {}).values())}
 
 
 def _jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
@@ -70,13 +74,31 @@ def read_qrels(path: Path) -> Qrels:
     return qrels
 
 
+def read_queries(path: Path) -> dict[str, str]:
+    """Queries from BEIR's `queries.jsonl` ({"_id", "text"} per line) or a tsv of `id<TAB>text` lines."""
+    if path.suffix == ".jsonl":
+        return {str(r["_id"]): r["text"] for r in _jsonl(path, ("_id", "text"))}
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such queries file")
+    queries = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            query_id, tab, text = line.partition("\t")
+            if not tab or not text.strip():
+                raise ConfigError(f"{path}: line {number}: expected `id<TAB>text`")
+            queries[query_id.strip()] = text.strip()
+    if not queries:
+        raise ConfigError(f"{path}: no queries in it")
+    return queries
+
+
 def read_beir(directory: str | Path, split: str = "test") -> Collection:
     directory = Path(directory)
     if not directory.is_dir():
         raise ConfigError(f"{directory}: no such dataset directory")
     corpus = {str(r["_id"]): {"title": r.get("title") or "", "text": r["text"]}
               for r in _jsonl(directory / "corpus.jsonl", ("_id", "text"))}
-    queries = {str(r["_id"]): r["text"] for r in _jsonl(directory / "queries.jsonl", ("_id", "text"))}
+    queries = read_queries(directory / "queries.jsonl")
     return Collection(corpus, queries, read_qrels(directory / "qrels" / f"{split}.tsv"))
 
 
