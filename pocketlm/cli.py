@@ -547,7 +547,8 @@ def serve_cmd(
         torch.set_num_threads(settings.threads)
     with err.status("loading models ..."):
         server_app = create_app(settings)
-    names = ", ".join(server_app.state.server.variants)
+    server = server_app.state.server
+    names = ", ".join([*server.variants, *(f"{name} (embeddings)" for name in server.library.embedders)])
     err.print(f"serving {names} on http://{settings.host}:{settings.port} (web page at /, API at /v1)", highlight=False,
               soft_wrap=True)
     uvicorn.run(server_app, host=settings.host, port=settings.port, log_level="warning")

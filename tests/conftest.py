@@ -95,3 +95,26 @@ def gguf_vocab_dir(shared_data) -> Path:
     for name in GGUF_VOCABS:
         assert _parses_as_gguf(target / name), f"no intact copy of {name}"
     return target
+
+
+@pytest.fixture
+def no_network(monkeypatch) -> list:
+    """Every socket connection and name lookup refused (and recorded), with HF_HUB_OFFLINE unset, so that a
+    test shows what runs from the cache alone. Yields the list of attempts (empty when nothing tried)."""
+    import socket
+
+    import huggingface_hub.constants
+
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read once, at import
+    attempts: list = []
+
+    def refuse(self, address, *args):
+        attempts.append(address)
+        raise OSError(f"test: the network was reached ({address})")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *args, **kwargs: refuse(None, host))  # a lookup too
+    return attempts

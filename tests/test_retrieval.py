@@ -188,29 +188,18 @@ def test_an_embedder_that_cannot_be_loaded_is_one_line(tmp_path):
     assert "\n" not in str(info.value)
 
 
-def test_nothing_reaches_the_network_once_the_embedder_is_cached(cranfield, monkeypatch):
-    """With HF_HUB_OFFLINE unset and every socket connection refused, a cached embedder loads and retrieves."""
-    import socket
-
+@pytest.fixture
+def cached_embedder():
     from pocketlm.hub import fetch_embedder
+
+    return fetch_embedder("all-minilm-l6-v2")  # cached by the tests above (or fetched now, before the sockets close)
+
+
+def test_nothing_reaches_the_network_once_the_embedder_is_cached(cranfield, cached_embedder, no_network):
+    """With HF_HUB_OFFLINE unset and every socket connection refused, a cached embedder loads and retrieves."""
     from pocketlm.retrieval.dense import Dense
 
-    fetch_embedder("all-minilm-l6-v2")  # cached by the tests above (or fetched now, before the sockets close)
-    import huggingface_hub.constants
-
-    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.delenv(variable, raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read once, at import
-    attempts = []
-
-    def refuse(self, address, *args):
-        attempts.append(address)
-        raise OSError(f"test: the network was reached ({address})")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *args, **kwargs: refuse(None, host))  # a lookup too
     ids = ["1", "2", "3"]
     dense = Dense(ids, [cranfield.corpus[d]["text"] for d in ids], "all-minilm-l6-v2")
     found = dense.search([cranfield.corpus["2"]["text"]], k=3)[0]
-    assert max(found, key=found.get) == "2" and attempts == []
+    assert max(found, key=found.get) == "2" and no_network == []

@@ -9,7 +9,7 @@ Construction (deterministic; `pocketlm data wikitext-cloze`):
    (digits, with thousands separators or decimals) and names (two or more capitalised words, not at the
    sentence's start) that occur once in the sentence.
 3. Per article, up to `per_article` questions: sentences and answers drawn by a random generator seeded
-   with the article's title, so the set does not change between runs or machines. The question is the
+   with the article's id (its title, made unique), so the set does not change between runs or machines. The question is the
    sentence with the answer replaced by `____`; `prefix` is the sentence before the blank and `stop` what
    follows it up to the end of its first word (a punctuation mark, or a space and a word), so a model that
    continues the prefix has written its answer when it writes `stop`.
@@ -68,6 +68,7 @@ def answers(sentence: str) -> list[str]:
 
 
 def cloze_questions(articles: list[tuple[str, str]], per_article: int = 4) -> list[dict]:
+    """Questions from (article id, text) pairs; each names its article by that id."""
     questions = []
     for title, text in articles:
         candidates = [s for s in sentences(text) if 8 <= len(s.split()) <= 40 and "<unk>" not in s and answers(s)]
@@ -84,18 +85,28 @@ def cloze_questions(articles: list[tuple[str, str]], per_article: int = 4) -> li
 
 def write_cloze(sources: list[str | Path], question_source: str | Path, out: str | Path,
                 per_article: int = 4) -> dict:
-    """corpus.jsonl (every article of `sources`, `_id` its title) and questions.jsonl (cloze questions from
-    the articles of `question_source`, which should be one of `sources`) under `out`."""
+    """corpus.jsonl (every article of `sources`) and questions.jsonl (cloze questions from the articles of
+    `question_source`, one of `sources`) under `out`. An article's `_id` is its title, with " (2)", " (3)"
+    ... added when an earlier article has the same title (WikiText's `<unk>` makes some titles collide)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    corpus = {}
+    corpus: dict[str, tuple[str, str]] = {}  # id -> (title, text)
+    ids_of: dict[Path, list[str]] = {}
     for source in sources:
+        ids = ids_of.setdefault(Path(source).resolve(), [])
         for title, text in wikitext_articles(source):
-            corpus.setdefault(title, text)  # a title twice: the first article keeps it
-    questions = cloze_questions(wikitext_articles(question_source), per_article)
+            doc_id, n = title, 2
+            while doc_id in corpus:
+                doc_id, n = f"{title} ({n})", n + 1
+            corpus[doc_id] = (title, text)
+            ids.append(doc_id)
+    if Path(question_source).resolve() not in ids_of:
+        raise ConfigError(f"{question_source}: the questions must come from one of the article files, so that the "
+                          f"corpus can answer them")
+    questions = cloze_questions([(i, corpus[i][1]) for i in ids_of[Path(question_source).resolve()]], per_article)
+    out.mkdir(parents=True, exist_ok=True)
     with open(out / "corpus.jsonl", "w", encoding="utf-8") as f:
-        for title, text in corpus.items():
-            f.write(json.dumps({"_id": title, "title": title, "text": text}, ensure_ascii=False) + "\n")
+        for doc_id, (title, text) in corpus.items():
+            f.write(json.dumps({"_id": doc_id, "title": title, "text": text}, ensure_ascii=False) + "\n")
     with open(out / "questions.jsonl", "w", encoding="utf-8") as f:
         for q in questions:
             f.write(json.dumps(q, ensure_ascii=False) + "\n")

@@ -131,6 +131,10 @@ class Index:
     def chunking(self) -> Chunking:
         return Chunking(self.meta["chunk_tokens"], self.meta["chunk_overlap"])
 
+    def share_embedder(self, model) -> None:
+        """Use an embedding model already loaded (the same one as the index's, loaded for another index)."""
+        self._embedder = model
+
     def embedder(self):
         """The embedding model (sentence-transformers), loaded once, on first use."""
         if self._embedder is None:

@@ -106,7 +106,7 @@ class Library:
                 if identity not in loaded:
                     loaded[identity] = (ref, index.embedder())  # loaded now: a request never waits for it
                 else:  # the same model as another index's: one copy in memory (used from this thread only)
-                    index._embedder = loaded[identity][1]
+                    index.share_embedder(loaded[identity][1])
             except ConfigError as e:
                 raise ConfigError(f"variant {spec.name}: {e}") from None
             except (OSError, ValueError, KeyError, sqlite3.Error) as e:
