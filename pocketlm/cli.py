@@ -752,6 +752,8 @@ def ask_cmd(
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 is greedy"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     json_out: bool = typer.Option(False, "--json", help="print the answer, citations and sources as one JSON object"),
+    cite: bool = typer.Option(False, "--cite", help="hold the answer to one sentence followed by its citations, [n] "
+                                                    "(a grammar; small models seldom cite on their own)"),
 ) -> None:
     """Answer a question from an index: the top passages, numbered, in the chat template; the answer cites them."""
     import json
@@ -765,7 +767,7 @@ def ask_cmd(
         searcher = Searcher(Index.open(index_dir, embedder), retriever)
         lm, tokenizer = _load(model)
     answer = Answer(question)
-    for piece in stream_answer(searcher, lm, tokenizer, question, k, params, answer):
+    for piece in stream_answer(searcher, lm, tokenizer, question, k, params, answer, cite):
         if not json_out:
             sys.stdout.write(piece)
             sys.stdout.flush()

@@ -221,6 +221,15 @@ def test_index_commands_name_and_count_unreadable_files(tmp_path):
     assert removed.returncode == 0 and removed.stdout.strip().endswith("p7.txt")
 
 
+def test_citations_are_read_whatever_their_form():
+    from pocketlm.retrieval.answer import cited
+    from pocketlm.retrieval.search import Passage
+
+    passages = [Passage(n, n, f"d{n}", "s", "", 0, 1, "x", 1.0) for n in (1, 2, 3)]
+    assert cited("It was 1998 [2]. Also [1, 3] and [1][3], never [9] or [0].", passages) == [1, 2, 3]
+    assert cited("No citation here, only [a] and (1).", passages) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # evaluation over an index
 # ---------------------------------------------------------------------------------------------
@@ -341,6 +350,10 @@ def test_ask_and_eval_with_retrieval_from_the_command_line(smollm2_dir, tmp_path
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout)
     assert answer["sources"][0]["doc_id"] == "manual.pdf" and re.search(r"\b(3|three)\b", answer["answer"].lower())
+    cited = json.loads(run_cli("ask", str(tmp_path / "index"), str(smollm2_dir), "When was the boiler B-2 installed?",
+                               "--cite", "--json").stdout)  # one sentence, then its citations, by the grammar
+    assert re.fullmatch(r"[^\[\]\n.]+\. (\[\d\])+", cited["answer"]) and cited["cited"]
+    assert cited["sources"][cited["cited"][0] - 1]["doc_id"] == "boiler.md" and "1998" in cited["answer"]
     plain = run_cli("ask", str(tmp_path / "index"), str(smollm2_dir), "How many stages does the compressor C-5 have?",
                     "-k", "3", "-n", "40")
     assert plain.stdout.startswith(answer["answer"]) and "\n\nSources:\n[1] manual.pdf" in plain.stdout

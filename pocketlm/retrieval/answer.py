@@ -4,12 +4,13 @@ them as [1], [2]; and which passages it cited."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
+from ..constrain import Constraint
 from ..engine import SamplingParams
 from ..errors import ContextLengthError, PocketLMError
-from ..streaming import chat_prompt, stream
+from ..streaming import chat_prompt, compile_constraint, stream
 from .search import Passage, Searcher
 
 INSTRUCTIONS = ("Answer the question from the numbered passages. Cite each passage you use by its number in "
@@ -63,16 +64,29 @@ class Answer:
                 "sources": [p.as_dict() for p in self.passages]}
 
 
+def citing(passages: int, sentences: int = 1) -> Constraint:
+    """A reply of up to `sentences` sentences, each followed by the passages it comes from: `... . [2]`,
+    `... . [1][3]` (small models seldom cite on their own; this makes them, through the grammar). The reply
+    may end after any citation; it cannot end uncited. One sentence by default: SmolLM2-135M, given more,
+    fills them all, citing passages in turn rather than by what they say."""
+    number = "|".join(str(n) for n in range(passages, 0, -1))
+    sentence = rf"[^\[\]\n.]{{1,300}}\. \[({number})\](\[({number})\]){{0,{max(passages - 1, 0)}}}"
+    return Constraint("regex", rf"{sentence}( {sentence}){{0,{sentences - 1}}}")
+
+
 def stream_answer(searcher: Searcher, model, tokenizer, question: str, k: int = 4,
-                  params: SamplingParams | None = None, answer: Answer | None = None) -> Iterator[str]:
+                  params: SamplingParams | None = None, answer: Answer | None = None,
+                  cite: bool = False) -> Iterator[str]:
     """Yield the answer's text as it is generated; `answer` (when given) is filled with the passages used,
-    the whole text and the citations."""
+    the whole text and the citations. `cite` holds the reply to text that ends in citations (`citing`)."""
     if not tokenizer.chat_template:
         raise PocketLMError("the model has no chat template; answering from passages needs an instruction-tuned model")
     params = params or SamplingParams(max_new_tokens=256)
     answer = answer if answer is not None else Answer(question)
     ids, answer.passages = fit_passages(tokenizer, question, searcher.search(question, k),
                                         model.config.max_position_embeddings, params.max_new_tokens)
+    if cite:
+        params = replace(params, grammar=compile_constraint(model, tokenizer, citing(len(answer.passages))))
     pieces, info = [], {}
     for piece in stream(model, tokenizer, ids, params, result=info):
         pieces.append(piece)
@@ -81,10 +95,11 @@ def stream_answer(searcher: Searcher, model, tokenizer, question: str, k: int = 
     answer.cited = cited(answer.text, answer.passages)
 
 
-def ask(searcher: Searcher, model, tokenizer, question: str, k: int = 4, params: SamplingParams | None = None) -> Answer:
+def ask(searcher: Searcher, model, tokenizer, question: str, k: int = 4, params: SamplingParams | None = None,
+        cite: bool = False) -> Answer:
     """The whole answer at once: `pocketlm ask` from Python."""
     answer = Answer(question)
-    for _ in stream_answer(searcher, model, tokenizer, question, k, params, answer):
+    for _ in stream_answer(searcher, model, tokenizer, question, k, params, answer, cite):
         pass
     return answer
 
