@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--limit", type=int, default=None, help="only the first N questions")
     ap.add_argument("--cited-limit", type=int, default=100, help="questions for the cited variant (0: skip it)")
+    ap.add_argument("--small-corpus", action="store_true", help="index only the articles of the questions asked (a quick check)")
     ap.add_argument("--work", default="/tmp/pocketlm-rag-bench", help="where the corpus and the index go")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -41,8 +42,14 @@ def main() -> None:
     shipped = (TASKS / "wikitext_cloze.jsonl").read_text(encoding="utf-8")
     if Path(made["questions_file"]).read_text(encoding="utf-8") != shipped:
         raise SystemExit("docs/tasks/wikitext_cloze.jsonl differs from a fresh construction; regenerate it")
+    corpus = Path(made["corpus"])
+    if args.small_corpus:
+        asked = {json.loads(line)["article"] for line in shipped.splitlines()[:max(args.limit or 0, args.cited_limit)]}
+        corpus = work / "small-corpus.jsonl"
+        corpus.write_text("".join(line + "\n" for line in Path(made["corpus"]).read_text(encoding="utf-8").splitlines()
+                                  if json.loads(line)["_id"] in asked), encoding="utf-8")
     index = Index.open_or_create(work / "index", None, None)
-    build = index.update([made["corpus"]], prune=True)
+    build = index.update([corpus], prune=True)
     stats = index.stats()
     index.close()
     model = resolve_model(args.model)

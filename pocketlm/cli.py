@@ -676,7 +676,10 @@ def index_build_cmd(
     longer among DOCUMENTS are dropped; unchanged ones are not embedded again."""
     from .retrieval.chunking import Chunking
     from .retrieval.index import Index
+    from .retrieval.readers import find_files
 
+    if not find_files(documents):  # before an empty index is made
+        raise ConfigError(f"no documents under {', '.join(map(str, documents))} (.txt, .md, .html, .pdf or .jsonl)")
     chunking = None
     if chunk_tokens is not None or overlap is not None:
         chunking = Chunking(chunk_tokens if chunk_tokens is not None else Chunking.tokens,

@@ -148,3 +148,19 @@ def test_retrieval_benchmark_scores_three_retrievers(shared_data, tmp_path):
     result = json.loads(out.read_text())
     for name in ("bm25", "dense", "hybrid"):
         assert 0 < result[name]["ndcg@10"] <= 1 and 0 < result[name]["query_ms_p50"] <= result[name]["query_ms_p99"]
+        assert 0 < result["index"][name]["ndcg@10"] <= 1
+    assert result["index"]["chunks"] >= len(docs) and 0 < result["index"]["ask_search_ms_p50"] <= result["index"]["ask_search_ms_p99"]
+
+
+@pytest.mark.slow
+def test_rag_answers_benchmark_runs_closed_book_and_with_retrieval(tmp_path):
+    out = tmp_path / "rag.json"
+    run = subprocess.run([sys.executable, "benchmarks/rag_answers.py", "--limit", "2", "--cited-limit", "1",
+                          "--small-corpus", "--work", str(tmp_path / "work"), "--json", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["runs"]) == {"closed_book", "retrieval", "retrieval_cited"}
+    assert result["runs"]["retrieval"]["retrieved_holds_answer"] == 1.0 and result["runs"]["retrieval"]["n"] == 2
+    assert "retrieved_holds_answer" not in result["runs"]["closed_book"]
+    assert 0 <= result["runs"]["retrieval_cited"]["cited_holds_answer"] <= result["runs"]["retrieval_cited"]["cited"] <= 1

@@ -213,6 +213,7 @@ def test_index_commands_name_and_count_unreadable_files(tmp_path):
     (tmp_path / "empty").mkdir()
     empty = run_cli("index", "build", str(tmp_path / "empty"), "--out", str(tmp_path / "index2"))
     assert empty.returncode == 1 and "error: no documents under" in empty.stderr and empty.stderr.count("\n") == 1
+    assert not (tmp_path / "index2").exists()  # no empty index left behind
     missing = run_cli("ask", str(tmp_path / "nowhere"), "smollm2-135m-instruct", "why?")
     assert missing.returncode == 1 and "no index there" in missing.stderr and "Traceback" not in missing.stderr
     other = run_cli("index", "search", str(tmp_path / "index"), "oil", "--embedder", "other/model")

@@ -68,7 +68,7 @@ class UpdateReport:
 
     def summary(self) -> str:
         return (f"{len(self.added)} added, {len(self.updated)} updated, {len(self.unchanged)} unchanged, "
-                f"{len(self.removed)} removed, {len(self.skipped)} skipped; {self.chunks} chunks embedded "
+                f"{len(self.removed)} removed, {len(self.skipped)} skipped; {self.chunks} chunk{'s' * (self.chunks != 1)} embedded "
                 f"in {self.seconds:.1f} s")
 
 
