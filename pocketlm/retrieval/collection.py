@@ -33,21 +33,29 @@ def judged(queries: dict[str, str], qrels: Qrels) -> dict[str, str]:
     return {q: text for q, text in queries.items() if any(g > 0 for g in qrels.get(q, {}).values())}
 
 
+def json_lines(path: Path, lines, error: type[ConfigError] = ConfigError):
+    """(line number, object) for each non-blank line; a line that is not a JSON object is `error`, naming it."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{path}: line {number} is not JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise error(f"{path}: line {number} is not a JSON object")
+        yield number, record
+
+
 def _jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
     if not path.is_file():
         raise ConfigError(f"{path}: no such file (a BEIR dataset has corpus.jsonl, queries.jsonl and qrels/test.tsv)")
     records = []
     with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: line {number} is not JSON ({e.msg})") from None
+        for number, record in json_lines(path, f):
             missing = [k for k in fields if k not in record]
-            if not isinstance(record, dict) or missing:
-                raise ConfigError(f"{path}: line {number} lacks {', '.join(missing) or 'an object'}")
+            if missing:
+                raise ConfigError(f"{path}: line {number} lacks {', '.join(missing)}")
             records.append(record)
     if not records:
         raise ConfigError(f"{path}: empty; nothing to retrieve from or for")

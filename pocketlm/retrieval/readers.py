@@ -6,13 +6,13 @@ skips those, or stops at the first under `--strict`.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
 from ..errors import ConfigError
+from .collection import json_lines
 
 SUFFIXES = {".txt": "text", ".text": "text", ".md": "markdown", ".markdown": "markdown", ".html": "html",
             ".htm": "html", ".pdf": "pdf", ".jsonl": "jsonl"}
@@ -92,14 +92,8 @@ def _pdf_text(path: Path) -> str:
 
 def _jsonl_documents(path: Path, text: str) -> list[Document]:
     documents, seen = [], set()
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UnreadableDocument(f"{path}: line {number} is not JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+    for number, record in json_lines(path, text.splitlines(), UnreadableDocument):
+        if not isinstance(record.get("text"), str):
             raise UnreadableDocument(f"{path}: line {number} has no \"text\" string")
         doc_id = str(record.get("_id", record.get("id", f"{path.name}:{number}")))
         if doc_id in seen:
