@@ -13,7 +13,7 @@ import pytrec_eval
 
 from pocketlm.errors import ConfigError
 from pocketlm.retrieval.bm25 import BM25
-from pocketlm.retrieval.collection import Collection, read_beir, read_cranfield, read_qrels, write_beir
+from pocketlm.retrieval.collection import Collection, judged, read_beir, read_cranfield, read_qrels, write_beir
 from pocketlm.retrieval.evaluate import evaluate_retrieval
 from pocketlm.retrieval.measures import MEASURES, evaluate_run, write_run
 
@@ -71,7 +71,7 @@ def test_beir_layout_round_trip_and_trec_qrels(cranfield, tmp_path):
 def test_bm25_on_cranfield_equals_pytrec_eval_and_finds_documents(cranfield, tmp_path):
     ids = list(cranfield.corpus)
     bm25 = BM25(ids, [cranfield.corpus[i]["title"] + "\n" + cranfield.corpus[i]["text"] for i in ids])
-    queries = cranfield.judged_queries()
+    queries = judged(cranfield.queries, cranfield.qrels)
     run = dict(zip(queries, bm25.search(list(queries.values()), k=100)))
     assert_equals_pytrec_eval(cranfield.qrels, run)
     # a document's own title finds it first

@@ -24,9 +24,6 @@ class Collection:
     queries: dict[str, str]  # query id -> text
     qrels: Qrels
 
-    def judged_queries(self) -> dict[str, str]:
-        return judged(self.queries, self.qrels)
-
 
 def judged(queries: dict[str, str], qrels: Qrels) -> dict[str, str]:
     """The queries with at least one relevant document (trec_eval averages over those)."""
