@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .kernels import cpu_ops
+from .kernels import cpu_ops, qdot
 from .kernels.dispatch import EXACT_ROWS, KernelWeights, fused_projections
 from .model import expected_shapes
 
@@ -282,11 +282,18 @@ class Int8Linear(nn.Module):
                                     and cpu_ops.available())
 
     def kernel_weights(self) -> KernelWeights | None:
-        """The weights as pocketlm's AVX2 kernels read them (kernels/dispatch.py); None where those do not run."""
+        """The weights as pocketlm's kernels read them (kernels/dispatch.py): in qdot's layout where those
+        kernels are in use and fit the shape, else as stored; None where no kernel of pocketlm's runs."""
         if "_native" not in self.__dict__ and not _compiling():
             self.prepare_native()
         if not self.__dict__.get("_native") or not self.weight.is_contiguous() or self.scales.dtype != torch.float32:
             return None
+        if cpu_ops.mode() == "qdot" and qdot.serves(self.out_features, self.in_features):
+            packed = self.__dict__.get("_qdot")
+            if packed is None and not _compiling():
+                packed = self.__dict__["_qdot"] = qdot.pack_int8(self.weight)
+            if packed is not None:
+                return KernelWeights("qdot-int8", packed, self.scales, 0, self.out_features, self.bias)
         return KernelWeights("int8", self.weight, self.scales, 0, self.out_features, self.bias)
 
     def prepare_decode(self) -> None:
@@ -346,25 +353,29 @@ class Int4Linear(nn.Module):
         scales_and_zeros = torch.stack((self.scales, zeros), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         self._kernel = (packed, scales_and_zeros)
 
-    def _native_tables(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The codes in `int4_words`'s layout and the scales and mins as fp16 (exact: the quantizer
-        rounds them to fp16) in its block layout, for cpu_ops.int4_linear; None where it cannot run."""
+    def _native_tables(self) -> tuple[str, torch.Tensor, torch.Tensor] | None:
+        """(kind, codes, tables) for pocketlm's kernels: qdot's layout where those kernels are in use and fit
+        the shape, else the codes in `int4_words`'s layout and the scales and mins as fp16 in its block
+        layout (for cpu_ops.int4_linear); None where neither can run. Scales and mins must be fp16 values
+        (exact: the quantizer rounds them to fp16)."""
         if self.out_features % LANES or not cpu_ops.available():
             return None
-        exact = torch.stack((_by_lanes(self.scales), _by_lanes(self.mins)), dim=2)
-        tables = exact.half()
-        if not torch.equal(tables.float(), exact):
+        if not (torch.equal(self.scales.half().float(), self.scales) and torch.equal(self.mins.half().float(), self.mins)):
             return None  # scales that are not fp16 values (not written by pocketlm's quantizer)
-        return int4_words(unpack_int4(self.weight, self.group_size)).view(torch.int32), tables
+        codes = unpack_int4(self.weight, self.group_size)
+        if cpu_ops.mode() == "qdot" and qdot.serves(self.out_features, self.in_features, self.group_size):
+            return ("qdot-int4", *qdot.pack_int4(codes, self.scales, self.mins, self.group_size))
+        tables = torch.stack((_by_lanes(self.scales), _by_lanes(self.mins)), dim=2).half()
+        return "int4", int4_words(codes).view(torch.int32), tables
 
     def kernel_weights(self) -> KernelWeights | None:
-        """The weights as pocketlm's AVX2 kernels read them (kernels/dispatch.py); None where those do not run."""
+        """The weights as pocketlm's kernels read them (kernels/dispatch.py); None where those do not run."""
         if "_native" not in self.__dict__ and not _compiling():
             self.prepare_kernel()
         tables = self.__dict__.get("_native")
         if tables is None:
             return None
-        return KernelWeights("int4", tables[0], tables[1], self.group_size, self.out_features, self.bias)
+        return KernelWeights(tables[0], tables[1], tables[2], self.group_size, self.out_features, self.bias)
 
     def prepare_decode(self) -> None:
         """With the "words" row layout and without pocketlm's kernels, the tables `_int4_row_product`

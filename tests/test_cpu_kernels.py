@@ -24,8 +24,9 @@ pytestmark = pytest.mark.skipif(not cpu_ops.load(), reason="needs an x86 CPU wit
 
 @pytest.fixture
 def kernels_on(monkeypatch):
-    """The layers use the kernels whatever this CPU would pick (they run on any AVX2 CPU)."""
+    """The layers use the fp32-activation kernels whatever this CPU would pick (they run on any AVX2 CPU)."""
     monkeypatch.setitem(cpu_ops._loaded, "available", True)
+    monkeypatch.setenv(cpu_ops.SWITCH, "exact")
 
 
 def reference(x: torch.Tensor, layer) -> torch.Tensor:
@@ -123,8 +124,8 @@ def test_switched_off_by_the_environment(monkeypatch):
 
 
 @pytest.mark.parametrize("switch,capability,expected", [
-    ("1", "AVX2", True), ("1", "AVX512", False), ("all", "AVX512", True), ("all", "AVX512_BF16", True),
-    ("0", "AVX2", False), ("all", "DEFAULT", False)])
+    ("1", "AVX2", True), ("1", "AVX512", True), ("exact", "AVX512_BF16", True), ("1", "DEFAULT", False),
+    ("0", "AVX2", False), ("0", "AVX512", False)])
 def test_which_cpus_use_the_kernels(monkeypatch, switch, capability, expected):
     monkeypatch.setenv(cpu_ops.SWITCH, switch)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)

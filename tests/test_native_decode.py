@@ -22,8 +22,11 @@ SCHEMES = {"int8": QuantScheme("int8"), "int4-g32": QuantScheme("int4", 32),
 
 @pytest.fixture
 def kernels_on(monkeypatch):
-    """The kernels serve the model whatever this CPU would pick (they run on any AVX2 CPU)."""
+    """The kernels serve the model whatever this CPU would pick (they run on any AVX2 CPU), with fp32
+    activations: the step must then compute what the Python step computes (the qdot kernels, which
+    quantize activations, are held to the Python step in tests/test_qdot.py)."""
     monkeypatch.setitem(cpu_ops._loaded, "available", True)
+    monkeypatch.setenv(cpu_ops.SWITCH, "exact")
 
 
 def quantized(tmp_path, scheme: str, **overrides):

@@ -63,3 +63,22 @@ def perplexity(model, tokenizer, text: str, window: int = 1024, stride: int | No
         nll=total_nll, tokens=scored, words=words, bytes=n_bytes, window=window, stride=stride,
         seconds=time.perf_counter() - started,
     )
+
+
+@torch.inference_mode()
+def decoded_perplexity(model, windows: torch.Tensor) -> float:
+    """Token perplexity of `windows` (batch, length) scored one token at a time through `decode_step`, the
+    path generation and the server take (the prompt path above multiplies many rows at once and never runs
+    the decoding kernels). The windows decode side by side as one batch; each step is fed the text's token
+    and scored on the next one."""
+    batch, length = windows.shape
+    model.setup_cache(batch, length)
+    total = 0.0
+    try:
+        for t in range(length - 1):
+            pos = torch.full((batch,), t)
+            logits = model.decode_step(windows[:, t:t + 1], pos, model.decode_mask(pos))
+            total -= torch.log_softmax(logits.double(), -1).gather(1, windows[:, t + 1:t + 2]).sum().item()
+    finally:
+        model.clear_cache()
+    return math.exp(total / (batch * (length - 1)))

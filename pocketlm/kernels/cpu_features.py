@@ -29,6 +29,18 @@ def parse_flags(cpuinfo: str) -> set[str] | None:
     return None
 
 
+def flags_key() -> str:
+    """A short key for this CPU's model and flags: a decision measured on one machine is reused there only."""
+    import hashlib
+
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    model = next((line.partition(":")[2].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    return hashlib.sha256(" ".join([model, *sorted(_flags() or ())]).encode()).hexdigest()[:12]
+
+
 def cpu_has_bf16() -> bool:
     """bf16 matmuls pay off only with native support (AVX512-BF16 or AMX on x86, BF16 on Arm);
     elsewhere PyTorch emulates them, several times slower than float32."""

@@ -29,9 +29,15 @@ import torch
 
 from ..paths import cache_dir
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_kernels.cpp", "decode_step.cpp", "train_attention.cpp", "cpu_allocator.cpp")]
-HEADERS = [Path(__file__).parent / "csrc" / "kernels.h"]
-SWITCH = "POCKETLM_CPU_KERNELS"  # "0" turns the kernels off; "all" uses them on AVX-512 CPUs too
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / name for name in ("cpu_kernels.cpp", "decode_step.cpp", "train_attention.cpp", "cpu_allocator.cpp",
+                                    "qlinear.cpp")]
+# the qdot kernels once per instruction set, each file with its own flags (see csrc/qdot.h); the op picks
+# at run time among those the CPU has
+ISA_SOURCES = {CSRC / "qdot_avx2.cpp": [], CSRC / "qdot_avxvnni.cpp": ["-mavxvnni"],
+               CSRC / "qdot_avx512vnni.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]}
+HEADERS = [CSRC / name for name in ("kernels.h", "qdot.h", "qdot_impl256.h")]
+SWITCH = "POCKETLM_CPU_KERNELS"  # "0" turns the kernels off; "exact" keeps decoding's activations in fp32
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w"]
 
 log = logging.getLogger(__name__)
@@ -39,12 +45,17 @@ _loaded: dict[str, bool] = {}
 
 
 def wanted() -> bool:
-    """Whether this CPU is one the kernels are for: AVX2 without AVX-512 (where inductor's loops and
-    PyTorch's int4 kernel are fast already, and the kernels have not been measured), and not switched
-    off. POCKETLM_CPU_KERNELS=all asks for them on AVX-512 CPUs too, to measure them there."""
-    switch = os.environ.get(SWITCH, "1")
+    """Whether the kernels are for this CPU: any x86 CPU with AVX2 (AVX-512 included), unless switched off."""
     capability = torch.backends.cpu.get_cpu_capability()
-    return switch != "0" and (capability == "AVX2" or (switch == "all" and capability.startswith("AVX512")))
+    return mode() != "off" and (capability == "AVX2" or capability.startswith("AVX512"))
+
+
+def mode() -> str:
+    """How quantized layers multiply with a few input rows: "qdot" (the default: activations quantized to int8,
+    integer dot products; kernels/qdot.py), "exact" (POCKETLM_CPU_KERNELS=exact: fp32 activations, the
+    products of the dequantized weights), or "off" (POCKETLM_CPU_KERNELS=0: PyTorch's kernels and inductor)."""
+    switch = os.environ.get(SWITCH, "1")
+    return "off" if switch == "0" else "exact" if switch == "exact" else "qdot"
 
 
 def available() -> bool:
@@ -52,6 +63,10 @@ def available() -> bool:
     Decided once per process (a compiled graph cannot ask)."""
     if "available" not in _loaded:
         _loaded["available"] = wanted() and load()
+        if _loaded["available"] and mode() == "qdot":
+            from . import qdot
+
+            qdot.choose()  # the instruction set, checked by a measurement once per machine
     return _loaded["available"]
 
 
@@ -91,8 +106,9 @@ def build() -> Path:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    texts = [p.read_text() for p in SOURCES + HEADERS]
-    key = hashlib.sha256("\n".join([*texts, torch.__version__, compiler, abi, *FLAGS]).encode())
+    texts = [p.read_text() for p in SOURCES + list(ISA_SOURCES) + HEADERS]
+    isa_flags = [flag for flags in ISA_SOURCES.values() for flag in flags]
+    key = hashlib.sha256("\n".join([*texts, torch.__version__, compiler, abi, *FLAGS, *isa_flags]).encode())
     target = cache_dir() / "cpu_kernels" / f"pocketlm_cpu_kernels_{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -100,17 +116,25 @@ def build() -> Path:
     torch_lib = library_paths()[0]
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
         partial = Path(tmp.name)
-    command = [compiler, *FLAGS, abi, *(f"-I{p}" for p in include_paths()), *map(str, SOURCES), "-o", str(partial),
-               f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
-    log.info("building pocketlm's AVX2 kernels (once, about 25 s)")
-    try:
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise KernelBuildError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
-        os.replace(partial, target)  # atomic: a concurrent or killed build never leaves half a library
-    finally:
-        partial.unlink(missing_ok=True)
+    log.info("building pocketlm's CPU kernels (once, about 30 s)")
+    with tempfile.TemporaryDirectory(dir=target.parent) as objects:
+        try:
+            isa_objects = []
+            for source, extra in ISA_SOURCES.items():
+                isa_objects.append(str(Path(objects) / (source.stem + ".o")))
+                _compile([compiler, *FLAGS, *extra, "-c", str(source), "-o", isa_objects[-1]], compiler)
+            _compile([compiler, *FLAGS, abi, *(f"-I{p}" for p in include_paths()), *map(str, SOURCES), *isa_objects,
+                      "-o", str(partial), f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"], compiler)
+            os.replace(partial, target)  # atomic: a concurrent or killed build never leaves half a library
+        finally:
+            partial.unlink(missing_ok=True)
     return target
+
+
+def _compile(command: list[str], compiler: str) -> None:
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise KernelBuildError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
 
 
 def _register_shapes() -> None:
@@ -123,6 +147,14 @@ def _register_shapes() -> None:
     @torch.library.register_fake("pocketlm::int8_linear")
     def _(x, codes, scales):
         return x.new_empty(x.shape[0], sum(c.shape[0] for c in codes))
+
+    @torch.library.register_fake("pocketlm::qdot_int4")
+    def _(x, words, tables, group_size):
+        return x.new_empty(x.shape[0], sum(16 * w.shape[0] for w in words))
+
+    @torch.library.register_fake("pocketlm::qdot_int8")
+    def _(x, codes, scales):
+        return x.new_empty(x.shape[0], sum(16 * c.shape[0] for c in codes))
 
     @torch.library.register_fake("pocketlm::decode_attention")
     def _(q, k, v, mask):

@@ -11,16 +11,17 @@ from typing import NamedTuple
 
 import torch
 
-from . import cpu_ops
+from . import cpu_ops, qdot
 
 EXACT_ROWS = 16  # from this many rows on, CPU matmuls dequantize to fp32 (exact) instead of using bf16 kernels
 
 
 class KernelWeights(NamedTuple):
-    """One projection as `cpu_ops.int8_linear` / `cpu_ops.int4_linear` read it."""
-    kind: str  # "int8" or "int4"
-    codes: torch.Tensor  # int8: (out, in) int8; int4: the codes in quant.int4_words' layout, as int32
-    scales: torch.Tensor  # int8: fp32 (out,); int4: fp16 scales and mins in the block layout
+    """One projection as `cpu_ops.int8_linear` / `cpu_ops.int4_linear` (fp32 activations) or
+    `qdot.int8_linear` / `qdot.int4_linear` (int8 activations) read it."""
+    kind: str  # "int8", "int4", "qdot-int8" or "qdot-int4"
+    codes: torch.Tensor  # int8: (out, in) int8; int4: the codes in quant.int4_words' layout, as int32; qdot: its layout
+    scales: torch.Tensor  # int8: fp32 (out,); int4: fp16 scales and mins in the block layout; qdot: likewise in its own
     group_size: int  # int4's group of input columns; 0 for int8
     out_features: int
     bias: torch.Tensor | None
@@ -34,7 +35,7 @@ def kernel_weights(layer) -> KernelWeights | None:
 
 def fused_projections(x: torch.Tensor, layers) -> list[torch.Tensor] | None:
     """The outputs of several projections of the same input (q, k, v; gate, up; or one layer) from one call of
-    pocketlm's AVX2 kernels: each call pays dispatch and thread start-up, and a decode step of SmolLM2
+    pocketlm's kernels: each call pays dispatch and thread start-up, and a decode step of SmolLM2
     makes 210 of them unfused. None where the kernels do not serve all the layers."""
     rows = x.numel() // x.shape[-1]
     if x.device.type != "cpu" or rows >= EXACT_ROWS:
@@ -43,7 +44,11 @@ def fused_projections(x: torch.Tensor, layers) -> list[torch.Tensor] | None:
     if any(p is None for p in packed) or len({(p.kind, p.group_size) for p in packed}) != 1:
         return None
     flat = x.reshape(rows, -1)
-    if packed[0].kind == "int4":
+    if packed[0].kind == "qdot-int4":
+        y = qdot.int4_linear(flat, [p.codes for p in packed], [p.scales for p in packed], packed[0].group_size)
+    elif packed[0].kind == "qdot-int8":
+        y = qdot.int8_linear(flat, [p.codes for p in packed], [p.scales for p in packed])
+    elif packed[0].kind == "int4":
         y = cpu_ops.int4_linear(flat, [p.codes for p in packed], [p.scales for p in packed], packed[0].group_size)
     else:
         y = cpu_ops.int8_linear(flat, [p.codes for p in packed], [p.scales for p in packed])

@@ -24,21 +24,6 @@ void check_input(const at::Tensor& x, int64_t K) {
               "pocketlm kernels: input must be a contiguous fp32 CPU tensor");
 }
 
-// Several weight matrices of one input (q, k, v or gate, up) run as one: their outputs side by side.
-// Work units are row blocks numbered across the matrices; `first[i]` is matrix i's first unit.
-struct Matrices {
-  std::vector<int64_t> first;
-  explicit Matrices(const std::vector<int64_t>& units) : first{0} {
-    for (int64_t u : units) first.push_back(first.back() + u);
-  }
-  int64_t total() const { return first.back(); }
-  int64_t which(int64_t unit) const {  // the matrix a unit belongs to (a linear scan: 1-3 matrices)
-    int64_t i = 0;
-    while (unit >= first[i + 1]) ++i;
-    return i;
-  }
-};
-
 // x (M, K) fp32; words[i] (N_i/8, K/8, 8) int32; tables[i] (N_i/8, K/G, 2, 8) fp16 -> (M, sum N_i) fp32
 at::Tensor int4_linear(const at::Tensor& x, at::TensorList words, at::TensorList tables, int64_t G) {
   TORCH_CHECK(!words.empty() && words.size() == tables.size(), "pocketlm::int4_linear: one table per code tensor");

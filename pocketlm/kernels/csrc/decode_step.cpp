@@ -16,29 +16,54 @@
 #include <torch/library.h>
 
 #include "kernels.h"
+#include "qdot.h"
 
 namespace {
 
 using namespace pocketlm;
 
-// A quantized linear layer as the step reads it. int4: codes in `int4_words`'s layout, 8 output rows
-// per work unit; int8: one output row per unit.
+// A quantized linear layer as the step reads it. With fp32 activations: int4 codes in `int4_words`'s
+// layout, 8 output rows per work unit, or int8 codes with one output row per unit. With int8 activations
+// (`qdot`, see qdot.h): int4 or int8 codes in qdot's layout, 16 output rows per unit.
 struct Linear {
-  bool int4 = false;
+  bool int4 = false, qdot = false;
   int64_t N = 0, K = 0, G = 0;
   const int32_t* words = nullptr;
   const uint16_t* tables = nullptr;
   const int8_t* codes = nullptr;
+  const uint8_t* packed = nullptr;  // qdot's words or codes
   const float* scales = nullptr;
   const float* bias = nullptr;
 
-  int64_t rows_per_unit() const { return int4 ? kLanes : 1; }
+  int64_t rows_per_unit() const { return qdot ? qdot::kRows : int4 ? kLanes : 1; }
   int64_t units() const { return N / rows_per_unit(); }
 };
 
 Linear read_linear(const at::Tensor& w, const at::Tensor& t, const at::Tensor& b, const char* name) {
   Linear L;
-  if (w.scalar_type() == at::kInt) {  // int4: words (N/8, K/8, 8) int32, tables (N/8, groups, 2, 8) fp16
+  if (w.scalar_type() == at::kByte) {  // qdot: int4 words (N/16, K/8, 64) with fp16 tables, or int8 (N/16, K/4, 64)
+    TORCH_CHECK(w.dim() == 3 && w.size(2) == 64 && w.is_contiguous(), "pocketlm::decode_step: ", name,
+                ": qdot weights must be contiguous uint8 (out/16, chunks, 64)");
+    L.qdot = true;
+    L.N = qdot::kRows * w.size(0);
+    L.packed = w.data_ptr<uint8_t>();
+    L.int4 = t.scalar_type() == at::kHalf;
+    if (L.int4) {
+      L.K = 8 * w.size(1);
+      TORCH_CHECK(t.is_contiguous() && t.dim() == 4 && t.size(0) == w.size(0) && t.size(2) == 2 &&
+                      t.size(3) == qdot::kRows && L.K % t.size(1) == 0,
+                  "pocketlm::decode_step: ", name, ": qdot int4 tables must be contiguous fp16 (out/16, groups, 2, 16)");
+      L.G = L.K / t.size(1);
+      L.tables = reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>());
+    } else {
+      L.K = 4 * w.size(1);
+      TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == L.N, "pocketlm::decode_step: ",
+                  name, ": qdot int8 scales must be contiguous fp32 (out,)");
+      L.scales = t.data_ptr<float>();
+    }
+    TORCH_CHECK(L.K % qdot::kBlock == 0 && L.G % qdot::kBlock == 0, "pocketlm::decode_step: ", name,
+                ": qdot needs inputs and groups in multiples of 32");
+  } else if (w.scalar_type() == at::kInt) {  // int4: words (N/8, K/8, 8) int32, tables (N/8, groups, 2, 8) fp16
     TORCH_CHECK(w.dim() == 3 && w.size(2) == kLanes && w.is_contiguous(), "pocketlm::decode_step: ", name,
                 ": int4 words must be contiguous (out/8, in/8, 8)");
     L.int4 = true;
@@ -75,16 +100,28 @@ const float* read_vector(const at::Tensor& t, int64_t n, const char* name) {
   return t.data_ptr<float>();
 }
 
-// M input rows in the forms the products read: as given (int8) and prescaled with group sums (int4).
-// Each thread keeps its own, so preparing an input needs no barrier.
+// M input rows in the forms the products read: as given (int8), prescaled with group sums (int4), and
+// quantized to int8 (qdot). Each thread keeps its own, so preparing an input needs no barrier.
 struct Input {
   const float* x = nullptr;
   int64_t K = 0, G = 0;
   std::vector<float> scaled, group_sums;
+  std::vector<int8_t> q;
+  std::vector<float> d, xsum;
+  std::vector<int32_t> qsum;
+  qdot::Acts acts{};
 
-  void prepare(const float* rows, int64_t M, int64_t width, int64_t group) {
+  // group: int4's group size for the fp32-activation kernel (0: no such layer reads it); quantize: a qdot
+  // layer reads it
+  void prepare(const float* rows, int64_t M, int64_t width, int64_t group, bool quantize) {
     x = rows, K = width, G = group;
-    if (G == 0) return;  // no int4 layer reads it
+    if (quantize) {
+      q.resize(M * K);
+      d.resize(M * K / qdot::kBlock), xsum.resize(M * K / qdot::kBlock), qsum.resize(M * K / qdot::kBlock);
+      qdot::quantize_rows(x, M, K, q.data(), d.data(), qsum.data(), xsum.data());
+      acts = qdot::Acts{q.data(), d.data(), qsum.data(), xsum.data(), K};
+    }
+    if (G == 0) return;
     scaled.resize(M * K);
     group_sums.resize(M * (K / G));
     for (int64_t m = 0; m < M; ++m) prescale_row(x + m * K, K, G, &scaled[m * K], &group_sums[m * (K / G)]);
@@ -95,7 +132,12 @@ struct Input {
 // y + m * ldy.
 inline void unit_outputs(const Linear& L, int64_t u, const Input& in, int64_t M, float* y, int64_t ldy) {
   const int64_t n = L.rows_per_unit();
-  if (L.int4) {
+  if (L.qdot && L.int4) {
+    qdot::active().int4(in.acts, M, L.packed + u * (L.K / 8) * 64, L.tables + u * (L.K / L.G) * 2 * qdot::kRows, y,
+                        ldy, L.G);
+  } else if (L.qdot) {
+    qdot::active().int8(in.acts, M, L.packed + u * (L.K / 4) * 64, L.scales + u * qdot::kRows, y, ldy);
+  } else if (L.int4) {
     int4_rows(in.scaled.data(), in.group_sums.data(), M, L.words + u * L.K, L.tables + u * (L.K / L.G) * 2 * kLanes,
               y, ldy, L.K, L.G);
   } else {
@@ -125,7 +167,7 @@ void project(const Linear* const* layers, int n, const Input& in, int64_t M, flo
   }
 }
 
-// x (M, L.N) += L(in): the residual add in the product's loop. scratch: M * kLanes floats.
+// x (M, L.N) += L(in): the residual add in the product's loop. scratch: M * 16 floats.
 void add_product(const Linear& L, const Input& in, int64_t M, float* x, float* scratch) {
   const int64_t n = L.rows_per_unit();
 #pragma omp for schedule(static)
@@ -136,7 +178,7 @@ void add_product(const Linear& L, const Input& in, int64_t M, float* x, float* s
   }
 }
 
-// out (M, N) = silu(gate(in)) * up(in): SwiGLU's input to the down projection. scratch: 2 * M * kLanes floats.
+// out (M, N) = silu(gate(in)) * up(in): SwiGLU's input to the down projection. scratch: 2 * M * 16 floats.
 void gated_product(const Linear& gate, const Linear& up, const Input& in, int64_t M, float* out, float* scratch) {
   const int64_t n = gate.rows_per_unit();
   float *g = scratch, *v = scratch + M * n;
@@ -175,6 +217,8 @@ inline void rope(float* x, const float* cos, const float* sin, int64_t D) {
     x[i + half] = b * cos[i + half] + a * sin[i + half];
   }
 }
+
+inline bool fp32_int4(const Linear& L) { return L.int4 && !L.qdot; }  // reads the prescaled input
 
 constexpr int64_t kPerLayer = 23;  // tensors per layer in `weights` (see the schema below)
 
@@ -229,15 +273,15 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
     TORCH_CHECK(L[0].K == hidden && L[0].N == Nq && L[1].K == hidden && L[1].N == Nkv && L[2].K == hidden &&
                     L[2].N == Nkv && L[3].K == Nq && L[3].N == hidden && L[4].K == hidden && L[5].K == hidden &&
                     L[5].N == I && L[4].N == I && L[6].K == I && L[6].N == hidden &&
-                    L[4].int4 == L[5].int4,
+                    L[4].int4 == L[5].int4 && L[4].qdot == L[5].qdot,
                 "pocketlm::decode_step: layer ", l, " does not have the shapes of layer 0");
     for (int i = 0; i < 7; ++i) {
-      if (!L[i].int4) continue;
+      if (!L[i].int4 || L[i].qdot) continue;
       TORCH_CHECK(G == 0 || L[i].G == G, "pocketlm::decode_step: int4 layers must share one group size");
       G = L[i].G;
     }
   }
-  const int64_t Gh = head.int4 ? head.G : 0;
+  const int64_t Gh = head.int4 && !head.qdot ? head.G : 0;
   TORCH_CHECK(G == 0 || Gh == 0 || Gh == G, "pocketlm::decode_step: the head's group size differs from the layers'");
   for (int64_t i = 0; i < 2 * n_layers; ++i) {
     const at::Tensor& c = caches[i];
@@ -267,7 +311,7 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     Input in;
-    std::vector<float> normed(B * hidden), p(S + 8), scratch(2 * B * kLanes);
+    std::vector<float> normed(B * hidden), p(S + 8), scratch(2 * B * qdot::kRows);
     std::vector<std::vector<int64_t>> live(B);  // per row, the positions its mask lets through
     for (int64_t b = 0; b < B; ++b)
       for (int64_t j = 0; j < S; ++j)
@@ -279,7 +323,8 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
       float* v_cache = caches[2 * l + 1].data_ptr<float>();
 
       rms_norm(x, norms[2 * l], eps, B, hidden, normed.data());
-      in.prepare(normed.data(), B, hidden, L[0].int4 || L[1].int4 || L[2].int4 ? G : 0);
+      in.prepare(normed.data(), B, hidden, fp32_int4(L[0]) || fp32_int4(L[1]) || fp32_int4(L[2]) ? G : 0,
+                 L[0].qdot || L[1].qdot || L[2].qdot);
       const Linear* qkv_layers[3] = {&L[0], &L[1], &L[2]};
       project(qkv_layers, 3, in, B, qkv.data(), ld);
 
@@ -310,19 +355,19 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
                att.data() + b * Nq + h * D);
       }
 
-      in.prepare(att.data(), B, Nq, L[3].int4 ? G : 0);
+      in.prepare(att.data(), B, Nq, fp32_int4(L[3]) ? G : 0, L[3].qdot);
       add_product(L[3], in, B, x, scratch.data());
 
       rms_norm(x, norms[2 * l + 1], eps, B, hidden, normed.data());
-      in.prepare(normed.data(), B, hidden, L[4].int4 ? G : 0);
+      in.prepare(normed.data(), B, hidden, fp32_int4(L[4]) ? G : 0, L[4].qdot);
       gated_product(L[4], L[5], in, B, gated.data(), scratch.data());
 
-      in.prepare(gated.data(), B, I, L[6].int4 ? G : 0);
+      in.prepare(gated.data(), B, I, fp32_int4(L[6]) ? G : 0, L[6].qdot);
       add_product(L[6], in, B, x, scratch.data());
     }
 
     rms_norm(x, norms.back(), eps, B, hidden, normed.data());
-    in.prepare(normed.data(), B, hidden, Gh);
+    in.prepare(normed.data(), B, hidden, Gh, head.qdot);
     const Linear* head_layer[1] = {&head};
     project(head_layer, 1, in, B, logits.data_ptr<float>(), head.N);
   }

@@ -65,6 +65,21 @@ inline void int4_block(const float* xs, const float* group_sums, const int32_t* 
   _mm256_storeu_ps(y, total);
 }
 
+// Several weight matrices of one input (q, k, v or gate, up) run as one: their outputs side by side.
+// Work units are row blocks numbered across the matrices; `first[i]` is matrix i's first unit.
+struct Matrices {
+  std::vector<int64_t> first;
+  explicit Matrices(const std::vector<int64_t>& units) : first{0} {
+    for (int64_t u : units) first.push_back(first.back() + u);
+  }
+  int64_t total() const { return first.back(); }
+  int64_t which(int64_t unit) const {  // the matrix a unit belongs to (a linear scan: 1-3 matrices)
+    int64_t i = 0;
+    while (unit >= first[i + 1]) ++i;
+    return i;
+  }
+};
+
 inline float horizontal_sum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -1,0 +1,211 @@
+// The qdot ops (see qdot.h): pocketlm::qdot_int4 and pocketlm::qdot_int8 quantize their input rows to int8
+// and multiply them with weights in qdot's layout; pocketlm::qdot_use and pocketlm::qdot_isa choose and
+// name the instruction set. Also the activation quantizer and the run-time choice the whole decode step
+// shares.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "kernels.h"
+#include "qdot.h"
+
+namespace pocketlm::qdot {
+
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* d, int32_t* qsum, float* xsum) {
+  const int64_t nb = K / kBlock;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* v = x + m * K + b * kBlock;
+      float amax = 0.f, sum = 0.f;
+      for (int64_t i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(v[i])), sum += v[i];
+      // as the reference in tests/test_qdot.py: scale amax / 127, codes round(x * (127 / amax)), ties to even
+      const float inverse = amax > 0.f ? 127.f / amax : 0.f;
+      int8_t* out = q + m * K + b * kBlock;
+      int32_t codes = 0;
+      for (int64_t i = 0; i < kBlock; ++i) {
+        const float c = std::min(127.f, std::max(-127.f, std::nearbyint(v[i] * inverse)));
+        out[i] = static_cast<int8_t>(c);
+        codes += out[i];
+      }
+      d[m * nb + b] = amax / 127.f;
+      qsum[m * nb + b] = codes;
+      xsum[m * nb + b] = sum;
+    }
+}
+
+bool supported(const Kernels& k) {
+  __builtin_cpu_init();
+  if (&k == &kAvx512Vnni)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  if (&k == &kAvxVnni) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avxvnni");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+namespace {
+const Kernels* const kAll[] = {&kAvx512Vnni, &kAvxVnni, &kAvx2};  // best first
+
+const Kernels* best() {
+  for (const Kernels* k : kAll)
+    if (supported(*k)) return k;
+  return &kAvx2;  // the library is only loaded on CPUs with AVX2
+}
+
+const Kernels*& chosen() {
+  static const Kernels* k = best();
+  return k;
+}
+}  // namespace
+
+const Kernels& active() { return *chosen(); }
+
+bool use(const char* name) {
+  for (const Kernels* k : kAll)
+    if (std::strcmp(k->name, name) == 0 && supported(*k)) {
+      chosen() = k;
+      return true;
+    }
+  return false;
+}
+
+// The input of one or more products, quantized once: the arrays behind `Acts`.
+struct QuantizedRows {
+  std::vector<int8_t> q;
+  std::vector<float> d, xsum;
+  std::vector<int32_t> qsum;
+  Acts acts{};
+
+  void quantize(const float* x, int64_t M, int64_t K) {
+    q.resize(M * K);
+    d.resize(M * K / kBlock), xsum.resize(M * K / kBlock), qsum.resize(M * K / kBlock);
+    quantize_rows(x, M, K, q.data(), d.data(), qsum.data(), xsum.data());
+    acts = Acts{q.data(), d.data(), qsum.data(), xsum.data(), K};
+  }
+};
+
+}  // namespace pocketlm::qdot
+
+namespace {
+
+using namespace pocketlm;
+using qdot::kRows;
+
+void check_input(const at::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && K % qdot::kBlock == 0, "pocketlm qdot: input must be (rows, ", K,
+              ") with a multiple of 32 columns, got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu(),
+              "pocketlm qdot: input must be a contiguous fp32 CPU tensor");
+}
+
+// x (M, K) fp32; words[i] (N_i/16, K/8, 64) uint8; tables[i] (N_i/16, K/G, 2, 16) fp16 -> (M, sum N_i) fp32
+at::Tensor qdot_int4(const at::Tensor& x, at::TensorList words, at::TensorList tables, int64_t G) {
+  TORCH_CHECK(!words.empty() && words.size() == tables.size(), "pocketlm::qdot_int4: one table per code tensor");
+  const int64_t M = x.size(0), K = 8 * words[0].size(1);
+  check_input(x, K);
+  TORCH_CHECK(G % qdot::kBlock == 0 && K % G == 0, "pocketlm::qdot_int4: group size ", G,
+              " must divide ", K, " in multiples of 32");
+  std::vector<int64_t> blocks;
+  std::vector<const uint8_t*> wp;
+  std::vector<const uint16_t*> tp;
+  for (size_t i = 0; i < words.size(); ++i) {
+    const at::Tensor &w = words[i], &t = tables[i];
+    TORCH_CHECK(w.dim() == 3 && w.size(1) == K / 8 && w.size(2) == 64 && w.scalar_type() == at::kByte &&
+                    w.is_contiguous(), "pocketlm::qdot_int4: words must be contiguous uint8 (out/16, in/8, 64)");
+    TORCH_CHECK(t.scalar_type() == at::kHalf && t.is_contiguous() && t.numel() == w.size(0) * (K / G) * 2 * kRows,
+                "pocketlm::qdot_int4: tables must be contiguous fp16 (out/16, groups, 2, 16)");
+    blocks.push_back(w.size(0));
+    wp.push_back(w.data_ptr<uint8_t>());
+    tp.push_back(reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()));
+  }
+  const Matrices mats(blocks);
+  const int64_t N = kRows * mats.total();
+  qdot::QuantizedRows in;
+  in.quantize(x.data_ptr<float>(), M, K);
+  at::Tensor y = at::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
+  const qdot::Kernels& kernels = qdot::active();
+  at::parallel_for(0, mats.total(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t i = mats.which(u), b = u - mats.first[i];
+      kernels.int4(in.acts, M, wp[i] + b * (K / 8) * 64, tp[i] + b * (K / G) * 2 * kRows, yp + kRows * u, N, G);
+    }
+  });
+  return y;
+}
+
+// x (M, K) fp32; codes[i] (N_i/16, K/4, 64) uint8; scales[i] (N_i,) fp32 -> (M, sum N_i) fp32
+at::Tensor qdot_int8(const at::Tensor& x, at::TensorList codes, at::TensorList scales) {
+  TORCH_CHECK(!codes.empty() && codes.size() == scales.size(), "pocketlm::qdot_int8: one scale vector per code tensor");
+  const int64_t M = x.size(0), K = 4 * codes[0].size(1);
+  check_input(x, K);
+  std::vector<int64_t> blocks;
+  std::vector<const uint8_t*> cp;
+  std::vector<const float*> sp;
+  for (size_t i = 0; i < codes.size(); ++i) {
+    const at::Tensor &c = codes[i], &s = scales[i];
+    TORCH_CHECK(c.dim() == 3 && c.size(1) == K / 4 && c.size(2) == 64 && c.scalar_type() == at::kByte &&
+                    c.is_contiguous(), "pocketlm::qdot_int8: codes must be contiguous uint8 (out/16, in/4, 64)");
+    TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.numel() == c.size(0) * kRows,
+                "pocketlm::qdot_int8: scales must be contiguous fp32 (out,)");
+    blocks.push_back(c.size(0));
+    cp.push_back(c.data_ptr<uint8_t>());
+    sp.push_back(s.data_ptr<float>());
+  }
+  const Matrices mats(blocks);
+  const int64_t N = kRows * mats.total();
+  qdot::QuantizedRows in;
+  in.quantize(x.data_ptr<float>(), M, K);
+  at::Tensor y = at::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
+  const qdot::Kernels& kernels = qdot::active();
+  at::parallel_for(0, mats.total(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t i = mats.which(u), b = u - mats.first[i];
+      kernels.int8(in.acts, M, cp[i] + b * (K / 4) * 64, sp[i] + b * kRows, yp + kRows * u, N);
+    }
+  });
+  return y;
+}
+
+// x (M, K) fp32 -> (codes (M, K) int8, scales (M, K/32) fp32): the activations as the products see them
+std::tuple<at::Tensor, at::Tensor> qdot_quantize(const at::Tensor& x) {
+  check_input(x, x.size(1));
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar)), d = at::empty({M, K / qdot::kBlock}, x.options());
+  std::vector<int32_t> qsum(M * K / qdot::kBlock);
+  std::vector<float> xsum(M * K / qdot::kBlock);
+  qdot::quantize_rows(x.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), d.data_ptr<float>(), qsum.data(), xsum.data());
+  return {q, d};
+}
+
+bool qdot_use(c10::string_view name) { return qdot::use(std::string(name).c_str()); }
+
+std::string qdot_isa() { return qdot::active().name; }
+
+bool qdot_supported(c10::string_view name) {
+  for (const qdot::Kernels* k : {&qdot::kAvx512Vnni, &qdot::kAvxVnni, &qdot::kAvx2})
+    if (name == k->name) return qdot::supported(*k);
+  return false;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pocketlm, m) {
+  m.def("qdot_int4(Tensor x, Tensor[] words, Tensor[] tables, int group_size) -> Tensor");
+  m.def("qdot_int8(Tensor x, Tensor[] codes, Tensor[] scales) -> Tensor");
+  m.def("qdot_quantize(Tensor x) -> (Tensor, Tensor)");
+  m.def("qdot_use(str name) -> bool", &qdot_use);  // no tensor arguments: kernels for every dispatch key
+  m.def("qdot_isa() -> str", &qdot_isa);
+  m.def("qdot_supported(str name) -> bool", &qdot_supported);
+}
+
+TORCH_LIBRARY_IMPL(pocketlm, CPU, m) {
+  m.impl("qdot_int4", &qdot_int4);
+  m.impl("qdot_int8", &qdot_int8);
+  m.impl("qdot_quantize", &qdot_quantize);
+}

@@ -1,0 +1,206 @@
+"""pocketlm's integer-activation kernels (kernels/qdot.py, csrc/qdot*.cpp) against float references, on every
+instruction set this CPU has (the others are skipped by name): products on random and SmolLM2's shapes, the
+activation quantizer, the layers and the whole decode step that use them, and the choice of instruction set."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import tiny_model_dir
+
+from pocketlm import quant
+from pocketlm.checkpoint import load_model
+from pocketlm.kernels import cpu_ops, decode_step, qdot
+from pocketlm.kernels.dispatch import fused_projections
+from pocketlm.quant import Int4Linear, Int8Linear, QuantScheme
+from pocketlm.quantize import quantize_dir
+
+pytestmark = pytest.mark.skipif(not cpu_ops.load(), reason="needs an x86 CPU with AVX2 and a C++ compiler")
+
+ISAS = [pytest.param(isa, marks=pytest.mark.skipif(not cpu_ops.load() or isa not in qdot.supported(),
+                                                   reason=f"this CPU has no {isa}")) for isa in qdot.ISAS]
+SHAPES = [(64, 256), (576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 576)]  # (out, in); SmolLM2's and a head's slice
+
+
+@pytest.fixture
+def isa(request, monkeypatch):
+    previous = qdot.active()
+    torch.ops.pocketlm.qdot_use(request.param)
+    yield request.param
+    torch.ops.pocketlm.qdot_use(previous)
+
+
+@pytest.fixture
+def qdot_on(monkeypatch):
+    monkeypatch.setitem(cpu_ops._loaded, "available", True)
+    monkeypatch.setenv(cpu_ops.SWITCH, "1")
+
+
+def torch_quantized(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The activation quantizer written in PyTorch: per block of 32, scale max|x| / 127, codes round(x * 127 / max|x|)."""
+    blocks = x.reshape(x.shape[0], -1, qdot.BLOCK)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    codes = torch.round(blocks * torch.where(amax > 0, 127.0 / amax, 0.0)).clamp(-127, 127)
+    return codes.reshape(x.shape).to(torch.int8), (amax / 127).squeeze(-1)
+
+
+def int4_reference(x: torch.Tensor, layer: Int4Linear) -> torch.Tensor:
+    """The codes times the quantized input, plus the groups' mins times the exact input's sums (as the kernel
+    takes them: the mins are large next to the codes' steps, so their products lose least that way)."""
+    group = layer.group_size
+    codes = quant.unpack_int4(layer.weight, group).double()
+    scales, mins = (t.double().repeat_interleave(group, 1) for t in (layer.scales, layer.mins))
+    return kernel_view(x) @ (codes * scales).T + x.double() @ mins.T
+
+
+def kernel_view(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels quantized it, back in float64."""
+    codes, scales = qdot.quantized_activations(x)
+    return (codes.double().reshape(x.shape[0], -1, qdot.BLOCK) * scales.double()[..., None]).reshape(x.shape)
+
+
+def test_the_activation_quantizer_matches_pytorch():
+    x = torch.randn(7, 1536) * torch.logspace(-3, 2, 1536)  # blocks of very different magnitudes
+    x[2, :64] = 0  # all-zero blocks: scale 0, codes 0
+    codes, scales = qdot.quantized_activations(x)
+    want_codes, want_scales = torch_quantized(x)
+    assert torch.equal(scales, want_scales)
+    # the same rounding, but 127 / max|x| may differ in the last bit, which can move a tie by one code
+    assert (codes.int() - want_codes.int()).abs().max() <= 1
+    assert (codes != want_codes).float().mean() < 1e-3
+    assert (kernel_view(x) - x.double()).abs().le(scales.double().repeat_interleave(32, 1) / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 11])
+@pytest.mark.parametrize("kind", ["int4-g32", "int4-g64", "int4-g128-symmetric", "int8"])
+def test_products_equal_the_float_product_of_the_quantized_operands(isa, kind, rows):
+    """Exact up to fp32 rounding: the integer sums are exact, so only the float steps around them differ."""
+    g = torch.Generator().manual_seed(rows)
+    for out_features, in_features in SHAPES:
+        if kind != "int8" and in_features % int(kind.split("-")[1][1:]):
+            continue
+        linear = torch.nn.Linear(in_features, out_features)
+        x = torch.randn(rows, in_features, generator=g) * 2
+        if kind == "int8":
+            layer = Int8Linear.from_float(linear)
+            got = qdot.int8_linear(x, [qdot.pack_int8(layer.weight)], [layer.scales])
+            want = kernel_view(x) @ layer.dequantized().double().T
+        else:
+            group = int(kind.split("-")[1][1:])
+            layer = Int4Linear.from_float(linear, group, symmetric=kind.endswith("symmetric"))
+            codes = quant.unpack_int4(layer.weight, group)
+            got = qdot.int4_linear(x, *map(list, zip(qdot.pack_int4(codes, layer.scales, layer.mins, group))), group)
+            want = int4_reference(x, layer)
+        torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_the_products_error_is_that_of_int8_activations(isa, kind):
+    """Against the dequantized weights in float64 with the exact input: the error the activations' int8 adds
+    is small next to the weights' own quantization error (both relative to the output's size)."""
+    linear = torch.nn.Linear(576, 1536)
+    layer = Int4Linear.from_float(linear, 32) if kind == "int4" else Int8Linear.from_float(linear)
+    x = torch.randn(4, 576)
+    got = fused_projections_of(layer, x)
+    exact = x.double() @ layer.dequantized().double().T
+    unquantized = x.double() @ linear.weight.double().T
+    activation_error = (got.double() - exact).norm() / exact.norm()
+    weight_error = (exact - unquantized).norm() / unquantized.norm()
+    print(f"{isa} {kind}: error from int8 activations {activation_error:.4f}, from the weights {weight_error:.4f}")
+    assert activation_error < 0.03
+    assert activation_error < weight_error / 2 if kind == "int4" else activation_error < 3 * weight_error
+
+
+def fused_projections_of(layer, x):
+    packed = layer.kernel_weights()
+    if packed.kind == "qdot-int4":
+        return qdot.int4_linear(x, [packed.codes], [packed.scales], packed.group_size)
+    return qdot.int8_linear(x, [packed.codes], [packed.scales])
+
+
+def test_layers_use_qdot_for_a_few_rows_and_stay_exact_for_many(qdot_on):
+    linear = torch.nn.Linear(256, 64, bias=True)
+    for layer in (Int4Linear.from_float(linear, 32), Int8Linear.from_float(linear)):
+        assert layer.kernel_weights().kind.startswith("qdot-")
+        x = torch.randn(3, 256)
+        few = layer(x)
+        product = int4_reference(x, layer) if isinstance(layer, Int4Linear) else kernel_view(x) @ layer.dequantized().double().T
+        torch.testing.assert_close(few.double(), product + linear.bias.double(), atol=1e-5, rtol=1e-5)
+        many = layer(torch.randn(quant.EXACT_ROWS, 256))  # prefill: the dequantized matmul, exact fp32
+        assert many.shape == (quant.EXACT_ROWS, 64)
+        outs = fused_projections(x, [layer, layer])
+        assert torch.equal(outs[0], few) and torch.equal(outs[1], few)
+
+
+def test_shapes_qdot_does_not_fit_keep_the_fp32_kernels(qdot_on):
+    layer = Int4Linear.from_float(torch.nn.Linear(48, 40), 16)  # 40 rows: not whole blocks of 16; groups of 16
+    assert layer.kernel_weights().kind == "int4"
+    layer = Int8Linear.from_float(torch.nn.Linear(40, 48))  # 40 inputs: not whole blocks of 32
+    assert layer.kernel_weights().kind == "int8"
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("scheme", [QuantScheme("int8"), QuantScheme("int4", 32)], ids=["int8", "int4"])
+def test_the_whole_step_with_qdot_equals_the_python_step_with_qdot(qdot_on, tmp_path, scheme):
+    """Both quantize the same activations, so they agree up to codes that a last-bit difference in the
+    fp32 input moves by one (the exact kernels are held to 1e-4 in tests/test_native_decode.py)."""
+    src = tiny_model_dir(tmp_path / "fp32", hidden_size=64, intermediate_size=192)
+    model, _ = load_model(quantize_dir(src, tmp_path / "q", scheme))
+    model.setup_cache(3, 64)
+    weights = decode_step.step_weights(model)
+    assert weights is not None and all(t.dtype != torch.int32 for t in weights)  # qdot's layouts, not int4_words
+    for row, n in enumerate([5, 17, 30]):
+        model(torch.randint(0, 300, (1, n)), start=0, cache_row=row)
+    ids, pos = torch.randint(0, 300, (3, 1)), torch.tensor([5, 17, 30])
+    mask = model.decode_mask(pos, 40)
+    saved = [(layer.self_attn.cache.k.clone(), layer.self_attn.cache.v.clone()) for layer in model.model.layers]
+    native = model.decode_step(ids, pos, mask)
+    for layer, (k, v) in zip(model.model.layers, saved):
+        layer.self_attn.cache.k.copy_(k)
+        layer.self_attn.cache.v.copy_(v)
+    model._native_step = None
+    python = model.decode_step(ids, pos, mask)
+    assert (native - python).abs().max() < 2e-2 * python.abs().max()
+    assert torch.equal(native.argmax(-1), python.argmax(-1))
+
+
+def test_the_instruction_set_is_measured_once_and_can_be_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("POCKETLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(qdot, "_choice", {})
+    monkeypatch.delenv(qdot.SWITCH, raising=False)
+    previous = qdot.active()
+    try:
+        decision = qdot.choose()
+        isas = qdot.supported()
+        assert decision["isa"] == qdot.active() and decision["isa"] in isas
+        if len(isas) > 1:
+            assert set(decision["timings_us"]) == set(isas) and "fastest measured" in decision["reason"]
+            saved = json.loads(next((tmp_path / "cpu_kernels").glob("qdot-choice-*.json")).read_text())
+            assert saved["isa"] == decision["isa"]
+        monkeypatch.setattr(qdot, "_choice", {})
+        monkeypatch.setenv(qdot.SWITCH, "avx2")
+        assert qdot.choose() == {"isa": "avx2", "reason": "named by POCKETLM_QDOT", "timings_us": {}}
+        assert qdot.active() == "avx2"
+        monkeypatch.setattr(qdot, "_choice", {})
+        monkeypatch.setenv(qdot.SWITCH, "sse9")
+        with pytest.raises(ValueError, match="POCKETLM_QDOT=sse9: this CPU runs pocketlm's qdot kernels with avx"):
+            qdot.choose()
+    finally:
+        torch.ops.pocketlm.qdot_use(previous)
+
+
+def test_bad_inputs_are_refused_with_what_was_expected():
+    words, tables = torch.zeros(1, 8, 64, dtype=torch.uint8), torch.zeros(1, 2, 2, 16, dtype=torch.half)
+    with pytest.raises(RuntimeError, match=r"input must be \(rows, 64\) with a multiple of 32 columns"):
+        torch.ops.pocketlm.qdot_int4(torch.zeros(1, 32), [words], [tables], 32)
+    with pytest.raises(RuntimeError, match="tables must be contiguous fp16"):
+        torch.ops.pocketlm.qdot_int4(torch.zeros(1, 64), [words], [tables.float()], 32)
+    with pytest.raises(RuntimeError, match="group size 16 must divide 64 in multiples of 32"):
+        torch.ops.pocketlm.qdot_int4(torch.zeros(1, 64), [words], [tables], 16)
+    with pytest.raises(RuntimeError, match="scales must be contiguous fp32"):
+        torch.ops.pocketlm.qdot_int8(torch.zeros(1, 32), [torch.zeros(1, 8, 64, dtype=torch.uint8)], [torch.ones(8)])
+    assert torch.ops.pocketlm.qdot_use("sse9") is False
