@@ -136,3 +136,47 @@ def test_bad_inputs_are_refused_with_what_was_expected(kernels_on, tmp_path):
     with pytest.raises(RuntimeError, match="tensors per layer"):
         torch.ops.pocketlm.decode_step(torch.zeros(1, 64), torch.tensor([0]), torch.ones(1, 8, dtype=torch.bool),
                                        *model.rope(torch.device("cpu")), step.weights[:-1], [], 4, 2, 1e-5)
+
+
+@torch.inference_mode()
+def test_steps_from_several_threads_and_a_forked_child(kernels_on, tmp_path):
+    """The step's thread pool (csrc/spin_pool.h) is shared by the process: steps called from two threads at
+    once (two models served side by side) take turns and give each one's own logits, and a child forked
+    after the pool was made (which has none of its workers) still steps, on one thread."""
+    import os
+    import threading
+    import time
+
+    models = [quantized(tmp_path / str(i), "int4-g32")[0] for i in range(2)]
+    ids, pos = torch.tensor([[3]]), torch.tensor([0])
+
+    def step(model):
+        model.setup_cache(1, 16)
+        return model.decode_step(ids, pos, model.decode_mask(pos))
+
+    alone = [step(m) for m in models]
+    together: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    threads = [threading.Thread(target=lambda i=i: together[i].extend(step(models[i]) for _ in range(20)))
+               for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        assert len(together[i]) == 20 and all(torch.equal(t, alone[i]) for t in together[i])
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe and exits
+        ok = torch.equal(step(models[0]), alone[0])
+        os.write(write, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(write)
+    for _ in range(600):  # a child waiting for workers it does not have would hang: give it 60 s
+        done, status = os.waitpid(child, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, 9)
+        pytest.fail("the forked child's step did not finish")
+    assert status == 0 and os.read(read, 1) == b"1"

@@ -122,18 +122,25 @@ def fused_projections_of(layer, x):
     return qdot.int8_linear(x, [packed.codes], [packed.scales])
 
 
-def test_layers_use_qdot_for_a_few_rows_and_stay_exact_for_many(qdot_on):
+def test_layers_use_qdot_for_every_row_count_but_not_under_autograd(qdot_on):
     linear = torch.nn.Linear(256, 64, bias=True)
     for layer in (Int4Linear.from_float(linear, 32), Int8Linear.from_float(linear)):
         assert layer.kernel_weights().kind.startswith("qdot-")
-        x = torch.randn(3, 256)
-        few = layer(x)
-        product = int4_reference(x, layer) if isinstance(layer, Int4Linear) else kernel_view(x) @ layer.dequantized().double().T
-        torch.testing.assert_close(few.double(), product + linear.bias.double(), atol=1e-5, rtol=1e-5)
-        many = layer(torch.randn(quant.EXACT_ROWS, 256))  # prefill: the dequantized matmul, exact fp32
-        assert many.shape == (quant.EXACT_ROWS, 64)
-        outs = fused_projections(x, [layer, layer])
-        assert torch.equal(outs[0], few) and torch.equal(outs[1], few)
+        for rows in (3, 40):  # decoding, and a prompt
+            x = torch.randn(rows, 256)
+            got = layer(x)
+            product = int4_reference(x, layer) if isinstance(layer, Int4Linear) else kernel_view(x) @ layer.dequantized().double().T
+            torch.testing.assert_close(got.double(), product + linear.bias.double(), atol=1e-5, rtol=1e-5)
+            outs = fused_projections(x, [layer, layer])
+            assert torch.equal(outs[0], got) and torch.equal(outs[1], got)
+        # an input whose gradient is wanted (an adapter below it trains): the dequantized matmul, exact fp32
+        x = torch.randn(40, 256, requires_grad=True)
+        assert fused_projections(x, [layer]) is None
+        y = layer(x)
+        y.sum().backward()
+        torch.testing.assert_close(y.double(), x.double() @ layer.dequantized().double().T + linear.bias.double(),
+                                   atol=1e-4, rtol=1e-4)
+        assert x.grad is not None
 
 
 def test_shapes_qdot_does_not_fit_keep_the_fp32_kernels(qdot_on):

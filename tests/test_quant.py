@@ -104,8 +104,11 @@ def test_quantized_linear_matches_dequantized_matmul(kind, rows):
     x = torch.randn(rows, 128)
     reference = F.linear(x, q.dequantized(), q.bias)
     got = q(x)
-    # few rows use bf16 activations in PyTorch's packed kernels; many rows are exact fp32
-    tol = 1e-4 if rows >= 16 else 0.02 * reference.abs().max().item()
+    # few rows use bf16 activations in PyTorch's packed kernels, and pocketlm's qdot kernels int8 ones at any
+    # row count; many rows outside qdot are exact fp32
+    packed = q.kernel_weights()
+    exact = rows >= 16 and not (packed is not None and packed.kind.startswith("qdot-"))
+    tol = 1e-4 if exact else 0.02 * reference.abs().max().item()
     torch.testing.assert_close(got, reference, atol=tol, rtol=0)
 
 

@@ -36,7 +36,7 @@ SOURCES = [CSRC / name for name in ("cpu_kernels.cpp", "decode_step.cpp", "train
 # at run time among those the CPU has
 ISA_SOURCES = {CSRC / "qdot_avx2.cpp": [], CSRC / "qdot_avxvnni.cpp": ["-mavxvnni"],
                CSRC / "qdot_avx512vnni.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]}
-HEADERS = [CSRC / name for name in ("kernels.h", "qdot.h", "qdot_impl256.h")]
+HEADERS = [CSRC / name for name in ("kernels.h", "qdot.h", "qdot_impl256.h", "spin_pool.h")]
 SWITCH = "POCKETLM_CPU_KERNELS"  # "0" turns the kernels off; "exact" keeps decoding's activations in fp32
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w"]
 

@@ -13,7 +13,7 @@ import torch
 
 from . import cpu_ops, qdot
 
-EXACT_ROWS = 16  # from this many rows on, CPU matmuls dequantize to fp32 (exact) instead of using bf16 kernels
+EXACT_ROWS = 16  # from this many rows on, CPU matmuls outside qdot dequantize to fp32 (exact) instead of using bf16 kernels
 
 
 class KernelWeights(NamedTuple):
@@ -36,12 +36,17 @@ def kernel_weights(layer) -> KernelWeights | None:
 def fused_projections(x: torch.Tensor, layers) -> list[torch.Tensor] | None:
     """The outputs of several projections of the same input (q, k, v; gate, up; or one layer) from one call of
     pocketlm's kernels: each call pays dispatch and thread start-up, and a decode step of SmolLM2
-    makes 210 of them unfused. None where the kernels do not serve all the layers."""
+    makes 210 of them unfused. The qdot kernels take any number of rows (prompts too: they beat
+    dequantizing the weights for PyTorch's matmul at every row count); the fp32-activation ones fewer than
+    EXACT_ROWS. None where the kernels do not serve all the layers, or where autograd needs the input's
+    gradient (the kernels have none)."""
     rows = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or rows >= EXACT_ROWS:
+    if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
         return None
     packed = [kernel_weights(m) for m in layers]
     if any(p is None for p in packed) or len({(p.kind, p.group_size) for p in packed}) != 1:
+        return None
+    if rows >= EXACT_ROWS and not packed[0].kind.startswith("qdot-"):
         return None
     flat = x.reshape(rows, -1)
     if packed[0].kind == "qdot-int4":

@@ -5,18 +5,20 @@
 // Why one op: called one kernel at a time (120 product calls, 30 attention calls and inductor's glue), a
 // compiled int4 SmolLM2 step on 2 cores took 9.4 ms, of which the products 6-7, inductor's Python wrapper
 // about 2, and the token loop around it 1-2 ms more (BENCHMARKS.md). Here the threads start once per
-// step and meet at six barriers per layer; residual adds and the SiLU run in the products' last loop.
+// step (in pocketlm's own spinning pool, spin_pool.h) and meet at six barriers per layer; residual adds and
+// the SiLU run in the products' last loop.
 //
-// Numerics are those of the Python step with pocketlm's kernels: fp32 activations, exact products of
-// the quantized weights; only the order of sums differs.
+// Numerics are those of the Python step with the same kernels: with the fp32-activation kernels, exact
+// products of the quantized weights; with qdot's, activations quantized to int8 per block of 32 (qdot.h).
+// Only the order of sums differs.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <omp.h>
 #include <torch/library.h>
 
 #include "kernels.h"
 #include "qdot.h"
+#include "spin_pool.h"
 
 namespace {
 
@@ -151,39 +153,39 @@ inline void unit_outputs(const Linear& L, int64_t u, const Input& in, int64_t M,
 
 // Several layers of one input (q, k, v), their outputs side by side in out (M rows of `ld`). Work is
 // split by units across the layers; the loop ends at a barrier.
-void project(const Linear* const* layers, int n, const Input& in, int64_t M, float* out, int64_t ld) {
+void project(const Team& team, const Linear* const* layers, int n, const Input& in, int64_t M, float* out, int64_t ld) {
   int64_t first[4] = {0}, column[4] = {0};
   for (int i = 0; i < n; ++i) {
     first[i + 1] = first[i] + layers[i]->units();
     column[i + 1] = column[i] + layers[i]->N;
   }
-#pragma omp for schedule(static)
-  for (int64_t unit = 0; unit < first[n]; ++unit) {
+  for (int64_t unit = team.begin(first[n]); unit < team.end(first[n]); ++unit) {
     int i = 0;
     while (unit >= first[i + 1]) ++i;
     const Linear& L = *layers[i];
     const int64_t u = unit - first[i];
     unit_outputs(L, u, in, M, out + column[i] + u * L.rows_per_unit(), ld);
   }
+  team.barrier();
 }
 
 // x (M, L.N) += L(in): the residual add in the product's loop. scratch: M * 16 floats.
-void add_product(const Linear& L, const Input& in, int64_t M, float* x, float* scratch) {
+void add_product(const Team& team, const Linear& L, const Input& in, int64_t M, float* x, float* scratch) {
   const int64_t n = L.rows_per_unit();
-#pragma omp for schedule(static)
-  for (int64_t u = 0; u < L.units(); ++u) {
+  for (int64_t u = team.begin(L.units()); u < team.end(L.units()); ++u) {
     unit_outputs(L, u, in, M, scratch, n);
     for (int64_t m = 0; m < M; ++m)
       for (int64_t r = 0; r < n; ++r) x[m * L.N + u * n + r] += scratch[m * n + r];
   }
+  team.barrier();
 }
 
 // out (M, N) = silu(gate(in)) * up(in): SwiGLU's input to the down projection. scratch: 2 * M * 16 floats.
-void gated_product(const Linear& gate, const Linear& up, const Input& in, int64_t M, float* out, float* scratch) {
+void gated_product(const Team& team, const Linear& gate, const Linear& up, const Input& in, int64_t M, float* out,
+                   float* scratch) {
   const int64_t n = gate.rows_per_unit();
   float *g = scratch, *v = scratch + M * n;
-#pragma omp for schedule(static)
-  for (int64_t u = 0; u < gate.units(); ++u) {
+  for (int64_t u = team.begin(gate.units()); u < team.end(gate.units()); ++u) {
     unit_outputs(gate, u, in, M, g, n);
     unit_outputs(up, u, in, M, v, n);
     for (int64_t m = 0; m < M; ++m)
@@ -192,6 +194,7 @@ void gated_product(const Linear& gate, const Linear& up, const Input& in, int64_
         out[m * gate.N + u * n + r] = a / (1.0f + std::exp(-a)) * v[m * n + r];
       }
   }
+  team.barrier();
 }
 
 // out = weight * x / sqrt(mean(x^2) + eps), each of M rows of K values
@@ -308,8 +311,9 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
   const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
   const int64_t group = heads / kv_heads;
 
-#pragma omp parallel num_threads(at::get_num_threads())
-  {
+  SpinPool& pool = SpinPool::get(at::get_num_threads());
+  pool.run(at::get_num_threads(), [&](int thread, int threads) {
+    const Team team{pool, thread, threads};
     Input in;
     std::vector<float> normed(B * hidden), p(S + 8), scratch(2 * B * qdot::kRows);
     std::vector<std::vector<int64_t>> live(B);  // per row, the positions its mask lets through
@@ -326,11 +330,10 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
       in.prepare(normed.data(), B, hidden, fp32_int4(L[0]) || fp32_int4(L[1]) || fp32_int4(L[2]) ? G : 0,
                  L[0].qdot || L[1].qdot || L[2].qdot);
       const Linear* qkv_layers[3] = {&L[0], &L[1], &L[2]};
-      project(qkv_layers, 3, in, B, qkv.data(), ld);
+      project(team, qkv_layers, 3, in, B, qkv.data(), ld);
 
       // RoPE on q and k, and the new key and value into the cache at each row's position
-#pragma omp for schedule(static)
-      for (int64_t item = 0; item < B * (heads + kv_heads); ++item) {
+      for (int64_t item = team.begin(B * (heads + kv_heads)); item < team.end(B * (heads + kv_heads)); ++item) {
         const int64_t b = item / (heads + kv_heads), h = item % (heads + kv_heads);
         const float* c = cp + pp[b] * D;
         const float* s = sp + pp[b] * D;
@@ -347,30 +350,32 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
         }
       }
 
-#pragma omp for schedule(static)
-      for (int64_t item = 0; item < B * heads; ++item) {
+      team.barrier();
+
+      for (int64_t item = team.begin(B * heads); item < team.end(B * heads); ++item) {
         const int64_t b = item / heads, h = item % heads, kh = h / group;
         const int64_t at_head = b * cache_rows_stride + kh * cache_len * D;
         attend(qkv.data() + b * ld + h * D, k_cache + at_head, D, v_cache + at_head, D, D, live[b], p.data(),
                att.data() + b * Nq + h * D);
       }
+      team.barrier();
 
       in.prepare(att.data(), B, Nq, fp32_int4(L[3]) ? G : 0, L[3].qdot);
-      add_product(L[3], in, B, x, scratch.data());
+      add_product(team, L[3], in, B, x, scratch.data());
 
       rms_norm(x, norms[2 * l + 1], eps, B, hidden, normed.data());
       in.prepare(normed.data(), B, hidden, fp32_int4(L[4]) ? G : 0, L[4].qdot);
-      gated_product(L[4], L[5], in, B, gated.data(), scratch.data());
+      gated_product(team, L[4], L[5], in, B, gated.data(), scratch.data());
 
       in.prepare(gated.data(), B, I, fp32_int4(L[6]) ? G : 0, L[6].qdot);
-      add_product(L[6], in, B, x, scratch.data());
+      add_product(team, L[6], in, B, x, scratch.data());
     }
 
     rms_norm(x, norms.back(), eps, B, hidden, normed.data());
     in.prepare(normed.data(), B, hidden, Gh, head.qdot);
     const Linear* head_layer[1] = {&head};
-    project(head_layer, 1, in, B, logits.data_ptr<float>(), head.N);
-  }
+    project(team, head_layer, 1, in, B, logits.data_ptr<float>(), head.N);
+  });
   return logits;
 }
 
