@@ -74,6 +74,18 @@ def test_the_activation_quantizer_matches_pytorch():
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nan_or_infinite_input_gives_nan_outputs_not_finite_ones(isa, bad):
+    """The server ends a sequence whose logits are not finite; quantizing must not turn a NaN into codes."""
+    linear = torch.nn.Linear(64, 32)
+    x = torch.randn(2, 64)
+    x[1, 5] = bad
+    for layer in (Int4Linear.from_float(linear, 32), Int8Linear.from_float(linear)):
+        y = fused_projections_of(layer, x)
+        assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all()
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 11])
 @pytest.mark.parametrize("kind", ["int4-g32", "int4-g64", "int4-g128-symmetric", "int8"])
 def test_products_equal_the_float_product_of_the_quantized_operands(isa, kind, rows):

@@ -18,23 +18,37 @@ namespace pocketlm::qdot {
 
 void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* d, int32_t* qsum, float* xsum) {
   const int64_t nb = K / kBlock;
+  const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < nb; ++b) {
       const float* v = x + m * K + b * kBlock;
-      float amax = 0.f, sum = 0.f;
-      for (int64_t i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(v[i])), sum += v[i];
-      // as the reference in tests/test_qdot.py: scale amax / 127, codes round(x * (127 / amax)), ties to even
-      const float inverse = amax > 0.f ? 127.f / amax : 0.f;
-      int8_t* out = q + m * K + b * kBlock;
-      int32_t codes = 0;
-      for (int64_t i = 0; i < kBlock; ++i) {
-        const float c = std::min(127.f, std::max(-127.f, std::nearbyint(v[i] * inverse)));
-        out[i] = static_cast<int8_t>(c);
-        codes += out[i];
+      __m256 a[4], top = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+      for (int i = 0; i < 4; ++i) {
+        a[i] = _mm256_loadu_ps(v + 8 * i);
+        top = _mm256_max_ps(top, _mm256_andnot_ps(sign, a[i]));
+        sum = _mm256_add_ps(sum, a[i]);
       }
-      d[m * nb + b] = amax / 127.f;
-      qsum[m * nb + b] = codes;
-      xsum[m * nb + b] = sum;
+      __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+      t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+      const float amax = _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+      // as the reference in tests/test_qdot.py: scale amax / 127, codes round(x * (127 / amax)), ties to even
+      const __m256 inverse = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+      __m256i c[4];
+      for (int i = 0; i < 4; ++i) c[i] = _mm256_cvtps_epi32(_mm256_mul_ps(a[i], inverse));  // rounds to even
+      // int32 -> int8 with saturation (|codes| <= 127 already); packs interleave 128-bit lanes, the permute undoes it
+      const __m256i w16 = _mm256_packs_epi32(c[0], c[1]), w16b = _mm256_packs_epi32(c[2], c[3]);
+      const __m256i w8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w16, w16b), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + m * K + b * kBlock), w8);
+      const __m256i s32 = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
+      __m128i s = _mm_add_epi32(_mm256_castsi256_si128(s32), _mm256_extracti128_si256(s32, 1));
+      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+      const float total = horizontal_sum(sum);
+      // a NaN or infinity in the block: its scale is NaN, so the outputs are too (and the caller sees the
+      // failure) instead of finite values from meaningless codes
+      d[m * nb + b] = std::isfinite(total) ? amax / 127.f : NAN;
+      qsum[m * nb + b] = _mm_cvtsi128_si32(s);
+      xsum[m * nb + b] = total;
     }
 }
 
