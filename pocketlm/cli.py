@@ -342,6 +342,7 @@ def bench_cmd(
     threads: Optional[int] = typer.Option(None, help="torch and llama.cpp threads (default: all cores)"),
     compile: bool = typer.Option(True, help=COMPILE_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON here"),
+    explain: bool = typer.Option(False, "--explain", help="say which kernel each layer runs on this CPU and why, then stop"),
 ):
     """Measure prefill and decode speed, time to first token, memory and size; compare with peers."""
     import json
@@ -361,6 +362,14 @@ def bench_cmd(
     if threads:
         torch.set_num_threads(threads)
     path = resolve_model(model)
+    if explain:
+        from .explain import explain as explain_kernels
+        from .loading import open_model
+
+        loaded, _ = open_model(str(path))
+        loaded.setup_cache(1, 16)  # what decoding sets up: the whole-step kernel's weights are gathered here
+        sys.stdout.write("\n".join(explain_kernels(loaded)) + "\n")
+        return
     results = []
     with err.status(f"benchmarking {model} ..."):
         results.append(bench.bench_pocketlm(path, new_tokens, prompt_tokens, tuple(batch or [8]), repeats, compile))

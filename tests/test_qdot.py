@@ -223,3 +223,22 @@ def test_bad_inputs_are_refused_with_what_was_expected():
     with pytest.raises(RuntimeError, match="scales must be contiguous fp32"):
         torch.ops.pocketlm.qdot_int8(torch.zeros(1, 32), [torch.zeros(1, 8, 64, dtype=torch.uint8)], [torch.ones(8)])
     assert torch.ops.pocketlm.qdot_use("sse9") is False
+
+
+def test_bench_explain_names_each_layers_kernel_and_why(tmp_path):
+    import subprocess
+    import sys
+
+    src = tiny_model_dir(tmp_path / "fp32", hidden_size=64, intermediate_size=192)
+    model_dir = quantize_dir(src, tmp_path / "int4", QuantScheme("int4", 32))
+    env = {**__import__("os").environ, cpu_ops.SWITCH: "1", qdot.SWITCH: "avx2"}
+    done = subprocess.run([sys.executable, "-m", "pocketlm", "bench", str(model_dir), "--explain"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "instruction set: avx2 (named by POCKETLM_QDOT)" in out
+    assert "decoding: the whole-step kernel" in out
+    assert "| model.layers.0-1.mlp.gate_proj, model.layers.0-1.mlp.up_proj | int4 group 32 | 192 x 64 | qdot int4 (avx2) |" in out
+    done = subprocess.run([sys.executable, "-m", "pocketlm", "bench", str(src), "--explain"],
+                          capture_output=True, text=True, env={**env, cpu_ops.SWITCH: "0"}, timeout=300)
+    assert "switched off (POCKETLM_CPU_KERNELS=0)" in done.stdout and "| float32 |" in done.stdout
