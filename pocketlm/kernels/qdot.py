@@ -4,7 +4,8 @@ products: AVX-512 VNNI, AVX-VNNI, or AVX2's maddubs where the CPU has no VNNI.
 
 Weights are repacked once into qdot's layout (`pack_int4`, `pack_int8`): blocks of 16 output rows, each
 chunk of columns one 64-byte load. The instruction set is the best the CPU has, checked once per machine
-by timing each one it can run (`choose`); POCKETLM_QDOT names one instead.
+by timing each one it can run (`choose`); POCKETLM_QDOT names one instead. The ops are in the library
+kernels/cpu_ops.py builds and loads; cpu_ops.available() makes the choice once it is loaded.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import time
 
 import torch
 
-from . import cpu_ops
 from .cpu_features import flags_key
 
 ROWS = 16  # output rows per weight block
@@ -70,8 +70,11 @@ def quantized_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def supported() -> list[str]:
-    """The instruction sets this CPU can run the kernels with, best first."""
-    return [isa for isa in ISAS if torch.ops.pocketlm.qdot_supported(isa)] if cpu_ops.load() else []
+    """The instruction sets this CPU can run the kernels with, best first; none before the kernel library
+    is loaded (cpu_ops.load)."""
+    if not hasattr(torch.ops.pocketlm, "qdot_supported"):
+        return []
+    return [isa for isa in ISAS if torch.ops.pocketlm.qdot_supported(isa)]
 
 
 def active() -> str:
