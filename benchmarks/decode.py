@@ -3,8 +3,10 @@
 Each contender runs in a fresh Python process with the same thread count, prompt (128 tokens) and
 number of new tokens (128, greedy, EOS ignored). Reported per contender: prefill tokens/s, time to
 first token, batch-1 decode tokens/s, aggregate tokens/s at batch 8 and 32 (pocketlm), peak memory,
-file size, and the decode speed as a fraction of the memory-bandwidth limit (weight bytes read per
-token against the read bandwidth measured in the same run).
+file size, the decode speed as a fraction of the memory-bandwidth limit (weight bytes read per
+token against the read bandwidth measured in the same run, on the same threads), and the largest batch's
+speed as a fraction of the integer limit (multiply-adds per token against the int8 dot-product peak of the
+instruction set the kernels use, measured in the same run).
 
     .venv/bin/python benchmarks/decode.py [--threads 2] [--tokens 128] [--only int8,llama.cpp-q4_1] [--json out.json]
 """
@@ -88,7 +90,11 @@ def main() -> None:
         return
 
     from benchmarks.load_and_decode import machine
-    from pocketlm.bench import BenchResult, format_table, ratios, read_bandwidth_gbs
+    import torch
+
+    from pocketlm.bench import BenchResult, format_table, integer_peak_gmacs, ratios, read_bandwidth_gbs
+
+    torch.set_num_threads(args.threads)
 
     results = []
     for name in args.only.split(","):
@@ -104,11 +110,12 @@ def main() -> None:
         data["batch_tokens_per_s"] = {int(k): v for k, v in data["batch_tokens_per_s"].items()}
         results.append(BenchResult(**data))
         print(f"{name}: {results[-1].decode_tokens_per_s:.1f} tokens/s", file=sys.stderr, flush=True)
-    bandwidth = read_bandwidth_gbs()
-    print(f"machine: {machine()}; {args.threads} threads; memory read bandwidth {bandwidth:.1f} GB/s")
+    bandwidth, peak = read_bandwidth_gbs(), integer_peak_gmacs()
+    print(f"machine: {machine()}; {args.threads} threads; memory read bandwidth {bandwidth:.1f} GB/s"
+          + (f"; int8 multiply-add peak {peak:.0f} G/s" if peak else ""))
     print(f"SmolLM2-135M-Instruct, prompt {args.prompt_tokens} tokens, {args.tokens} new tokens, greedy, "
           f"median of {args.repeats}\n")
-    print(format_table(results, bandwidth))
+    print(format_table(results, bandwidth, peak))
     for round_results in rounds(results):
         ours = [r for r in round_results if not r.name.startswith(("llama.cpp", "transformers"))]
         peers = [r for r in round_results if r not in ours]
@@ -118,7 +125,7 @@ def main() -> None:
             for line in ratios(best, peers):
                 print(line)
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "bandwidth_gbs": bandwidth,
+        Path(args.json).write_text(json.dumps({"machine": machine(), "bandwidth_gbs": bandwidth, "int8_peak_gmacs": peak,
                                                "results": [r.to_dict() for r in results]}, indent=2))
 
 

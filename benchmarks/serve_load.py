@@ -481,8 +481,33 @@ def table(results: dict, args) -> str:
     return "\n".join(rows)
 
 
+def engine_decode(args) -> float | None:
+    """The engine's batch-1 decode tokens/s on the same model and threads, in this run (`pocketlm bench`):
+    what one stream through the server is held to."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bench.json"
+        command = [sys.executable, "-m", "pocketlm", "bench", str(args.model), "--tokens", str(args.max_tokens),
+                   "--batch", "1", "--repeats", "3", "--threads", str(args.threads), "--json", str(out)]
+        print("pocketlm: the engine's batch-1 decode speed", file=sys.stderr, flush=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            print(f"engine measurement failed: {done.stderr[-2000:]}", file=sys.stderr)
+            return None
+        return json.loads(out.read_text())["results"][0]["decode_tokens_per_s"]
+
+
 def findings(results: dict, args) -> list[str]:
     lines = []
+    ours = results.get("pocketlm", {})
+    if ours.get("engine_decode_tokens_per_s") and "single" in ours:
+        engine, stream = ours["engine_decode_tokens_per_s"], ours["single"]["decode_tokens_per_s_p50"]
+        lines.append(f"- pocketlm: one stream decodes at {fmt(stream)} tokens/s (p50), the engine at batch 1 at "
+                     f"{engine:.1f} in this run: {fmt(100 * stream / engine if stream else None, '.0f')}% "
+                     "(goal >= 90%)")
+    if "concurrent" in ours:
+        c = ours["concurrent"]
+        lines.append(f"- pocketlm: {args.clients} clients: {fmt(c['aggregate_tokens_per_s'])} tokens/s, time to first "
+                     f"token p99 {fmt(c['ttft_p99_s'], '.2f')} s (goal <= 1 s), errors {c['errors']} (goal 0)")
     for name, r in results.items():
         single, conc = r["single"]["aggregate_tokens_per_s"], r["concurrent"]["aggregate_tokens_per_s"]
         mem = r["memory"]
@@ -557,7 +582,10 @@ def main() -> None:
     ap.add_argument("--drop-every", type=int, default=8, help="drop one request in N in the concurrent phase (0: none)")
     ap.add_argument("--settle", type=float, default=10, help="memory reference time into the concurrent phase")
     args = ap.parse_args()
+    engine = engine_decode(args) if "pocketlm" in args.servers.split(",") else None
     results, info = run_servers(args)
+    if engine and "pocketlm" in results:
+        results["pocketlm"]["engine_decode_tokens_per_s"] = engine
     print(f"SmolLM2-135M-Instruct (pocketlm in {args.dtype}, llama.cpp the Q4_1 GGUF); streaming chat, greedy, max_tokens {args.max_tokens}; "
           f"{args.duration:g} s per phase; {args.clients} clients, 1 request in {args.drop_every} dropped "
           f"after {DROP_AFTER_CHUNKS} chunks\n")

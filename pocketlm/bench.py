@@ -41,6 +41,7 @@ class BenchResult:
     batch_tokens_per_s: dict[int, float] = field(default_factory=dict)  # aggregate, per batch size
     peak_rss_mb: float = 0.0  # resident memory growth while loading and running
     bytes_per_token: int | None = None  # weight bytes read per decoded token
+    macs_per_token: int | None = None  # matrix multiply-adds per decoded token
     threads: int = 0
     notes: str = ""
 
@@ -82,16 +83,33 @@ def _rss() -> int:
 
 
 def read_bandwidth_gbs(megabytes: int = 512) -> float:
-    """Memory read bandwidth: one pass summing a large int8 array (best of 3), in GB/s."""
-    import numpy as np
-
-    data = np.ones(megabytes * 2**20, dtype=np.uint8).view(np.uint64)
+    """Memory read bandwidth with torch's threads (as the decode kernels read the weights): one pass summing
+    a large array (best of 3), in GB/s. One thread alone reads about a quarter less on 2-core EPYCs."""
+    data = torch.ones(megabytes * 2**20 // 8, dtype=torch.int64)
     best = float("inf")
     for _ in range(3):
         started = time.perf_counter()
         data.sum()
         best = min(best, time.perf_counter() - started)
-    return data.nbytes / best / 1e9
+    return data.numel() * 8 / best / 1e9
+
+
+def integer_peak_gmacs() -> float | None:
+    """The CPU's int8 multiply-add peak on torch's threads with the instruction set the qdot kernels use
+    (best of 3), in G multiply-adds/s: the limit batched decoding of quantized models is set against. None
+    where pocketlm's kernels are not in use."""
+    from .kernels import cpu_ops
+
+    if not cpu_ops.available() or cpu_ops.mode() != "qdot":
+        return None
+    return max(torch.ops.pocketlm.qdot_peak(2_000_000) for _ in range(3))
+
+
+def macs_per_token(model) -> int:
+    """Multiply-adds of a decode step's matrix products per row (every linear layer, the head included;
+    attention's, which grow with the context, left out)."""
+    return sum(m.in_features * m.out_features for m in model.modules() if hasattr(m, "in_features")
+               and hasattr(m, "out_features") and not isinstance(m, torch.nn.Embedding))
 
 
 def weight_bytes_per_token(model) -> int:
@@ -160,7 +178,8 @@ def bench_pocketlm(model_dir: str | Path, new_tokens: int = 128, prompt_tokens: 
         file_mb=(model_dir / WEIGHTS).stat().st_size / 2**20, load_s=load_s,
         prefill_tokens_per_s=statistics.median(prefill), ttft_ms=statistics.median(ttft),
         decode_tokens_per_s=statistics.median(decode), batch_tokens_per_s=batch_speed, peak_rss_mb=mem.peak_mb,
-        bytes_per_token=weight_bytes_per_token(model), threads=torch.get_num_threads(),
+        bytes_per_token=weight_bytes_per_token(model), macs_per_token=macs_per_token(model),
+        threads=torch.get_num_threads(),
     )
 
 
@@ -289,12 +308,16 @@ def _gguf_tensor_bytes(path: Path) -> int:
     return sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors)
 
 
-def format_table(results: list[BenchResult], bandwidth_gbs: float | None = None) -> str:
+def format_table(results: list[BenchResult], bandwidth_gbs: float | None = None, peak_gmacs: float | None = None) -> str:
+    """The results as a Markdown table; with the machine's limits, decode speed as a share of the bandwidth
+    limit (batch 1) and the largest batch's speed as a share of the integer multiply-add peak."""
     batches = sorted({b for r in results for b in r.batch_tokens_per_s})
     head = ["", "weights", "file MB", "load s", "prefill tok/s", "TTFT ms", "decode tok/s"]
     head += [f"batch {b} tok/s" for b in batches] + ["peak MB"]
     if bandwidth_gbs:
         head.append("of bandwidth limit")
+    if peak_gmacs and batches:
+        head.append(f"batch {batches[-1]} of int8 peak")
     rows = []
     for r in results:
         row = [r.name, r.weights, f"{r.file_mb:.0f}", f"{r.load_s:.2f}", f"{r.prefill_tokens_per_s:.0f}",
@@ -304,6 +327,10 @@ def format_table(results: list[BenchResult], bandwidth_gbs: float | None = None)
         if bandwidth_gbs:
             limit = bandwidth_gbs * 1e9 / r.bytes_per_token if r.bytes_per_token else None
             row.append(f"{100 * r.decode_tokens_per_s / limit:.0f}% of {limit:.0f} tok/s" if limit else "-")
+        if peak_gmacs and batches:
+            speed = r.batch_tokens_per_s.get(batches[-1])
+            limit = peak_gmacs * 1e9 / r.macs_per_token if r.macs_per_token else None
+            row.append(f"{100 * speed / limit:.0f}% of {limit:.0f} tok/s" if speed and limit else "-")
         rows.append(row)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]

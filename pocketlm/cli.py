@@ -386,12 +386,15 @@ def bench_cmd(
             gguf = export_gguf(path, Path(tmp) / "model.gguf")  # the model's own type (int8 -> Q8_0, ...)
             results.append(bench.bench_llama_cpp(gguf, new_tokens, prompt_tokens, repeats, threads,
                                                  tokenizer=Tokenizer.load(path)))
-    bandwidth = bench.read_bandwidth_gbs()
-    lines = [bench.format_table(results, bandwidth), f"memory read bandwidth {bandwidth:.1f} GB/s; {results[0].threads} threads"]
+    bandwidth, peak = bench.read_bandwidth_gbs(), bench.integer_peak_gmacs()
+    lines = [bench.format_table(results, bandwidth, peak),
+             f"memory read bandwidth {bandwidth:.1f} GB/s" + (f"; int8 multiply-add peak {peak:.0f} G/s" if peak else "")
+             + f"; {results[0].threads} threads"]
     lines += bench.ratios(results[0], results[1:])
     sys.stdout.write("\n".join(lines) + "\n")  # plain: a Markdown table must not be wrapped to the terminal
     if json_out:
-        json_out.write_text(json.dumps({"bandwidth_gbs": bandwidth, "results": [r.to_dict() for r in results]}, indent=2))
+        json_out.write_text(json.dumps({"bandwidth_gbs": bandwidth, "int8_peak_gmacs": peak,
+                                        "results": [r.to_dict() for r in results]}, indent=2))
 
 
 @app.command("eval")

@@ -42,6 +42,9 @@ struct Kernels {
   void (*int4)(const Acts& a, int64_t M, const uint8_t* words, const uint16_t* tables, float* y, int64_t ldy,
                int64_t G);
   void (*int8)(const Acts& a, int64_t M, const uint8_t* codes, const float* scales, float* y, int64_t ldy);
+  // The instruction set's peak: `rounds` rounds of independent u8 x s8 dot products in registers; returns the
+  // multiply-adds done (the measure of "the machine's limit" beside batched decoding's figures).
+  int64_t (*peak)(int64_t rounds);
 };
 
 extern const Kernels kAvx2, kAvxVnni, kAvx512Vnni;

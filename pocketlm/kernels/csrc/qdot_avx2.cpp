@@ -3,5 +3,5 @@
 #include "qdot_impl256.h"
 
 namespace pocketlm::qdot {
-const Kernels kAvx2 = {"avx2", &int4_block, &int8_block};
+const Kernels kAvx2 = {"avx2", &int4_block, &int8_block, &peak};
 }

@@ -107,8 +107,22 @@ void int8_block(const Acts& a, int64_t M, const uint8_t* codes, const float* sca
   }
 }
 
+int64_t peak(int64_t rounds) {
+  constexpr int kChains = 12;  // enough independent chains to cover dpbusd's latency
+  __m512i acc[kChains];
+  for (int i = 0; i < kChains; ++i) acc[i] = _mm512_set1_epi32(i);
+  const __m512i a = _mm512_set1_epi8(3), b = _mm512_set1_epi8(-2);
+  for (int64_t r = 0; r < rounds; ++r)
+    for (int i = 0; i < kChains; ++i) acc[i] = _mm512_dpbusd_epi32(acc[i], a, b);
+  __m512i total = acc[0];
+  for (int i = 1; i < kChains; ++i) total = _mm512_add_epi32(total, acc[i]);
+  volatile int32_t sink = _mm512_reduce_add_epi32(total);  // keeps the loop from being optimised away
+  (void)sink;
+  return rounds * kChains * 64;
+}
+
 }  // namespace
 
 namespace pocketlm::qdot {
-const Kernels kAvx512Vnni = {"avx512vnni", &int4_block, &int8_block};
+const Kernels kAvx512Vnni = {"avx512vnni", &int4_block, &int8_block, &peak};
 }

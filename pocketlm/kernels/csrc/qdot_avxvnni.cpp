@@ -3,5 +3,5 @@
 #include "qdot_impl256.h"
 
 namespace pocketlm::qdot {
-const Kernels kAvxVnni = {"avxvnni", &int4_block, &int8_block};
+const Kernels kAvxVnni = {"avxvnni", &int4_block, &int8_block, &peak};
 }

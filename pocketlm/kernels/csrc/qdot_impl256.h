@@ -127,4 +127,24 @@ void int8_block(const Acts& a, int64_t M, const uint8_t* codes, const float* sca
     }
 }
 
+int64_t peak(int64_t rounds) {
+  constexpr int kChains = 12;  // enough independent chains to cover the instructions' latency
+  __m256i acc[kChains];
+  for (int i = 0; i < kChains; ++i) acc[i] = _mm256_set1_epi32(i);
+  const __m256i a = _mm256_set1_epi8(3), b = _mm256_set1_epi8(-2);
+  for (int64_t r = 0; r < rounds; ++r)
+    for (int i = 0; i < kChains; ++i) {
+#if QDOT_VNNI
+      acc[i] = _mm256_dpbusd_avx_epi32(acc[i], a, b);
+#else
+      acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
+#endif
+    }
+  __m256i total = acc[0];
+  for (int i = 1; i < kChains; ++i) total = _mm256_add_epi32(total, acc[i]);
+  volatile int32_t sink = _mm256_extract_epi32(total, 0);  // keeps the loop from being optimised away
+  (void)sink;
+  return rounds * kChains * 32;
+}
+
 }  // namespace

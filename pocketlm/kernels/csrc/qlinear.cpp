@@ -7,6 +7,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -197,6 +199,19 @@ std::tuple<at::Tensor, at::Tensor> qdot_quantize(const at::Tensor& x) {
   return {q, d};
 }
 
+// Giga multiply-adds per second of the active instruction set's dot products on every thread: the integer
+// peak that batched decoding's figures are set against.
+double qdot_peak(int64_t rounds) {
+  const int64_t threads = at::get_num_threads();
+  std::atomic<int64_t> macs{0};
+  const auto start = std::chrono::steady_clock::now();
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) macs += qdot::active().peak(rounds);
+  });
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return static_cast<double>(macs.load()) / seconds / 1e9;
+}
+
 bool qdot_use(c10::string_view name) { return qdot::use(std::string(name).c_str()); }
 
 std::string qdot_isa() { return qdot::active().name; }
@@ -215,6 +230,7 @@ TORCH_LIBRARY_FRAGMENT(pocketlm, m) {
   m.def("qdot_quantize(Tensor x) -> (Tensor, Tensor)");
   m.def("qdot_use(str name) -> bool", &qdot_use);  // no tensor arguments: kernels for every dispatch key
   m.def("qdot_isa() -> str", &qdot_isa);
+  m.def("qdot_peak(int rounds) -> float", &qdot_peak);
   m.def("qdot_supported(str name) -> bool", &qdot_supported);
 }
 
