@@ -137,6 +137,7 @@ def eos_ids(model, tokenizer: Tokenizer) -> set[int]:
     return ids
 
 
+PROMPT_ROWS = 256  # prompt tokens per call of the whole-step kernel when it prefills (see _prefill_rows)
 CACHE_BUCKET = 256  # cache lengths are rounded up to this, so a compiled step is reused across prompts
 
 
@@ -212,12 +213,26 @@ def _prefill(model, step_fn, prompts: list[list[int]], device) -> torch.Tensor:
     """Fill cache row b with prompt b and return the logits after each prompt (batch, vocab). The last
     prompt tokens go through the decode step together, so the first new token is chosen by the same
     computation as all later ones."""
-    for row, ids in enumerate(prompts):
-        if len(ids) > 1:
-            model(torch.tensor([ids[:-1]], device=device), start=0, last_only=True,
-                  cache_row=row if len(prompts) > 1 else None)
+    if model.steps_any_rows:
+        _prefill_rows(model, prompts, device)
+    else:
+        for row, ids in enumerate(prompts):
+            if len(ids) > 1:
+                model(torch.tensor([ids[:-1]], device=device), start=0, last_only=True,
+                      cache_row=row if len(prompts) > 1 else None)
     last = torch.tensor([[ids[-1]] for ids in prompts], device=device)
     return step_fn(last, torch.tensor([len(ids) - 1 for ids in prompts], device=device))
+
+
+def _prefill_rows(model, prompts: list[list[int]], device) -> None:
+    """All but the last token of each prompt fed through the whole-step kernel as rows of their cache rows,
+    PROMPT_ROWS at a time, in order (so each row's earlier positions are cached before it attends to them).
+    The server's scheduler feeds prompts the same way, and the kernel computes each row alone, so a greedy
+    answer is the same token for token whether it is served or generated here."""
+    places = [(row, p, token) for row, ids in enumerate(prompts) for p, token in enumerate(ids[:-1])]
+    for start in range(0, len(places), PROMPT_ROWS):
+        rows, pos, ids = (torch.tensor(column, device=device) for column in zip(*places[start:start + PROMPT_ROWS]))
+        model.decode_step(ids[:, None], pos, model.decode_mask(pos), rows=rows, logit_rows=0)
 
 
 @torch.inference_mode()

@@ -444,14 +444,24 @@ class LlamaForCausalLM(nn.Module):
         pos = pos + self.prefix_tokens
         return (torch.arange(span, device=pos.device)[None, :] <= pos[:, None])[:, None, None]
 
-    def decode_step(self, input_ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def steps_any_rows(self) -> bool:
+        """Whether `decode_step` takes `rows`: the whole-step kernel serves this model (kernels/decode_step.py)."""
+        return self._native_step is not None
+
+    def decode_step(self, input_ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None,
+                    rows: torch.Tensor | None = None, logit_rows: int = -1) -> torch.Tensor:
         """Logits (batch, vocab) for one new token per row, row b at position pos[b], using and
         extending the static KV cache; `mask` is `decode_mask(pos)`. Shapes depend only on the batch
-        and the cache length, so a compiled step is built once per shape and serves every position."""
+        and the cache length, so a compiled step is built once per shape and serves every position.
+        Where `steps_any_rows`: `rows` gives each input row's cache row (several may be one prompt's
+        positions), and only the first `logit_rows` rows get logits."""
         if mask is None:
             mask = self.decode_mask(pos)
         if not torch.compiler.is_compiling() and self._native_step is not None:
-            return self._native_step(input_ids, pos, mask)
+            return self._native_step(input_ids, pos, mask, rows, logit_rows)
+        if rows is not None or logit_rows != -1:
+            raise NotImplementedError("rows and logit_rows need the whole-step kernel (model.steps_any_rows)")
         if self.prefix is not None:
             pos = pos + self.prefix.num_tokens
         x = self.model.embed_tokens(input_ids)

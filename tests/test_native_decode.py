@@ -136,6 +136,10 @@ def test_bad_inputs_are_refused_with_what_was_expected(kernels_on, tmp_path):
     with pytest.raises(RuntimeError, match="tensors per layer"):
         torch.ops.pocketlm.decode_step(torch.zeros(1, 64), torch.tensor([0]), torch.ones(1, 8, dtype=torch.bool),
                                        *model.rope(torch.device("cpu")), step.weights[:-1], [], 4, 2, 1e-5)
+    with pytest.raises(RuntimeError, match="two input rows write the same cache row and position"):
+        step(torch.tensor([[3], [4]]), torch.tensor([5, 5]), torch.ones(2, 64, dtype=torch.bool), torch.tensor([0, 0]))
+    with pytest.raises(RuntimeError, match="uses cache row 3 but the cache has 1"):
+        step(ids, torch.tensor([5]), torch.ones(1, 64, dtype=torch.bool), torch.tensor([3]))
 
 
 @torch.inference_mode()
@@ -180,3 +184,38 @@ def test_steps_from_several_threads_and_a_forked_child(kernels_on, tmp_path):
         os.kill(child, 9)
         pytest.fail("the forked child's step did not finish")
     assert status == 0 and os.read(read, 1) == b"1"
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4-g32"])
+@torch.inference_mode()
+def test_a_prompt_fed_as_rows_of_the_step_fills_the_cache_as_a_prefill_does(kernels_on, tmp_path, scheme):
+    """One call of the step decodes two running rows and feeds a third sequence's 7 prompt tokens into cache
+    row 2 at positions 0..6 (causally, within the call): the cache and the next step's logits equal those
+    after a normal prefill, and only the running rows get logits."""
+    model, _ = quantized(tmp_path, scheme)
+    model.setup_cache(3, 64)
+    prompts = [torch.randint(0, 300, (1, n)) for n in (5, 9)]
+    new = torch.randint(0, 300, (1, 8))
+    for row, ids in enumerate(prompts):
+        model(ids, start=0, cache_row=row)
+    ids = torch.tensor([[11], [12]] + [[t] for t in new[0, :7].tolist()])
+    pos = torch.tensor([5, 9, *range(7)])
+    rows = torch.tensor([0, 1, 2, 2, 2, 2, 2, 2, 2])
+    mixed = model.decode_step(ids, pos, model.decode_mask(pos, 32), rows=rows, logit_rows=2)
+    assert mixed.shape == (2, 300)
+    cache_after = [(layer.self_attn.cache.k[2, :, :7].clone(), layer.self_attn.cache.v[2, :, :7].clone())
+                   for layer in model.model.layers]
+    step = torch.tensor([7])  # the sequence then decodes on from its prompt
+    next_mixed = model.decode_step(new[:, 7:8], step, model.decode_mask(step, 32), rows=torch.tensor([2]))
+    # the reference: the same decode rows alone, and the prompt prefilled the usual way
+    model.setup_cache(3, 64)
+    for row, ids_ in enumerate(prompts):
+        model(ids_, start=0, cache_row=row)
+    alone = model.decode_step(ids[:2], pos[:2], model.decode_mask(pos[:2], 32))
+    model(new[:, :7], start=0, cache_row=2)
+    torch.testing.assert_close(mixed, alone, atol=1e-4, rtol=1e-4)
+    for layer, (k, v) in zip(model.model.layers, cache_after):
+        torch.testing.assert_close(k, layer.self_attn.cache.k[2, :, :7], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(v, layer.self_attn.cache.v[2, :, :7], atol=1e-4, rtol=1e-4)
+    next_alone = model.decode_step(new[:, 7:8], step, model.decode_mask(step, 32), rows=torch.tensor([2]))
+    torch.testing.assert_close(next_mixed, next_alone, atol=1e-4, rtol=1e-4)

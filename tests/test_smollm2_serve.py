@@ -71,3 +71,47 @@ def test_concurrent_chats_each_get_their_own_greedy_reply(server_url, smollm2_di
         replies = list(pool.map(ask, questions))
     assert replies == expected
     assert "Paris" in replies[0]
+
+
+@pytest.fixture(scope="module")
+def int4_dir(smollm2_dir, tmp_path_factory):
+    from pocketlm.quant import QuantScheme
+    from pocketlm.quantize import quantize_dir
+
+    return quantize_dir(smollm2_dir, tmp_path_factory.mktemp("int4") / "smollm2-int4", QuantScheme("int4", 32))
+
+
+def test_the_int4_model_served_to_concurrent_chats_answers_as_the_engine_does(int4_dir, tmp_path, monkeypatch):
+    """The quantized model decodes through the whole-step kernel, and new prompts ride along in the running
+    rows' steps (Scheduler._mixed_step); the kernel computes every row alone, so each greedy reply equals
+    the engine's for that prompt alone, token for token."""
+    import openai
+
+    from pocketlm.serve.scheduler import Scheduler
+
+    mixed = []
+    original = Scheduler._mixed_step
+    monkeypatch.setattr(Scheduler, "_mixed_step", lambda self, batch: (mixed.append(len(batch)), original(self, batch)))
+    model, tokenizer = load_model(int4_dir)
+    questions = ["What is the capital of France?", "Name a primary colour.", "What is 2 + 2?",
+                 "Give me a word that rhymes with cat.", "What do bees make?", "Which planet is the largest?",
+                 "Write one sentence about the sea.", "What is the opposite of hot?"]
+    expected = []
+    for question in questions:
+        ids = chat_prompt(tokenizer, [{"role": "user", "content": question}])
+        expected.append(tokenizer.decode(list(generate_tokens(model, ids, SamplingParams(max_new_tokens=32, ignore_eos=True)))))
+    app = create_app(load_serve_config(None, [str(int4_dir)], database=str(tmp_path / "log.db"), max_context=512))
+    with running_server(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+
+        def ask(question: str) -> str:
+            stream = client.chat.completions.create(model=int4_dir.name, messages=[{"role": "user", "content": question}],
+                                                    max_tokens=32, temperature=0, stream=True,
+                                                    extra_body={"ignore_eos": True})
+            return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+
+        with ThreadPoolExecutor(len(questions)) as pool:
+            replies = list(pool.map(ask, questions))
+    assert replies == expected
+    assert "Paris" in replies[0]
+    assert mixed  # prompts were fed within decode steps

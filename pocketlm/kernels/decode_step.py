@@ -55,20 +55,24 @@ def step_weights(model) -> list[torch.Tensor] | None:
 
 
 class NativeStep:
-    """`decode_step(input_ids, pos, mask)` for a model `step_weights` accepted."""
+    """`decode_step(input_ids, pos, mask, rows, logit_rows)` for a model `step_weights` accepted: rows (B,)
+    names the cache row of each input row (default: row b for input b), so one call can also feed a
+    prompt's tokens into its row at their positions; logits come for the first `logit_rows` rows."""
 
     def __init__(self, model, weights: list[torch.Tensor]):
         self.model, self.weights = model, weights
         c = model.config
         self.heads, self.kv_heads, self.eps = c.num_attention_heads, c.num_key_value_heads, c.rms_norm_eps
 
-    def __call__(self, input_ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor | None = None,
+                 logit_rows: int = -1) -> torch.Tensor:
         model = self.model
         x = model.model.embed_tokens(input_ids[:, -1]).float()
         caches = [t for layer in model.model.layers for t in (layer.self_attn.cache.k, layer.self_attn.cache.v)]
         cos, sin = model.rope(x.device)
         return torch.ops.pocketlm.decode_step(x, pos + model.prefix_tokens, mask.reshape(x.shape[0], -1).contiguous(),
-                                              cos, sin, self.weights, caches, self.heads, self.kv_heads, self.eps)
+                                              cos, sin, self.weights, caches, self.heads, self.kv_heads, self.eps,
+                                              rows, logit_rows)
 
 
 def serves(model) -> bool:

@@ -236,11 +236,52 @@ class Scheduler:
         if job is not None and (job.cancelled or (job.deadline and now > job.deadline)):
             self.prefilling = None
             self._emit(job, Finished("cancelled" if job.cancelled else "timeout"))
+        if batch and self._rides_along(batch):
+            self._mixed_step(batch)
+            return
         if batch:
             self._prefill_batch(batch)
         elif self.prefilling is not None:
             self._prefill_chunk(self.prefilling)
         if self.running:
+            self._decode_step()
+
+    def _rides_along(self, batch: list[Job]) -> bool:
+        """Whether new prompts can be fed within the decode step: the whole-step kernel serves the model
+        (it takes a prompt's tokens as rows of its own cache row), and no prompt is to be scored (echo)."""
+        return self.model.steps_any_rows and all(job.echo_logprobs is None for job in batch)
+
+    def _mixed_step(self, batch: list[Job]) -> None:
+        """One call of the whole-step kernel decodes the running rows and feeds the new prompts (all but
+        their last tokens) into the rows after them, so admitting requests does not stop the others for a
+        separate prefill pass. If the call fails, the prompts are prefilled and the rows decoded apart, as
+        without it (re-running writes the same keys and values), so a failure is traced to its request."""
+        n = len(self.running)
+        ids = [job.next_input for job in self.running]
+        pos = [job.pos for job in self.running]
+        rows = list(range(n))
+        for i, job in enumerate(batch):
+            prompt = job.prompt_ids[:-1]
+            ids += prompt
+            pos += range(len(prompt))
+            rows += [n + i] * len(prompt)
+        try:
+            positions = torch.tensor(pos)
+            logits = self.model.decode_step(torch.tensor(ids)[:, None], positions,
+                                            self.model.decode_mask(positions, self._span(positions)),
+                                            rows=torch.tensor(rows), logit_rows=n) if ids else None
+        except Exception:
+            log.warning("a decode step with new prompts failed; prefilling them apart", exc_info=True)
+            self._prefill_batch(batch)
+            if self.running:
+                self._decode_step()
+            return
+        for i, job in enumerate(batch):
+            job.prefilled = len(job.prompt_ids) - 1
+            self._prefilled(job, n + i)
+        if n:
+            self._decode_step(logits)
+        elif self.running:  # nothing was decoding: the new rows take their first step now, not a step later
             self._decode_step()
 
     def _failed(self, job: Job, exc: Exception, stage: str) -> Finished:
@@ -344,11 +385,13 @@ class Scheduler:
             self.model.move_cache_row(row, len(self.running), job.prefilled)
         self.running.append(job)
 
-    def _decode_step(self) -> None:
-        logits = self._decode_logits()
+    def _decode_step(self, logits: torch.Tensor | None = None) -> None:
+        """Choose and emit the next token of the first running rows: those `logits` (rows, vocab) are for,
+        given, or else every running row, decoded now."""
+        logits = self._decode_logits() if logits is None else logits
         if logits is None:
             return
-        jobs = self.running
+        jobs = self.running[:logits.shape[0]]
         self.steps += 1
         argmax = logits.argmax(-1)
         chosen = argmax.tolist()
@@ -407,9 +450,12 @@ class Scheduler:
         jobs = self.running[:n]
         ids = torch.tensor([[job.next_input] for job in jobs])
         pos = torch.tensor([job.pos for job in jobs])
-        span = min(self.model.model.layers[0].self_attn.cache.k.shape[2],
+        return self.model.decode_step(ids, pos, self.model.decode_mask(pos, self._span(pos)))
+
+    def _span(self, pos: torch.Tensor) -> int:
+        """The cache positions a step attends over: those in use, rounded up to SPAN_BUCKET."""
+        return min(self.model.model.layers[0].self_attn.cache.k.shape[2],
                    -(-(int(pos.max()) + 1 + self.model.prefix_tokens) // SPAN_BUCKET) * SPAN_BUCKET)
-        return self.model.decode_step(ids, pos, self.model.decode_mask(pos, span))
 
     def _next_token(self, job: Job, logits: torch.Tensor, argmax: int, finite: bool,
                     logprobs: torch.Tensor | None) -> TokenEvent:

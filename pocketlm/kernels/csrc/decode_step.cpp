@@ -226,13 +226,15 @@ inline bool fp32_int4(const Linear& L) { return L.int4 && !L.qdot; }  // reads t
 constexpr int64_t kPerLayer = 23;  // tensors per layer in `weights` (see the schema below)
 
 // x (B, hidden) fp32: the new tokens' embeddings. pos (B,) int64: each row's cache position. mask (B, S)
-// bool: the cache positions each row attends to (S <= the cache length). cos, sin (positions, head_dim).
+// bool: the cache positions each row attends to (S <= the cache length). rows (B,) int64, optional: the
+// cache row of each input row (default row b for input b); logit_rows: how many leading input rows get
+// logits (-1: all). cos, sin (positions, head_dim).
 // weights: per layer input norm, then q, k, v, o as (weights, scales or tables, bias or empty), the
 // post-attention norm, gate, up, down likewise; then the final norm and the head. caches: per layer k, v
-// (rows >= B, kv_heads, length, head_dim) fp32 contiguous, written at pos. Returns logits (B, vocab).
+// (rows, kv_heads, length, head_dim) fp32 contiguous, written at pos. Returns logits (logit rows, vocab).
 at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::Tensor& mask, const at::Tensor& cos,
                        const at::Tensor& sin, at::TensorList weights, at::TensorList caches, int64_t heads,
-                       int64_t kv_heads, double eps) {
+                       int64_t kv_heads, double eps, const std::optional<at::Tensor>& rows_in, int64_t logit_rows) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.is_cpu(),
               "pocketlm::decode_step: x must be fp32 (rows, hidden) on the CPU");
   const int64_t B = x_in.size(0), hidden = x_in.size(1);
@@ -288,9 +290,9 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
   TORCH_CHECK(G == 0 || Gh == 0 || Gh == G, "pocketlm::decode_step: the head's group size differs from the layers'");
   for (int64_t i = 0; i < 2 * n_layers; ++i) {
     const at::Tensor& c = caches[i];
-    TORCH_CHECK(c.scalar_type() == at::kFloat && c.is_contiguous() && c.dim() == 4 && c.size(0) >= B &&
+    TORCH_CHECK(c.scalar_type() == at::kFloat && c.is_contiguous() && c.dim() == 4 &&
                     c.size(1) == kv_heads && c.size(2) >= S && c.size(3) == D && c.sizes() == caches[0].sizes(),
-                "pocketlm::decode_step: caches must be contiguous fp32 of one shape (rows >= ", B, ", ", kv_heads,
+                "pocketlm::decode_step: caches must be contiguous fp32 of one shape (rows, ", kv_heads,
                 ", positions >= ", S, ", ", D, ")");
   }
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
@@ -300,10 +302,31 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(pp[b] >= 0 && pp[b] < S && pp[b] < cos.size(0), "pocketlm::decode_step: row ", b, "'s position ", pp[b],
                 " is outside the ", S, " cache positions attended to");
+  // the cache row each input row reads and writes: row b's own, or `rows` (several input rows may be one
+  // prompt's positions in one cache row: a prompt prefilled within the step)
+  std::vector<int64_t> cache_row(B);
+  for (int64_t b = 0; b < B; ++b) cache_row[b] = b;
+  if (rows_in.has_value()) {
+    const at::Tensor& r = *rows_in;
+    TORCH_CHECK(r.scalar_type() == at::kLong && r.is_contiguous() && r.numel() == B,
+                "pocketlm::decode_step: rows must be contiguous int64 with one cache row per input row");
+    std::copy(r.data_ptr<int64_t>(), r.data_ptr<int64_t>() + B, cache_row.begin());
+    std::vector<std::pair<int64_t, int64_t>> places;
+    for (int64_t b = 0; b < B; ++b) places.emplace_back(cache_row[b], pp[b]);
+    std::sort(places.begin(), places.end());
+    TORCH_CHECK(std::adjacent_find(places.begin(), places.end()) == places.end(),
+                "pocketlm::decode_step: two input rows write the same cache row and position");
+  }
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(cache_row[b] >= 0 && cache_row[b] < caches[0].size(0), "pocketlm::decode_step: input row ", b,
+                " uses cache row ", cache_row[b], " but the cache has ", caches[0].size(0));
+  // logits for the first `logit_rows` input rows only (-1: all): a prompt's rows need none
+  const int64_t L_out = logit_rows < 0 ? B : logit_rows;
+  TORCH_CHECK(L_out <= B, "pocketlm::decode_step: logits asked for ", L_out, " rows of ", B);
 
   const at::Tensor x_t = x_in.contiguous().clone();  // the residual stream, updated in place
   float* x = x_t.data_ptr<float>();
-  at::Tensor logits = at::empty({B, head.N}, x_in.options());
+  at::Tensor logits = at::empty({L_out, head.N}, x_in.options());
   std::vector<float> qkv(B * (Nq + 2 * Nkv)), att(B * Nq), gated(B * I);
   const int64_t cache_len = caches[0].size(2);  // every cache has this shape (checked above)
   const int64_t ld = Nq + 2 * Nkv, cache_rows_stride = kv_heads * cache_len * D;
@@ -344,7 +367,7 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
           const int64_t kh = h - heads;
           float* k = row + Nq + kh * D;
           rope(k, c, s, D);
-          const int64_t at_pos = b * cache_rows_stride + (kh * cache_len + pp[b]) * D;
+          const int64_t at_pos = cache_row[b] * cache_rows_stride + (kh * cache_len + pp[b]) * D;
           std::copy(k, k + D, k_cache + at_pos);
           std::copy(row + Nq + Nkv + kh * D, row + Nq + Nkv + (kh + 1) * D, v_cache + at_pos);
         }
@@ -354,7 +377,7 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
 
       for (int64_t item = team.begin(B * heads); item < team.end(B * heads); ++item) {
         const int64_t b = item / heads, h = item % heads, kh = h / group;
-        const int64_t at_head = b * cache_rows_stride + kh * cache_len * D;
+        const int64_t at_head = cache_row[b] * cache_rows_stride + kh * cache_len * D;
         attend(qkv.data() + b * ld + h * D, k_cache + at_head, D, v_cache + at_head, D, D, live[b], p.data(),
                att.data() + b * Nq + h * D);
       }
@@ -371,10 +394,12 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
       add_product(team, L[6], in, B, x, scratch.data());
     }
 
-    rms_norm(x, norms.back(), eps, B, hidden, normed.data());
-    in.prepare(normed.data(), B, hidden, Gh, head.qdot);
-    const Linear* head_layer[1] = {&head};
-    project(team, head_layer, 1, in, B, logits.data_ptr<float>(), head.N);
+    if (L_out > 0) {
+      rms_norm(x, norms.back(), eps, L_out, hidden, normed.data());
+      in.prepare(normed.data(), L_out, hidden, Gh, head.qdot);
+      const Linear* head_layer[1] = {&head};
+      project(team, head_layer, 1, in, L_out, logits.data_ptr<float>(), head.N);
+    }
   });
   return logits;
 }
@@ -383,7 +408,7 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
 
 TORCH_LIBRARY_FRAGMENT(pocketlm, m) {
   m.def("decode_step(Tensor x, Tensor pos, Tensor mask, Tensor cos, Tensor sin, Tensor[] weights, "
-        "Tensor(a!)[] caches, int heads, int kv_heads, float eps) -> Tensor");
+        "Tensor(a!)[] caches, int heads, int kv_heads, float eps, Tensor? rows=None, int logit_rows=-1) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pocketlm, CPU, m) { m.impl("decode_step", &decode_step); }
