@@ -17,7 +17,9 @@ inline __m512i broadcast4(const int8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
-template <int R>
+// Split: two accumulator chains per row (a few rows have too few independent dpbusd to hide its latency);
+// with 8 rows the rows' own chains suffice and the registers are needed for them.
+template <int R, bool Split = true>
 void int4_tile(const Acts& a, int64_t m0, const uint8_t* words, const uint16_t* tables, float* y, int64_t ldy,
                int64_t G) {
   const int64_t K = a.K, nb = K / 32, per_group = G / 32;
@@ -37,13 +39,17 @@ void int4_tile(const Acts& a, int64_t m0, const uint8_t* words, const uint16_t* 
         for (int r = 0; r < R; ++r) {
           const int8_t* x = a.q + (m0 + r) * K + 8 * c;
           even[r] = _mm512_dpbusd_epi32(even[r], lo, broadcast4(x));
-          odd[r] = _mm512_dpbusd_epi32(odd[r], hi, broadcast4(x + 4));
+          if (Split) {
+            odd[r] = _mm512_dpbusd_epi32(odd[r], hi, broadcast4(x + 4));
+          } else {
+            even[r] = _mm512_dpbusd_epi32(even[r], hi, broadcast4(x + 4));
+          }
         }
       }
       for (int r = 0; r < R; ++r) {
         const int64_t at = (m0 + r) * nb + b;
-        part[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(even[r], odd[r])), _mm512_set1_ps(a.d[at]),
-                                  part[r]);
+        const __m512i sum = Split ? _mm512_add_epi32(even[r], odd[r]) : even[r];
+        part[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(a.d[at]), part[r]);
         xs[r] += a.xsum[at];
       }
     }
@@ -58,7 +64,7 @@ void int4_tile(const Acts& a, int64_t m0, const uint8_t* words, const uint16_t* 
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (m0 + r) * ldy, total[r]);
 }
 
-template <int R>
+template <int R, bool Split = true>
 void int8_tile(const Acts& a, int64_t m0, const uint8_t* codes, const float* scales, float* y, int64_t ldy) {
   const int64_t K = a.K, nb = K / 32;
   __m512 total[R];
@@ -71,12 +77,17 @@ void int8_tile(const Acts& a, int64_t m0, const uint8_t* codes, const float* sca
       for (int r = 0; r < R; ++r) {
         const int8_t* x = a.q + (m0 + r) * K + 4 * c;
         even[r] = _mm512_dpbusd_epi32(even[r], v0, broadcast4(x));
-        odd[r] = _mm512_dpbusd_epi32(odd[r], v1, broadcast4(x + 4));
+        if (Split) {
+          odd[r] = _mm512_dpbusd_epi32(odd[r], v1, broadcast4(x + 4));
+        } else {
+          even[r] = _mm512_dpbusd_epi32(even[r], v1, broadcast4(x + 4));
+        }
       }
     }
     for (int r = 0; r < R; ++r) {
       const int64_t at = (m0 + r) * nb + b;
-      const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(even[r], odd[r]), _mm512_set1_epi32(128 * a.qsum[at]));
+      const __m512i both = Split ? _mm512_add_epi32(even[r], odd[r]) : even[r];
+      const __m512i sum = _mm512_sub_epi32(both, _mm512_set1_epi32(128 * a.qsum[at]));
       total[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(a.d[at]), total[r]);
     }
   }
@@ -87,6 +98,11 @@ void int8_tile(const Acts& a, int64_t m0, const uint8_t* codes, const float* sca
 void int4_block(const Acts& a, int64_t M, const uint8_t* words, const uint16_t* tables, float* y, int64_t ldy,
                 int64_t G) {
   for (int64_t m = 0; m < M;) {
+    if (M - m >= 8) {
+      int4_tile<8, false>(a, m, words, tables, y, ldy, G);
+      m += 8;
+      continue;
+    }
     switch (M - m) {
       case 1: int4_tile<1>(a, m, words, tables, y, ldy, G); m += 1; break;
       case 2: int4_tile<2>(a, m, words, tables, y, ldy, G); m += 2; break;
@@ -98,6 +114,11 @@ void int4_block(const Acts& a, int64_t M, const uint8_t* words, const uint16_t* 
 
 void int8_block(const Acts& a, int64_t M, const uint8_t* codes, const float* scales, float* y, int64_t ldy) {
   for (int64_t m = 0; m < M;) {
+    if (M - m >= 8) {
+      int8_tile<8, false>(a, m, codes, scales, y, ldy);
+      m += 8;
+      continue;
+    }
     switch (M - m) {
       case 1: int8_tile<1>(a, m, codes, scales, y, ldy); m += 1; break;
       case 2: int8_tile<2>(a, m, codes, scales, y, ldy); m += 2; break;
