@@ -20,10 +20,12 @@ Speed. At batch 1 a decode step reads every weight once, so the matmuls are memo
 inductor turns into one vectorized loop per layer, close to the memory's read bandwidth and several times
 faster than PyTorch's bf16 GEMV (docs/benchmarks-history.md). Other row counts use PyTorch's packed kernels
 (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) or dequantize to the activation dtype.
-On CPUs with AVX2 but not AVX-512, products of fewer than EXACT_ROWS rows run pocketlm's own kernels
-(kernels/cpu_ops.py: fp32 products, q/k/v and gate/up in one call each; int4 codes in `int4_words`'s layout),
-eager or compiled, and a quantized model's whole decode step is one call of them (kernels/decode_step.py).
-Where those cannot be built, the compiled one-row products read the codes as 32-bit
+On x86 CPUs with AVX2 (AVX-512 included), products of any number of rows run pocketlm's qdot kernels
+(kernels/qdot.py: activations quantized to int8 per block of 32, integer dot products; the weights repacked
+into qdot's blocks of 16 rows), q/k/v and gate/up in one call each, and a quantized model's whole decode
+step is one call of them (kernels/decode_step.py). POCKETLM_CPU_KERNELS=exact uses the fp32-activation
+kernels instead (kernels/cpu_ops.py; int4 codes in `int4_words`'s layout) for fewer than EXACT_ROWS rows.
+Where none can be built, the compiled one-row products read the codes as 32-bit
 words (ROW_LAYOUT "words"), and int4 gets an inductor loop of its own (`_int8_row_product`,
 `_int4_row_product`).
 """

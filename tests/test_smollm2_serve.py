@@ -48,9 +48,18 @@ def test_lm_eval_local_completions_through_the_server_matches_pocketlm_eval(serv
         assert max_ll_difference(served[name]["lls"], ours_task["lls"]) < 2e-3, task
 
 
-def test_concurrent_chats_each_get_their_own_greedy_reply(server_url, smollm2_dir):
+def ask_streaming(url: str, model: str, question: str, max_tokens: int) -> str:
+    """A greedy streamed chat reply through the official client, EOS ignored."""
     import openai
 
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                            max_tokens=max_tokens, temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True})
+    return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+
+
+def test_concurrent_chats_each_get_their_own_greedy_reply(server_url, smollm2_dir):
     model, tokenizer = load_model(smollm2_dir)
     questions = ["What is the capital of France?", "Name a primary colour.", "What is 2 + 2?",
                  "Give me a word that rhymes with cat.", "What do bees make?", "Which planet is the largest?"]
@@ -59,16 +68,8 @@ def test_concurrent_chats_each_get_their_own_greedy_reply(server_url, smollm2_di
         ids = chat_prompt(tokenizer, [{"role": "user", "content": question}])
         tokens = list(generate_tokens(model, ids, SamplingParams(max_new_tokens=24, ignore_eos=True)))
         expected.append(tokenizer.decode(tokens))
-    client = openai.OpenAI(base_url=server_url + "/v1", api_key="unused")
-
-    def ask(question: str) -> str:
-        stream = client.chat.completions.create(model=smollm2_dir.name, messages=[{"role": "user", "content": question}],
-                                                max_tokens=24, temperature=0, stream=True,
-                                                extra_body={"ignore_eos": True})
-        return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
-
     with ThreadPoolExecutor(len(questions)) as pool:
-        replies = list(pool.map(ask, questions))
+        replies = list(pool.map(lambda q: ask_streaming(server_url, smollm2_dir.name, q, 24), questions))
     assert replies == expected
     assert "Paris" in replies[0]
 
@@ -85,8 +86,6 @@ def test_the_int4_model_served_to_concurrent_chats_answers_as_the_engine_does(in
     """The quantized model decodes through the whole-step kernel, and new prompts ride along in the running
     rows' steps (Scheduler._mixed_step); the kernel computes every row alone, so each greedy reply equals
     the engine's for that prompt alone, token for token."""
-    import openai
-
     from pocketlm.serve.scheduler import Scheduler
 
     mixed = []
@@ -101,17 +100,8 @@ def test_the_int4_model_served_to_concurrent_chats_answers_as_the_engine_does(in
         ids = chat_prompt(tokenizer, [{"role": "user", "content": question}])
         expected.append(tokenizer.decode(list(generate_tokens(model, ids, SamplingParams(max_new_tokens=32, ignore_eos=True)))))
     app = create_app(load_serve_config(None, [str(int4_dir)], database=str(tmp_path / "log.db"), max_context=512))
-    with running_server(app) as url:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
-
-        def ask(question: str) -> str:
-            stream = client.chat.completions.create(model=int4_dir.name, messages=[{"role": "user", "content": question}],
-                                                    max_tokens=32, temperature=0, stream=True,
-                                                    extra_body={"ignore_eos": True})
-            return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
-
-        with ThreadPoolExecutor(len(questions)) as pool:
-            replies = list(pool.map(ask, questions))
+    with running_server(app) as url, ThreadPoolExecutor(len(questions)) as pool:
+        replies = list(pool.map(lambda q: ask_streaming(url, int4_dir.name, q, 32), questions))
     assert replies == expected
     assert "Paris" in replies[0]
     assert mixed  # prompts were fed within decode steps

@@ -1,17 +1,17 @@
-"""pocketlm's AVX2 kernels for decoding: quantized linear layers with a few input rows, attention of
-one query over the KV cache, and a quantized model's whole decode step (see kernels/decode_step.py).
+"""pocketlm's CPU kernel library: how it is built and loaded, which kernels decoding uses, and the
+fp32-activation products.
 
 The sources are in `csrc/`. They are compiled with the system's C++ compiler on first use, in about
-25 s, into ~/.cache/pocketlm/cpu_kernels/ (POCKETLM_CACHE moves it), and loaded as the torch ops
-`pocketlm::int4_linear`, `pocketlm::int8_linear`, `pocketlm::decode_attention` and
-`pocketlm::decode_step`. Eager code and `torch.compile`d graphs call them alike. The same library holds
-the causal attention used for CPU training (train_attention.cpp; see train_attention.py), which is not
-limited to AVX2-only CPUs.
+30 s, into ~/.cache/pocketlm/cpu_kernels/ (POCKETLM_CACHE moves it), and loaded as torch ops: the qdot
+products with int8 activations (`pocketlm::qdot_int4`, `qdot_int8`; kernels/qdot.py, one build per
+instruction set), the fp32-activation products (`pocketlm::int4_linear`, `int8_linear`), attention of one
+query over the KV cache (`decode_attention`) and a quantized model's whole decode step (`decode_step`;
+kernels/decode_step.py). Eager code and `torch.compile`d graphs call them alike. The same library holds the
+causal attention used for CPU training (train_attention.cpp) and the allocator (allocator.py).
 
-They are used on x86 CPUs with AVX2 but without AVX-512. There inductor's int4 loop is bound by
-arithmetic, and the single kernels, and the whole step in one call more so, decoded faster than the
-compiled step in the same process (docs/benchmarks-history.md). Without a compiler,
-or with POCKETLM_CPU_KERNELS=0, the layers keep PyTorch's kernels and inductor's loops, and say so once.
+They are used on every x86 CPU with AVX2 (`mode`): qdot by default, the fp32-activation kernels with
+POCKETLM_CPU_KERNELS=exact. Without a compiler, or with POCKETLM_CPU_KERNELS=0, the layers keep PyTorch's
+kernels and inductor's loops, and say so once.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def _load() -> bool:
             torch.ops.load_library(str(library))
             _register_shapes()
     except (KernelBuildError, OSError) as e:  # OSError: a library the dynamic loader refuses
-        log.warning("pocketlm's AVX2 kernels are not available (%s); quantized decoding and CPU training's "
+        log.warning("pocketlm's CPU kernels are not available (%s); quantized decoding and CPU training's "
                     "attention use PyTorch's slower kernels. Install g++ to get them, or set %s=0 to silence "
                     "this.", e, SWITCH)
         return False

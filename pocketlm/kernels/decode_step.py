@@ -1,11 +1,13 @@
-"""A quantized model's decode step as one call of pocketlm's AVX2 kernels (csrc/decode_step.cpp).
+"""A quantized model's decode step as one call of pocketlm's kernels (csrc/decode_step.cpp).
 
 `LlamaForCausalLM.decode_step` runs through it on CPUs where pocketlm's kernels are used (see
-`cpu_ops.wanted`) when every projection is an int8 or int4 layer those kernels serve, activations
-are fp32 and the head is quantized. It computes what the Python step computes with the same kernels:
-the tests hold the two to the same logits. On an AVX2-only EPYC it was faster than the compiled
-Python step in the same process, and it needs no `torch.compile`: decoding is fast from the first
-token (docs/benchmarks-history.md).
+`cpu_ops.wanted`: every x86 CPU with AVX2) when every projection is an int8 or int4 layer those kernels
+serve, activations are fp32 and the head is quantized. Its products are the qdot kernels' (int8
+activations) or, with POCKETLM_CPU_KERNELS=exact, the fp32-activation ones; either way it computes what
+the Python step computes with the same kernels (the tests hold the two together). It is faster than the
+compiled Python step and needs no `torch.compile`: decoding is fast from the first token, for any batch,
+and the rows of one call may be a prompt's positions in one cache row (the engine and the server prefill
+through it; docs/quantize.md, docs/serve.md).
 
 Anything it does not serve (fp32 or bf16 weights, LoRA-wrapped layers, CUDA) keeps the Python step,
 compiled or not.

@@ -1,4 +1,4 @@
-// pocketlm's AVX2 kernels for decoding: weight-only quantized linear layers with a few input rows, and
+// pocketlm's fp32-activation kernels (AVX2) for decoding: weight-only quantized linear layers with a few input rows, and
 // attention of one query over the KV cache.
 //
 // Built on first use by pocketlm/cpu_kernels.py and registered as torch ops (pocketlm::int4_linear,

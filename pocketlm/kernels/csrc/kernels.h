@@ -1,4 +1,4 @@
-// The building blocks of pocketlm's AVX2 kernels, shared by the single ops (cpu_kernels.cpp) and the
+// The building blocks of pocketlm's fp32-activation (AVX2) kernels, shared by the single ops (cpu_kernels.cpp) and the
 // whole decode step (decode_step.cpp): the int4 and int8 products of one input row, and attention of
 // one query over the positions a mask lets through.
 #pragma once

@@ -118,6 +118,26 @@ void check_input(const at::Tensor& x, int64_t K) {
               "pocketlm qdot: input must be a contiguous fp32 CPU tensor");
 }
 
+// x (M, K) quantized once, then block(acts, i, b, y, ldy) for every 16-row block b of matrix i (blocks[i] of
+// them), across torch's threads, the matrices' outputs side by side -> (M, 16 * total blocks) fp32.
+template <typename Block>
+at::Tensor products(const at::Tensor& x, const std::vector<int64_t>& blocks, const Block& block) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const Matrices mats(blocks);
+  const int64_t N = kRows * mats.total();
+  qdot::QuantizedRows in;
+  in.quantize(x.data_ptr<float>(), M, K);
+  at::Tensor y = at::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, mats.total(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t i = mats.which(u);
+      block(in.acts, i, u - mats.first[i], yp + kRows * u, N);
+    }
+  });
+  return y;
+}
+
 // x (M, K) fp32; words[i] (N_i/16, K/8, 64) uint8; tables[i] (N_i/16, K/G, 2, 16) fp16 -> (M, sum N_i) fp32
 at::Tensor qdot_int4(const at::Tensor& x, at::TensorList words, at::TensorList tables, int64_t G) {
   TORCH_CHECK(!words.empty() && words.size() == tables.size(), "pocketlm::qdot_int4: one table per code tensor");
@@ -138,20 +158,9 @@ at::Tensor qdot_int4(const at::Tensor& x, at::TensorList words, at::TensorList t
     wp.push_back(w.data_ptr<uint8_t>());
     tp.push_back(reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()));
   }
-  const Matrices mats(blocks);
-  const int64_t N = kRows * mats.total();
-  qdot::QuantizedRows in;
-  in.quantize(x.data_ptr<float>(), M, K);
-  at::Tensor y = at::empty({M, N}, x.options());
-  float* yp = y.data_ptr<float>();
-  const qdot::Kernels& kernels = qdot::active();
-  at::parallel_for(0, mats.total(), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t i = mats.which(u), b = u - mats.first[i];
-      kernels.int4(in.acts, M, wp[i] + b * (K / 8) * 64, tp[i] + b * (K / G) * 2 * kRows, yp + kRows * u, N, G);
-    }
+  return products(x, blocks, [&](const qdot::Acts& a, int64_t i, int64_t b, float* y, int64_t ldy) {
+    qdot::active().int4(a, M, wp[i] + b * (K / 8) * 64, tp[i] + b * (K / G) * 2 * kRows, y, ldy, G);
   });
-  return y;
 }
 
 // x (M, K) fp32; codes[i] (N_i/16, K/4, 64) uint8; scales[i] (N_i,) fp32 -> (M, sum N_i) fp32
@@ -172,20 +181,9 @@ at::Tensor qdot_int8(const at::Tensor& x, at::TensorList codes, at::TensorList s
     cp.push_back(c.data_ptr<uint8_t>());
     sp.push_back(s.data_ptr<float>());
   }
-  const Matrices mats(blocks);
-  const int64_t N = kRows * mats.total();
-  qdot::QuantizedRows in;
-  in.quantize(x.data_ptr<float>(), M, K);
-  at::Tensor y = at::empty({M, N}, x.options());
-  float* yp = y.data_ptr<float>();
-  const qdot::Kernels& kernels = qdot::active();
-  at::parallel_for(0, mats.total(), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t i = mats.which(u), b = u - mats.first[i];
-      kernels.int8(in.acts, M, cp[i] + b * (K / 4) * 64, sp[i] + b * kRows, yp + kRows * u, N);
-    }
+  return products(x, blocks, [&](const qdot::Acts& a, int64_t i, int64_t b, float* y, int64_t ldy) {
+    qdot::active().int8(a, M, cp[i] + b * (K / 4) * 64, sp[i] + b * kRows, y, ldy);
   });
-  return y;
 }
 
 // x (M, K) fp32 -> (codes (M, K) int8, scales (M, K/32) fp32): the activations as the products see them
