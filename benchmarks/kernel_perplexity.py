@@ -12,6 +12,12 @@ windows of `--window` tokens, decoded side by side as a batch (teacher forcing: 
 text's next token and scored on the one after).
 
     .venv/bin/python benchmarks/kernel_perplexity.py [--model smollm2-135m-instruct] [--windows 16] [--window 256]
+        [--text FILE [--lowercase]]
+
+A model pocketlm trained (weights never on a 4-bit grid, unlike SmolLM2's, which came from a Q4_1 file):
+    pocketlm train recipes/tinystories.yaml out_dir=runs/ts704 model.intermediate_size=704
+    .venv/bin/python benchmarks/kernel_perplexity.py --model runs/ts704/model --windows 32 --lowercase \
+        --text ../shared/data/tinystories/tinystories_val_head.txt
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ def worker(args) -> dict:
     from pocketlm.kernels import cpu_ops, decode_step, qdot
 
     model, tokenizer = load_model(args.path)
-    ids = tokenizer.encode(Path(args.text).read_text(encoding="utf-8"), add_special_tokens=False)
+    text = Path(args.text).read_text(encoding="utf-8")
+    ids = tokenizer.encode(text.lower() if args.lowercase else text, add_special_tokens=False)
     need = args.windows * args.window
     windows = torch.tensor(ids[:need]).reshape(args.windows, args.window)
     started = time.perf_counter()
@@ -57,6 +64,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--text", default=str(DATA))
+    ap.add_argument("--lowercase", action="store_true", help="lowercase the text (models trained on lowercased text, "
+                    "as recipes/tinystories.yaml's)")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
@@ -83,7 +92,8 @@ def main() -> None:
                 paths[weights] = quantize_dir(base, Path(tmp) / weights, scheme)
             env = {**os.environ, "POCKETLM_CPU_KERNELS": "exact" if family == "exact" else "1"}
             command = [sys.executable, __file__, "--worker", "--path", str(paths[weights]), "--text", args.text,
-                       "--windows", str(args.windows), "--window", str(args.window), "--threads", str(args.threads)]
+                       "--windows", str(args.windows), "--window", str(args.window), "--threads", str(args.threads),
+                       *(["--lowercase"] if args.lowercase else [])]
             done = subprocess.run(command, env=env, capture_output=True, text=True)
             if done.returncode:
                 raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
@@ -91,8 +101,8 @@ def main() -> None:
             print(f"{name}: {rows[name]['token_perplexity']:.4f} ({rows[name]['kernels']}, "
                   f"{rows[name]['seconds']:.0f} s)", file=sys.stderr, flush=True)
     ref = rows.get("fp32", {}).get("token_perplexity")
-    print(f"\nmachine: {machine()}\n{args.model}, WikiText-2 test, {args.windows} windows of {args.window} tokens "
-          "decoded one token at a time\n")
+    print(f"\nmachine: {machine()}\n{args.model}, {Path(args.text).name}{' lowercased' if args.lowercase else ''}, "
+          f"{args.windows} windows of {args.window} tokens decoded one token at a time\n")
     print("| variant | kernels | token ppl | vs fp32 |")
     print("|---|---|---|---|")
     for name, r in rows.items():

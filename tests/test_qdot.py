@@ -242,3 +242,21 @@ def test_bench_explain_names_each_layers_kernel_and_why(tmp_path):
     done = subprocess.run([sys.executable, "-m", "pocketlm", "bench", str(src), "--explain"],
                           capture_output=True, text=True, env={**env, cpu_ops.SWITCH: "0"}, timeout=300)
     assert "switched off (POCKETLM_CPU_KERNELS=0)" in done.stdout and "| float32 |" in done.stdout
+
+
+@torch.inference_mode()
+def test_a_step_mixing_qdot_and_fp32_activation_layers(qdot_on, tmp_path):
+    """A down projection of 80 inputs is not whole blocks of 32: qdot leaves it to the fp32-activation kernel,
+    inside the same whole-step call, and prompts fed as rows of the step still fill the cache as a prefill does."""
+    src = tiny_model_dir(tmp_path / "fp32", hidden_size=64, intermediate_size=80)
+    model, tokenizer = load_model(quantize_dir(src, tmp_path / "q", QuantScheme("int8")))
+    kinds = {m.kernel_weights().kind for m in model.modules() if isinstance(m, Int8Linear)}
+    assert kinds == {"qdot-int8", "int8"}
+    model.setup_cache(2, 64)
+    assert decode_step.serves(model)
+    from pocketlm.engine import SamplingParams, generate_batch, generate_tokens
+
+    prompts = [tokenizer.encode("the theory of"), tokenizer.encode("once upon a time there was")]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    alone = [list(generate_tokens(model, ids, params)) for ids in prompts]
+    assert generate_batch(model, prompts, params) == alone  # each row computed alone: batching changes nothing
