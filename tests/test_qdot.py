@@ -260,3 +260,12 @@ def test_a_step_mixing_qdot_and_fp32_activation_layers(qdot_on, tmp_path):
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     alone = [list(generate_tokens(model, ids, params)) for ids in prompts]
     assert generate_batch(model, prompts, params) == alone  # each row computed alone: batching changes nothing
+
+
+def test_int8_weights_written_after_packing_are_packed_again(qdot_on):
+    layer = Int8Linear.from_float(torch.nn.Linear(64, 32, bias=False))
+    x = torch.randn(2, 64)
+    before = layer(x)
+    with torch.no_grad():
+        layer.weight.mul_(-1)  # in place, as load_state_dict copies into a loaded model
+    torch.testing.assert_close(layer(x), -before)
