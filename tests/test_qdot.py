@@ -269,3 +269,42 @@ def test_int8_weights_written_after_packing_are_packed_again(qdot_on):
     with torch.no_grad():
         layer.weight.mul_(-1)  # in place, as load_state_dict copies into a loaded model
     torch.testing.assert_close(layer(x), -before)
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme("int8"), QuantScheme("int4", 32)], ids=["int8", "int4"])
+def test_the_scheduler_feeds_prompts_inside_decode_steps_and_answers_as_the_engine(qdot_on, tmp_path, monkeypatch, scheme):
+    """Short prompts ride along whole, a long one a chunk per step (prefill_chunk 8), while other rows decode;
+    no separate prefill pass runs, and each job's greedy tokens equal the engine's for its prompt alone."""
+    import threading
+
+    from pocketlm.engine import SamplingParams, generate_tokens
+    from pocketlm.serve.scheduler import Finished, Job, Scheduler
+
+    src = tiny_model_dir(tmp_path / "fp32", hidden_size=64, intermediate_size=192)
+    model, _ = load_model(quantize_dir(src, tmp_path / "q", scheme))
+    prompts = [list(range(10, 15)), list(range(40, 70)), list(range(100, 112)), [7, 8, 9]]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    expected = [list(generate_tokens(model, ids, params)) for ids in prompts]
+
+    def apart(self, *args):
+        raise AssertionError("a prefill pass of its own ran")
+
+    monkeypatch.setattr(Scheduler, "_prefill_batch", apart)
+    monkeypatch.setattr(Scheduler, "_prefill_chunk", apart)
+    scheduler = Scheduler(model, max_batch=4, max_context=64, prefill_chunk=8)
+    got = [[] for _ in prompts]
+    done = threading.Semaphore(0)
+    try:
+        for i, ids in enumerate(prompts):
+            def emit(event, i=i):
+                if isinstance(event, Finished):
+                    got[i].append(event.reason)
+                    done.release()
+                else:
+                    got[i].append(event.token)
+            scheduler.submit(Job(prompt_ids=ids, max_new_tokens=10), emit)
+        for _ in prompts:
+            assert done.acquire(timeout=60)
+    finally:
+        scheduler.close()
+    assert got == [tokens + ["length"] for tokens in expected]

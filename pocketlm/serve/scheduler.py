@@ -2,7 +2,8 @@
 
 Requests wait in a bounded queue. Between decode steps a waiting request takes a free row of the KV
 cache and its prompt is prefilled a chunk at a time, so a long prompt delays the others by one chunk
-a step rather than by the whole prompt. When its prompt is in, it joins the batch at the next step and
+a step rather than by the whole prompt. Where the whole-step kernel serves the model (a quantized model on
+an x86 CPU), prompt tokens are fed inside the decode step itself, as rows of their own cache row. When its prompt is in, it joins the batch at the next step and
 leaves it when it finishes, is cancelled (its client went away, or a stop string matched) or times out.
 Busy rows are kept contiguous (rows 0..n-1) so each step computes only them, over only the cache
 positions they reach. A request decoded under a grammar (response_format, tools) keeps its own place in
@@ -236,9 +237,15 @@ class Scheduler:
         if job is not None and (job.cancelled or (job.deadline and now > job.deadline)):
             self.prefilling = None
             self._emit(job, Finished("cancelled" if job.cancelled else "timeout"))
-        if batch and self._rides_along(batch):
+        feeding = batch or [j for j in [self.prefilling] if j]
+        if feeding and self._rides_along(feeding):
             self._mixed_step(batch)
-            return
+        else:
+            self._step_apart(batch)
+
+    def _step_apart(self, batch: list[Job]) -> None:
+        """Prefill (the new short prompts together, or the next chunk of a long one) in a pass of its own,
+        then decode the running rows."""
         if batch:
             self._prefill_batch(batch)
         elif self.prefilling is not None:
@@ -246,39 +253,43 @@ class Scheduler:
         if self.running:
             self._decode_step()
 
-    def _rides_along(self, batch: list[Job]) -> bool:
-        """Whether new prompts can be fed within the decode step: the whole-step kernel serves the model
+    def _rides_along(self, jobs: list[Job]) -> bool:
+        """Whether these prompts can be fed within the decode step: the whole-step kernel serves the model
         (it takes a prompt's tokens as rows of its own cache row), and no prompt is to be scored (echo)."""
-        return self.model.steps_any_rows and all(job.echo_logprobs is None for job in batch)
+        return self.model.steps_any_rows and all(job.echo_logprobs is None for job in jobs)
 
     def _mixed_step(self, batch: list[Job]) -> None:
-        """One call of the whole-step kernel decodes the running rows and feeds the new prompts (all but
-        their last tokens) into the rows after them, so admitting requests does not stop the others for a
-        separate prefill pass. If the call fails, the prompts are prefilled and the rows decoded apart, as
-        without it (re-running writes the same keys and values), so a failure is traced to its request."""
+        """One call of the whole-step kernel decodes the running rows and feeds prompt tokens into the rows
+        after them: the new short prompts whole (all but their last tokens), or else the next chunk of the
+        long prompt being prefilled. Admitting requests then never stops the others for a pass of its own.
+        If the call fails, the step is done apart, as without it (re-running writes the same keys and
+        values), so a failure is traced to its request."""
         n = len(self.running)
         ids = [job.next_input for job in self.running]
         pos = [job.pos for job in self.running]
         rows = list(range(n))
-        for i, job in enumerate(batch):
-            prompt = job.prompt_ids[:-1]
-            ids += prompt
-            pos += range(len(prompt))
-            rows += [n + i] * len(prompt)
+        chunk = self.prefilling
+        spans = [(job, n + i, 0, len(job.prompt_ids) - 1) for i, job in enumerate(batch)] if batch else \
+            [(chunk, n, chunk.prefilled, min(chunk.prefilled + self.prefill_chunk, len(chunk.prompt_ids) - 1))]
+        for job, row, start, end in spans:
+            ids += job.prompt_ids[start:end]
+            pos += range(start, end)
+            rows += [row] * (end - start)
         try:
             positions = torch.tensor(pos)
             logits = self.model.decode_step(torch.tensor(ids)[:, None], positions,
                                             self.model.decode_mask(positions, self._span(positions)),
                                             rows=torch.tensor(rows), logit_rows=n) if ids else None
         except Exception:
-            log.warning("a decode step with new prompts failed; prefilling them apart", exc_info=True)
-            self._prefill_batch(batch)
-            if self.running:
-                self._decode_step()
+            log.warning("a decode step with prompt tokens failed; doing it apart", exc_info=True)
+            self._step_apart(batch)
             return
-        for i, job in enumerate(batch):
-            job.prefilled = len(job.prompt_ids) - 1
-            self._prefilled(job, n + i)
+        for job, row, _, end in spans:
+            job.prefilled = end
+            if end == len(job.prompt_ids) - 1:
+                if job is self.prefilling:
+                    self.prefilling = None
+                self._prefilled(job, row)
         if n:
             self._decode_step(logits)
         elif self.running:  # nothing was decoding: the new rows take their first step now, not a step later
