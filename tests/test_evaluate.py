@@ -57,13 +57,25 @@ def test_encode_pair_moves_trailing_space_to_the_continuation(tiny):
         encode_pair(tok, "a", "")
 
 
-def test_loglikelihoods_match_transformers_and_do_not_depend_on_batching(tiny):
+def test_loglikelihoods_match_transformers_and_do_not_depend_on_batching(tiny, monkeypatch):
     from transformers import AutoModelForCausalLM
+
+    from pocketlm.evaluate import scoring
+
+    shared = []  # contexts scored once for their choices (scoring._score_chunk)
+    original = scoring._score_chunk
+    monkeypatch.setattr(scoring, "_score_chunk", lambda *a: (shared.append(len(a[3])), original(*a)))
 
     model, tok = load_model(tiny)
     pairs = [encode_pair(tok, c, x) for c, x in [("The cat sat on", " the mat"), ("The cat sat on", " a hat"),
                                                    ("One", " two three four"), ("x" * 150, " y"),  # longer than the context
-                                                   ("Answer:", " A"), ("Answer:", " B")]]
+                                                   ("Answer:", " A"), ("Answer:", " B"),
+                                                   # a question and its choices: the context runs once for all
+                                                   ("Why is the sky blue? Answer:", " because of light scattering"),
+                                                   ("Why is the sky blue? Answer:", " it is"),
+                                                   ("Why is the sky blue? Answer:", " no"),
+                                                   ("Why is the sea salty? Answer:", " rivers carry salt"),
+                                                   ("Why is the sea salty? Answer:", " fish")]]
     hf = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
     expected = []
     for ctx, cont in pairs:
@@ -73,11 +85,13 @@ def test_loglikelihoods_match_transformers_and_do_not_depend_on_batching(tiny):
         logprobs = torch.log_softmax(logits[-len(cont):], dim=-1)
         target = torch.tensor(cont)
         expected.append((logprobs.gather(-1, target[:, None]).sum().item(), bool((logprobs.argmax(-1) == target).all())))
-    for budget in (4096, 16):  # one batch, and one row per batch
+    for budget in (4096, 16):  # one batch, and one row (one question) per batch
+        shared.clear()
         got = loglikelihoods(model, pairs, max_batch_tokens=budget)
         for (score, greedy), (ref, ref_greedy) in zip(got, expected):
             assert score == pytest.approx(ref, abs=1e-4)
             assert greedy == ref_greedy
+        assert sum(shared) == 4  # "The cat sat on", "Answer:" and the two questions
 
 
 def test_choose_picks_by_loglikelihood_and_by_length_normalised_loglikelihood():

@@ -4,7 +4,9 @@ Tokenization follows lm-evaluation-harness exactly, so scores are comparable wit
 trailing whitespace of the context moves to the continuation, the pair is encoded as one string,
 and the continuation is whatever that encoding has beyond the context's own encoding. Requests
 whose model inputs are identical (the usual case for one-token answers such as MMLU's " A".." D")
-share one forward pass.
+share one forward pass. Requests that share a context (a question and its choices) share its computation:
+the context runs once into a KV cache, copied to one row per choice, and only the continuations run after
+it (on ARC-Challenge that is 2.7x fewer tokens).
 """
 
 from __future__ import annotations
@@ -60,14 +62,18 @@ def loglikelihoods(model, pairs: Sequence[tuple[list[int], list[int]]], max_batc
     """For each (context ids, continuation ids): the summed log-probability of the continuation and
     whether greedy decoding would produce it. Inputs longer than the context window keep their end."""
     window = model.context_length
-    rows: dict[tuple[int, ...], list[int]] = {}
-    for i, (context_ids, continuation_ids) in enumerate(pairs):
+    for i, (_, continuation_ids) in enumerate(pairs):
         if not continuation_ids:
             raise ConfigError(f"request {i}: the continuation encodes to no tokens")
-        whole = (list(context_ids) + list(continuation_ids))[-(window + 1):]
-        rows.setdefault(tuple(whole[:-1]), []).append(i)
     results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
-    done = 0
+    shared = _shared_contexts(pairs, window)
+    done = _score_shared(model, pairs, shared, results, max_batch_tokens, max_batch_rows, progress, len(pairs))
+    in_shared = {i for members in shared.values() for i in members}
+    rows: dict[tuple[int, ...], list[int]] = {}  # the other requests, by their whole input
+    for i, (context_ids, continuation_ids) in enumerate(pairs):
+        if i not in in_shared:
+            whole = (list(context_ids) + list(continuation_ids))[-(window + 1):]
+            rows.setdefault(tuple(whole[:-1]), []).append(i)
     device = model.device
     for batch in _batches(sorted(rows, key=len, reverse=True), max_batch_tokens, max_batch_rows):
         width = len(batch[0])
@@ -90,6 +96,76 @@ def loglikelihoods(model, pairs: Sequence[tuple[list[int], list[int]]], max_batc
         if progress:
             progress(done, len(pairs))
     return results
+
+
+def _shared_contexts(pairs, window: int) -> dict[tuple[int, ...], list[int]]:
+    """Requests grouped by their context, for the groups of two or more whose inputs fit the window whole."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (context_ids, continuation_ids) in enumerate(pairs):
+        if context_ids and len(context_ids) + len(continuation_ids) - 1 <= window:
+            groups.setdefault(tuple(context_ids), []).append(i)
+    return {context: members for context, members in groups.items() if len(members) > 1}
+
+
+def _score_shared(model, pairs, groups: dict[tuple[int, ...], list[int]], results: list, max_tokens: int,
+                  max_rows: int, progress: Progress | None, total: int) -> int:
+    """Score the requests of `groups` into `results`; returns how many were scored. Contexts of one length run
+    together (one start position for the rows after them, no padding): the context pass fills cache rows
+    0..G-1 and gives the log-probs of each continuation's first token; each row of the continuation pass
+    starts from a copy of its context's cache row."""
+    done = 0
+    by_length: dict[int, list[tuple[int, ...]]] = {}
+    for context in groups:
+        by_length.setdefault(len(context), []).append(context)
+    device = model.device
+    try:
+        for length, contexts in sorted(by_length.items(), reverse=True):
+            chunk: list[tuple[int, ...]] = []
+            for context in contexts + [None]:  # None flushes the last chunk
+                if context is not None:
+                    rows = sum(len(groups[c]) for c in chunk) + len(groups[context])
+                    width = max(len(pairs[i][1]) for c in chunk + [context] for i in groups[c]) - 1
+                    if not chunk or (rows <= max_rows and (len(chunk) + 1) * length + rows * width <= max_tokens):
+                        chunk.append(context)
+                        continue
+                if chunk:
+                    _score_chunk(model, pairs, groups, chunk, results, device)
+                    done += sum(len(groups[c]) for c in chunk)
+                    if progress:
+                        progress(done, total)
+                chunk = [context] if context is not None else []
+    finally:
+        model.clear_cache()
+    return done
+
+
+def _score_chunk(model, pairs, groups, contexts: list[tuple[int, ...]], results: list, device) -> None:
+    members = [i for context in contexts for i in groups[context]]
+    owner = torch.tensor([g for g, context in enumerate(contexts) for _ in groups[context]], device=device)
+    length = len(contexts[0])
+    width = max(len(pairs[i][1]) for i in members) - 1  # continuation tokens fed after the context
+    model.setup_cache(len(members), length + max(width, 1))
+    hidden = model.hidden_states(torch.tensor(contexts, device=device), start=0, cache_row=slice(0, len(contexts)))
+    first = F.log_softmax(model.lm_head(hidden[:, -1]).float(), dim=-1)  # each context's next-token log-probs
+    after = None
+    if width > 0:
+        for layer in model.model.layers:  # row r starts from its context's keys and values
+            cache = layer.self_attn.cache
+            cache.k.copy_(cache.k[owner])
+            cache.v.copy_(cache.v[owner])
+        ids = torch.zeros((len(members), width), dtype=torch.long, device=device)
+        for r, i in enumerate(members):
+            tail = list(pairs[i][1])[:-1]
+            ids[r, :len(tail)] = torch.tensor(tail)  # right padding: causal attention never sees it
+        after = model.hidden_states(ids, start=length)
+    for r, i in enumerate(members):
+        target = torch.tensor(list(pairs[i][1]), device=device)
+        logprobs = first[owner[r]][None]
+        if len(target) > 1:
+            rest = F.log_softmax(model.lm_head(after[r, :len(target) - 1]).float(), dim=-1)
+            logprobs = torch.cat([logprobs, rest])
+        score = logprobs.gather(-1, target[:, None]).sum().item()
+        results[i] = (score, bool((logprobs.argmax(dim=-1) == target).all()))
 
 
 def rolling_nll(model, ids: Sequence[int], window: int, stride: int | None = None,
