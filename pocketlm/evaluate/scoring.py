@@ -81,11 +81,12 @@ def loglikelihoods(model, pairs: Sequence[tuple[list[int], list[int]]], max_batc
         for r, key in enumerate(batch):
             ids[r, :len(key)] = torch.tensor(key)  # right padding: causal attention never sees it
         hidden = model.hidden_states(ids.to(device))
-        for r, key in enumerate(batch):
+        spans = [min(max(len(pairs[i][1]) for i in rows[key]), len(key)) for key in batch]
+        # the head once for the batch's scored positions (a call per row reads the whole head matrix each time)
+        scored = torch.cat([hidden[r, len(key) - span:len(key)] for r, (key, span) in enumerate(zip(batch, spans))])
+        every = F.log_softmax(model.lm_head(scored).float(), dim=-1).split(spans)
+        for key, span, logprobs in zip(batch, spans, every):
             members = rows[key]
-            span = max(len(pairs[i][1]) for i in members)
-            span = min(span, len(key))
-            logprobs = F.log_softmax(model.lm_head(hidden[r, len(key) - span:len(key)]).float(), dim=-1)
             greedy = logprobs.argmax(dim=-1)
             for i in members:
                 target = torch.tensor(list(pairs[i][1])[-span:], device=device)
@@ -158,12 +159,18 @@ def _score_chunk(model, pairs, groups, contexts: list[tuple[int, ...]], results:
             tail = list(pairs[i][1])[:-1]
             ids[r, :len(tail)] = torch.tensor(tail)  # right padding: causal attention never sees it
         after = model.hidden_states(ids, start=length)
-    for r, i in enumerate(members):
+    # the head once over every scored position of the continuation pass (a call per request reads the whole
+    # head matrix each time)
+    spans = [len(pairs[i][1]) - 1 for i in members]
+    rest = (F.log_softmax(model.lm_head(torch.cat([after[r, :n] for r, n in enumerate(spans)])).float(), dim=-1)
+            if after is not None else None)
+    offset = 0
+    for r, (i, n) in enumerate(zip(members, spans)):
         target = torch.tensor(list(pairs[i][1]), device=device)
         logprobs = first[owner[r]][None]
-        if len(target) > 1:
-            rest = F.log_softmax(model.lm_head(after[r, :len(target) - 1]).float(), dim=-1)
-            logprobs = torch.cat([logprobs, rest])
+        if n:
+            logprobs = torch.cat([logprobs, rest[offset:offset + n]])
+            offset += n
         score = logprobs.gather(-1, target[:, None]).sum().item()
         results[i] = (score, bool((logprobs.argmax(dim=-1) == target).all()))
 
