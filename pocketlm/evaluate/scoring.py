@@ -99,13 +99,23 @@ def loglikelihoods(model, pairs: Sequence[tuple[list[int], list[int]]], max_batc
     return results
 
 
+SHARING_PAYS = 1.5  # share a context when that feeds at most 1/1.5 of the tokens (PIQA's long answers: 1.2, slower)
+
+
 def _shared_contexts(pairs, window: int) -> dict[tuple[int, ...], list[int]]:
-    """Requests grouped by their context, for the groups of two or more whose inputs fit the window whole."""
+    """Requests grouped by their context, for the groups whose inputs fit the window whole and where running
+    the context once saves enough: a second pass after a cached context costs more per token than one
+    pass (on PIQA, 1.2x fewer tokens took 1.8x the time; on ARC-Challenge 2.7x fewer took 0.6x)."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (context_ids, continuation_ids) in enumerate(pairs):
         if context_ids and len(context_ids) + len(continuation_ids) - 1 <= window:
             groups.setdefault(tuple(context_ids), []).append(i)
-    return {context: members for context, members in groups.items() if len(members) > 1}
+
+    def pays(context: tuple[int, ...], members: list[int]) -> bool:
+        alone = sum(len(context) + len(pairs[i][1]) for i in members)
+        return alone >= SHARING_PAYS * (len(context) + sum(len(pairs[i][1]) for i in members))
+
+    return {context: members for context, members in groups.items() if len(members) > 1 and pays(context, members)}
 
 
 def _score_shared(model, pairs, groups: dict[tuple[int, ...], list[int]], results: list, max_tokens: int,
