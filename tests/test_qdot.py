@@ -11,6 +11,7 @@ import torch
 from helpers import tiny_model_dir
 
 from pocketlm import quant
+from pocketlm.errors import ConfigError
 from pocketlm.checkpoint import load_model
 from pocketlm.kernels import cpu_ops, decode_step, qdot
 from pocketlm.kernels.dispatch import fused_projections
@@ -206,7 +207,7 @@ def test_the_instruction_set_is_measured_once_and_can_be_named(monkeypatch, tmp_
         assert qdot.active() == "avx2"
         monkeypatch.setattr(qdot, "_choice", {})
         monkeypatch.setenv(qdot.SWITCH, "sse9")
-        with pytest.raises(ValueError, match="POCKETLM_QDOT=sse9: this CPU runs pocketlm's qdot kernels with avx"):
+        with pytest.raises(ConfigError, match="POCKETLM_QDOT=sse9: this CPU runs pocketlm's qdot kernels with avx"):
             qdot.choose()
     finally:
         torch.ops.pocketlm.qdot_use(previous)

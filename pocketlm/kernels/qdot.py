@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from ..errors import ConfigError
 from .cpu_features import flags_key
 
 ROWS = 16  # output rows per weight block
@@ -91,7 +92,8 @@ def choose() -> dict:
     forced = os.environ.get(SWITCH)
     if forced:
         if forced not in isas:
-            raise ValueError(f"{SWITCH}={forced}: this CPU runs pocketlm's qdot kernels with {', '.join(isas) or 'none'}")
+            raise ConfigError(f"{SWITCH}={forced}: this CPU runs pocketlm's qdot kernels with "
+                              f"{', '.join(isas) or 'none'}; name one of those or unset it")
         decision = {"isa": forced, "reason": f"named by {SWITCH}", "timings_us": {}}
     elif len(isas) == 1:
         decision = {"isa": isas[0], "reason": "the only instruction set this CPU has for them", "timings_us": {}}
