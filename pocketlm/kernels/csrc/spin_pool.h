@@ -35,13 +35,18 @@ class SpinPool {
   // several threads (two models served side by side) take turns. In a child forked after the pool was
   // made, which has no workers, fn runs on the caller alone.
   void run(int n, const std::function<void(int, int)>& fn) {
-    if (getpid() != pid_) {
+    if (getpid() != pid_) {  // no workers here; and the mutex may have been copied locked: leave it alone
       active_ = 1;
       fn(0, 1);
       return;
     }
     std::lock_guard<std::mutex> turn(running_);
     n = std::max(1, std::min(n, size()));
+    if (n == 1) {  // one thread wanted: the workers are not woken (they would spin for nothing)
+      active_ = 1;
+      fn(0, 1);
+      return;
+    }
     job_ = &fn;
     active_ = n;
     arrived_.store(0, std::memory_order_relaxed);
