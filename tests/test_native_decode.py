@@ -159,12 +159,12 @@ def test_steps_from_several_threads_and_a_forked_child(kernels_on, tmp_path):
         return model.decode_step(ids, pos, model.decode_mask(pos))
 
     alone = [step(m) for m in models]
-    threads = torch.get_num_threads()
+    count = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: the caller alone, the workers left asleep
     try:
         assert torch.equal(step(models[0]), alone[0])
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(count)
     together: dict[int, list[torch.Tensor]] = {0: [], 1: []}
     threads = [threading.Thread(target=lambda i=i: together[i].extend(step(models[i]) for _ in range(20)))
                for i in range(2)]
