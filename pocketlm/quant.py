@@ -291,11 +291,13 @@ class Int8Linear(nn.Module):
         if not self.__dict__.get("_native") or not self.weight.is_contiguous() or self.scales.dtype != torch.float32:
             return None
         if cpu_ops.mode() == "qdot" and qdot.serves(self.out_features, self.in_features):
-            # repacked once, and again only if the weights were replaced or written to in place
-            key = (self.weight.data_ptr(), None if self.weight.is_inference() else self.weight._version)
+            # repacked once, and again only if the weights were replaced or written to in place (checked
+            # outside compiled graphs, which cannot trace the check and see the weights fixed)
             cached = self.__dict__.get("_qdot")
-            if (cached is None or cached[0] != key) and not _compiling():
-                cached = self.__dict__["_qdot"] = (key, qdot.pack_int8(self.weight))
+            if not _compiling():
+                key = (self.weight.data_ptr(), None if self.weight.is_inference() else self.weight._version)
+                if cached is None or cached[0] != key:
+                    cached = self.__dict__["_qdot"] = (key, qdot.pack_int8(self.weight))
             if cached is not None:
                 return KernelWeights("qdot-int8", cached[1], self.scales, 0, self.out_features, self.bias)
         return KernelWeights("int8", self.weight, self.scales, 0, self.out_features, self.bias)
