@@ -26,7 +26,7 @@ def explain(model) -> list[str]:
     """Lines of text: the CPU, the kernel family and instruction set with the reason, the decode path, and a
     table of the layers (grouped across blocks) with the kernel each uses and why."""
     flags = cpu_features._flags() or set()
-    lines = ["CPU: " + _cpu_name() + "; " + (" ".join(f for f in SIMD_FLAGS if f in flags) or "no x86 SIMD flags read")]
+    lines = ["CPU: " + cpu_features.model_name() + "; " + (" ".join(f for f in SIMD_FLAGS if f in flags) or "no x86 SIMD flags read")]
     available = cpu_ops.available()
     mode = cpu_ops.mode()
     if not available:
@@ -105,15 +105,3 @@ def _group(names: list[str]) -> str:
             span = f"{min(numbers)}-{max(numbers)}" if len(numbers) > 1 else str(numbers[0])
             parts.append(pattern.format(span))
     return ", ".join(parts)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()

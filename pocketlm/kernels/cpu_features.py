@@ -29,16 +29,25 @@ def parse_flags(cpuinfo: str) -> set[str] | None:
     return None
 
 
+@functools.cache
+def model_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what `platform` says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def flags_key() -> str:
     """A short key for this CPU's model and flags: a decision measured on one machine is reused there only."""
     import hashlib
 
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
-    model = next((line.partition(":")[2].strip() for line in text.splitlines() if line.startswith("model name")), "")
-    return hashlib.sha256(" ".join([model, *sorted(_flags() or ())]).encode()).hexdigest()[:12]
+    return hashlib.sha256(" ".join([model_name(), *sorted(_flags() or ())]).encode()).hexdigest()[:12]
 
 
 def cpu_has_bf16() -> bool:

@@ -11,7 +11,6 @@ kernels/cpu_ops.py builds and loads; cpu_ops.available() makes the choice once i
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 
@@ -25,7 +24,6 @@ BLOCK = 32  # input values per activation scale
 ISAS = ("avx512vnni", "avxvnni", "avx2")  # best first, as the kernels rank them without a measurement
 SWITCH = "POCKETLM_QDOT"  # an instruction set's name: use it (where the CPU has it) instead of measuring
 
-log = logging.getLogger(__name__)
 _choice: dict[str, object] = {}
 
 
