@@ -5,9 +5,11 @@ Three runs per task on SmolLM2-135M-Instruct (fp32):
   * lm-eval with the `pocketlm` adapter (pocketlm.evaluate.harness) on the same tasks;
   * `pocketlm eval` with its built-in task.
 Reported: acc and acc_norm of each, the largest per-choice log-likelihood difference against `hf`,
-and the run times.
+and each side's run time per task. `--dtypes float32 bfloat16` runs both sides in each dtype (lm-eval's
+`dtype=`, `pocketlm eval --dtype`), so a faster dtype is compared with the peer in that same dtype too.
 
-    .venv/bin/python benchmarks/eval_vs_lm_eval.py [--limit N] [--tasks arc_challenge piqa mmlu_anatomy] [--json out.json]
+    .venv/bin/python benchmarks/eval_vs_lm_eval.py [--limit N] [--tasks arc_challenge piqa mmlu_anatomy]
+        [--dtypes float32 bfloat16] [--no-adapter] [--json out.json]
 
 lm-eval's tasks are written as YAML files beside converted data in a temporary folder: ARC-Challenge
 reads the raw jsonl as it is, MMLU one subject's CSVs, and PIQA a jsonl in its published form
@@ -32,6 +34,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pocketlm.evaluate.loaders import instruction_piqa, shared_data_dir
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from load_and_decode import machine  # noqa: E402
 
 ARC_YAML = """task: {name}
 dataset_path: json
@@ -140,10 +145,10 @@ def run_lm_eval(model: str, model_args: str, task_names: list[str], include_path
     return results
 
 
-def run_pocketlm(model_dir: Path, specs: list[str], limit: int | None) -> dict:
+def run_pocketlm(model_dir: Path, specs: list[str], limit: int | None, dtype: str | None = None) -> dict:
     from pocketlm.evaluate.runner import evaluate_dir
 
-    document = evaluate_dir(model_dir, specs, limit=limit, num_fewshot=0, log_samples=True)
+    document = evaluate_dir(model_dir, specs, limit=limit, num_fewshot=0, log_samples=True, dtype=dtype)
     return {name: {"acc": r["acc"], "acc_norm": r["acc_norm"],
                    "lls": {i: s["loglikelihoods"] for i, s in enumerate(document["samples"][name])}}
             for name, r in document["results"].items()}
@@ -153,49 +158,66 @@ def max_ll_difference(a: dict, b: dict) -> float:
     return max(abs(x - y) for doc in a for x, y in zip(a[doc], b[doc]))
 
 
+def timed(run, *args) -> tuple[dict, float]:
+    started = time.perf_counter()
+    out = run(*args)
+    return out, time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model directory (default: the cached SmolLM2-135M-Instruct)")
     parser.add_argument("--tasks", nargs="+", default=["arc_challenge", "piqa", "mmlu_anatomy"])
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                        help="run both sides in each dtype (lm-eval's dtype=..., pocketlm eval's --dtype)")
+    parser.add_argument("--no-adapter", action="store_true", help="skip lm-eval with pocketlm's adapter")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     from pocketlm.hub import pull
 
     model_dir = Path(args.model) if args.model else pull("smollm2-135m-instruct")
-    rows = {}
+    rows, adapter_lls = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         mapping = write_local_tasks(Path(tmp), args.tasks)
-        names = [mapping[t][0] for t in args.tasks]
-        timings = {}
-        started = time.perf_counter()
-        hf = run_lm_eval("hf", f"pretrained={model_dir},dtype=float32", names, Path(tmp), args.limit)
-        timings["lm-eval hf"] = time.perf_counter() - started
-        started = time.perf_counter()
-        adapter = run_lm_eval("pocketlm", f"path={model_dir},dtype=float32", names, Path(tmp), args.limit)
-        timings["lm-eval pocketlm"] = time.perf_counter() - started
-        started = time.perf_counter()
-        ours = run_pocketlm(model_dir, [mapping[t][1] for t in args.tasks], args.limit)
-        timings["pocketlm eval"] = time.perf_counter() - started
-    for task in args.tasks:
-        name = mapping[task][0]
-        ours_task = ours[task]
-        rows[task] = {
-            "n": len(hf[name]["lls"]),
-            "lm-eval hf": {k: hf[name][k] for k in ("acc", "acc_norm")},
-            "lm-eval pocketlm": {k: adapter[name][k] for k in ("acc", "acc_norm")},
-            "pocketlm eval": {k: ours_task[k] for k in ("acc", "acc_norm")},
-            "max |ll diff| vs hf": max_ll_difference(hf[name]["lls"], ours_task["lls"]),
-            "max |ll diff| adapter vs eval": max_ll_difference(adapter[name]["lls"], ours_task["lls"]),
-        }
-    print(f"{'task':16} {'n':>5} {'hf acc':>8} {'hf norm':>8} {'pl acc':>8} {'pl norm':>8} {'adapter':>15} {'max|dll|':>9}")
-    for task, r in rows.items():
-        hfm, plm, adm = r["lm-eval hf"], r["pocketlm eval"], r["lm-eval pocketlm"]
-        print(f"{task:16} {r['n']:>5} {100 * hfm['acc']:8.2f} {100 * hfm['acc_norm']:8.2f} {100 * plm['acc']:8.2f} "
-              f"{100 * plm['acc_norm']:8.2f} {100 * adm['acc']:7.2f}/{100 * adm['acc_norm']:6.2f} {r['max |ll diff| vs hf']:9.2e}")
-    print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+        if not args.no_adapter:  # fp32, all tasks at once: the adapter's log-likelihoods against `pocketlm eval`'s
+            names = [mapping[t][0] for t in args.tasks]
+            adapter = run_lm_eval("pocketlm", f"path={model_dir},dtype=float32", names, Path(tmp), args.limit)
+            adapter_lls = {t: adapter[mapping[t][0]]["lls"] for t in args.tasks}
+        for dtype in args.dtypes:
+            for task in args.tasks:  # one task a run: each side's time per task
+                name, spec = mapping[task]
+                hf, hf_s = timed(run_lm_eval, "hf", f"pretrained={model_dir},dtype={dtype}", [name], Path(tmp),
+                                 args.limit)
+                ours, ours_s = timed(run_pocketlm, model_dir, [spec], args.limit, dtype)
+                h, o = hf[name], ours[task]
+                row = {"task": task, "dtype": dtype, "n": len(h["lls"]),
+                       "lm-eval hf": {k: h[k] for k in ("acc", "acc_norm")},
+                       "pocketlm eval": {k: o[k] for k in ("acc", "acc_norm")},
+                       "max |ll diff| vs hf": max_ll_difference(h["lls"], o["lls"]),
+                       "seconds": {"lm-eval hf": hf_s, "pocketlm eval": ours_s}}
+                if task in adapter_lls and dtype == "float32":
+                    row["max |ll diff| adapter vs eval"] = max_ll_difference(adapter_lls[task], o["lls"])
+                rows.append(row)
+    print(machine())
+    print(f"{'task':16} {'dtype':9} {'n':>5} {'hf acc':>7} {'hf norm':>7} {'pl acc':>7} {'pl norm':>7} {'max|dll|':>9} "
+          f"{'hf s':>7} {'pl s':>7} {'speed':>6}")
+    for r in rows + [None]:
+        if r is None:  # the totals per dtype
+            for dtype in args.dtypes:
+                mine = [x for x in rows if x["dtype"] == dtype]
+                hf_s = sum(x["seconds"]["lm-eval hf"] for x in mine)
+                ours_s = sum(x["seconds"]["pocketlm eval"] for x in mine)
+                print(f"{'all':16} {dtype:9} {sum(x['n'] for x in mine):>5} {'':47} {hf_s:7.1f} {ours_s:7.1f} "
+                      f"{hf_s / ours_s:5.2f}x")
+            break
+        hfm, plm, sec = r["lm-eval hf"], r["pocketlm eval"], r["seconds"]
+        print(f"{r['task']:16} {r['dtype']:9} {r['n']:>5} {100 * hfm['acc']:7.2f} {100 * hfm['acc_norm']:7.2f} "
+              f"{100 * plm['acc']:7.2f} {100 * plm['acc_norm']:7.2f} {r['max |ll diff| vs hf']:9.2e} "
+              f"{sec['lm-eval hf']:7.1f} {sec['pocketlm eval']:7.1f} {sec['lm-eval hf'] / sec['pocketlm eval']:5.2f}x")
     if args.json:
-        args.json.write_text(json.dumps({"model": str(model_dir), "limit": args.limit, "tasks": rows, "seconds": timings}, indent=2))
+        args.json.write_text(json.dumps({"machine": machine(), "model": str(model_dir), "limit": args.limit,
+                                         "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

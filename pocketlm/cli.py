@@ -405,7 +405,7 @@ def eval_cmd(
     limit: Optional[int] = typer.Option(None, help="only the first N examples of each task"),
     max_tokens: Optional[int] = typer.Option(None, help="perplexity tasks: score only the first N tokens"),
     dtype: Optional[str] = typer.Option(None, help="float32 or bfloat16 (about 2x faster on CPUs with bf16 instructions, slower elsewhere; slightly different scores)"),
-    batch_tokens: int = typer.Option(4096, help="tokens per scoring batch (padding included)"),
+    batch_tokens: int = typer.Option(512, help="tokens per scoring batch (padding included)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="write the results JSON here"),
     log_samples: bool = typer.Option(False, help="include every example's scores and prediction in the JSON"),
     list_tasks: bool = typer.Option(False, "--list-tasks", help="list the built-in tasks and exit"),

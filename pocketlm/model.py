@@ -437,6 +437,29 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, start, mask, cache_row, None if prefix is None else prefix[i])
         return self.model.norm(x)
 
+    def packed_hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, sees: torch.Tensor) -> torch.Tensor:
+        """Final normed hidden states (batch, seq, hidden) of rows that pack several sequences sharing a
+        beginning (one context, then each of its continuations): token i of a row sits at positions[b, i] and
+        attends to the tokens j where sees[b, i, j]. Without a cache; a prefix adapter's positions come first
+        and every token sees them. Scoring a context's choices this way runs the context once, in one pass."""
+        b, t = input_ids.shape
+        if positions.shape != (b, t) or sees.shape != (b, t, t) or sees.dtype != torch.bool:
+            raise ValueError(f"positions must be {(b, t)} and sees {(b, t, t)} bool for input of shape {(b, t)}")
+        p = self.prefix_tokens
+        positions = positions + p
+        if int(positions.max()) >= self.config.max_position_embeddings:
+            raise ValueError(f"position {int(positions.max())} exceeds the context of {self.config.max_position_embeddings}")
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope(x.device)
+        cos, sin = cos[positions].to(x.dtype)[:, None], sin[positions].to(x.dtype)[:, None]
+        prefix = self.prefix.key_values(b, self.compute_dtype) if p else None
+        if p:
+            sees = torch.cat([sees.new_ones(b, t, p), sees], dim=-1)
+        mask = sees[:, None]  # (batch, 1, seq, prefix + seq): every head alike
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, 0, mask, None, None if prefix is None else prefix[i])
+        return self.model.norm(x)
+
     def decode_mask(self, pos: torch.Tensor, span: int | None = None) -> torch.Tensor:
         """(batch, 1, 1, span) bool: row b sees cache positions 0..pos[b] (after any prefix). The span,
         the cache positions a step attends over, is the whole cache unless given."""

@@ -62,11 +62,10 @@ def test_loglikelihoods_match_transformers_and_do_not_depend_on_batching(tiny, m
 
     from pocketlm.evaluate import scoring
 
-    shared = []  # contexts scored once for their choices (scoring._score_chunk)
-    original = scoring._score_chunk
-    monkeypatch.setattr(scoring, "_score_chunk", lambda *a: (shared.append(len(a[3])), original(*a)))
-
     model, tok = load_model(tiny)
+    packed = []  # the rows of each packed pass: a context and its choices share one
+    original = model.packed_hidden_states
+    monkeypatch.setattr(model, "packed_hidden_states", lambda ids, *a: (packed.append(ids.shape[0]), original(ids, *a))[1])
     pairs = [encode_pair(tok, c, x) for c, x in [("The cat sat on", " the mat"), ("The cat sat on", " a hat"),
                                                    ("One", " two three four"), ("x" * 150, " y"),  # longer than the context
                                                    ("Answer:", " A"), ("Answer:", " B"),
@@ -85,13 +84,33 @@ def test_loglikelihoods_match_transformers_and_do_not_depend_on_batching(tiny, m
         logprobs = torch.log_softmax(logits[-len(cont):], dim=-1)
         target = torch.tensor(cont)
         expected.append((logprobs.gather(-1, target[:, None]).sum().item(), bool((logprobs.argmax(-1) == target).all())))
-    for budget in (4096, 16):  # one batch, and one row (one question) per batch
-        shared.clear()
+    for budget in (4096, 16):  # one batch; and rows so short that a question's choices take several
+        packed.clear()
         got = loglikelihoods(model, pairs, max_batch_tokens=budget)
         for (score, greedy), (ref, ref_greedy) in zip(got, expected):
             assert score == pytest.approx(ref, abs=1e-4)
             assert greedy == ref_greedy
-        assert sum(shared) == 4  # "The cat sat on", "Answer:" and the two questions
+        if budget == 4096:  # one row per context that fits the window: all but the "x" * 150 one
+            assert packed == [5]
+        else:
+            assert len(packed) > 1 and sum(packed) > 5
+
+
+def test_packed_scoring_under_a_prefix_adapter_equals_one_request_at_a_time(tiny):
+    """A prefix adapter's keys and values come first in a packed row too: every choice sees them, at the same
+    positions as a lone forward pass gives them."""
+    from pocketlm.adapt.adapters import attach, prefix_config
+
+    model, tok = load_model(tiny)
+    torch.manual_seed(0)
+    attach(model, prefix_config(model, 4, False))
+    pairs = [encode_pair(tok, "Why is the sky blue? Answer:", x) for x in (" light scattering", " no", " it is blue")]
+    got = loglikelihoods(model, pairs)
+    with torch.inference_mode():
+        for (ctx, cont), (score, _) in zip(pairs, got):
+            logits = model(torch.tensor([ctx + cont[:-1]]))[0, -len(cont):]
+            ref = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(cont)[:, None]).sum().item()
+            assert score == pytest.approx(ref, abs=1e-4)
 
 
 def test_choose_picks_by_loglikelihood_and_by_length_normalised_loglikelihood():

@@ -27,7 +27,7 @@ except ImportError as exc:
 from ..engine import SamplingParams
 from ..loading import open_model
 from ..streaming import generate
-from .scoring import encode_pair, loglikelihoods, prefix_token_id, rolling_nll
+from .scoring import BATCH_TOKENS, encode_pair, loglikelihoods, prefix_token_id, rolling_nll
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": None}
 
@@ -35,7 +35,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": None}
 class PocketLMHarness(LM):
     """`--model_args path=DIR[,dtype=float32|bfloat16][,batch_tokens=N]`."""
 
-    def __init__(self, path: str, dtype: str = "auto", batch_tokens: int = 4096, device: str | None = None,
+    def __init__(self, path: str, dtype: str = "auto", batch_tokens: int = BATCH_TOKENS, device: str | None = None,
                  batch_size=None, max_batch_size=None, **unused):
         super().__init__()
         if dtype not in DTYPES:

@@ -19,7 +19,7 @@ from ..model import expected_shapes
 from ..streaming import chat_prompt, compile_constraint, generate
 from .loaders import resolve_tasks
 from .perplexity import perplexity
-from .scoring import encode_pair, loglikelihoods
+from .scoring import BATCH_TOKENS, encode_pair, loglikelihoods
 from .tasks import (
     GENERATE,
     INVALID,
@@ -197,7 +197,7 @@ def task_retrieval(task: Task, override: Retrieval | None, closed_book: bool) ->
 
 
 def run_task(model, tokenizer, task: Task, num_fewshot: int | None = None, limit: int | None = None,
-             max_tokens: int | None = None, batch_tokens: int = 4096, progress: TaskProgress | None = None,
+             max_tokens: int | None = None, batch_tokens: int = BATCH_TOKENS, progress: TaskProgress | None = None,
              constraint: Constraint | None = None, retrieval: Retrieval | None = None,
              closed_book: bool = False) -> tuple[dict, list[dict]]:
     started = time.perf_counter()
@@ -259,7 +259,7 @@ def model_facts(model, model_dir: Path | None) -> dict:
 
 
 def evaluate(model, tokenizer, tasks: list[str] | list[Task], num_fewshot: int | None = None, limit: int | None = None,
-             max_tokens: int | None = None, batch_tokens: int = 4096, model_dir: Path | None = None,
+             max_tokens: int | None = None, batch_tokens: int = BATCH_TOKENS, model_dir: Path | None = None,
              progress: TaskProgress | None = None, log_samples: bool = False,
              constraint: Constraint | None = None, retrieval: Retrieval | None = None,
              closed_book: bool = False) -> dict:
