@@ -153,6 +153,11 @@ def _write_json(path: Path, data: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 # loading
 # ---------------------------------------------------------------------------------------------
+# model_type -> the architecture pocketlm computes exactly: Llama's layers, Mistral's with a sliding window on
+# every layer, Ministral's on the layers its layer_types name
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM"}
+
+
 def load_config(model_dir: str | Path) -> ModelConfig:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -166,9 +171,9 @@ def load_config(model_dir: str | Path) -> ModelConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
     architectures = data.get("architectures") or ["LlamaForCausalLM"]
-    if data.get("model_type", "llama") not in ("llama", "mistral") or architectures[0] not in ("LlamaForCausalLM", "MistralForCausalLM"):
+    if ARCHITECTURES.get(data.get("model_type", "llama")) != architectures[0]:
         raise CheckpointError(f"{path}: architecture {architectures[0]} ({data.get('model_type')}) is not supported; "
-                              "pocketlm loads Llama-family models (LlamaForCausalLM)")
+                              f"pocketlm loads Llama-family models ({', '.join(ARCHITECTURES.values())})")
     return ModelConfig.from_dict(data, source=str(path))
 
 

@@ -9,6 +9,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from .errors import ConfigError
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
 class ModelConfig(BaseModel):
     """Shape of a Llama-family decoder. Unknown keys in config.json are kept in `extra` fields."""
 
@@ -31,9 +34,23 @@ class ModelConfig(BaseModel):
     bos_token_id: int | list[int] | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    # sliding-window attention (Mistral: every layer; with layer_types, the layers named "sliding_attention"):
+    # a token attends to the `sliding_window` latest positions, itself included
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":
+        if getattr(self, "use_sliding_window", True) is False:  # Qwen2's switch: the window is written but off
+            self.sliding_window = None
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"sliding_window must be a positive number of tokens, got {self.sliding_window}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers:
+                raise ValueError(f"layer_types names {len(self.layer_types)} layers; the model has {self.num_hidden_layers}")
+            unknown = set(self.layer_types) - set(LAYER_TYPES)
+            if unknown:
+                raise ValueError(f"layer_types: {sorted(unknown)} unknown (pocketlm computes {', '.join(LAYER_TYPES)})")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -58,6 +75,20 @@ class ModelConfig(BaseModel):
             self.rope_parameters = {"rope_type": "default", "rope_theta": self.rope_theta}
         return self
 
+    def window(self, layer: int) -> int | None:
+        """The attention window of layer `layer` in tokens, or None where it attends to every earlier position
+        (a window as long as the context restricts nothing)."""
+        if self.sliding_window is None or self.sliding_window >= self.max_position_embeddings:
+            return None
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
+
+    @property
+    def windowed(self) -> bool:
+        """Whether any layer attends through a window shorter than the context."""
+        return any(self.window(i) is not None for i in range(self.num_hidden_layers))
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "ModelConfig":
         try:
@@ -70,6 +101,8 @@ class ModelConfig(BaseModel):
     def to_hf_dict(self) -> dict[str, Any]:
         """config.json contents that transformers reads as LlamaForCausalLM."""
         data = self.model_dump(exclude_none=True)
+        if "sliding_window" in self.model_fields_set:  # a null window stays written: Mistral's default is 4096
+            data["sliding_window"] = self.sliding_window
         data.setdefault("architectures", ["LlamaForCausalLM"])
         data.setdefault("model_type", "llama")
         data.setdefault("torch_dtype", "float32")

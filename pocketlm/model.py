@@ -158,8 +158,9 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, index: int = 0):
         super().__init__()
+        self.window = config.window(index)  # None: every earlier position
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -190,6 +191,8 @@ class Attention(nn.Module):
         b, span = x.shape[0], mask.shape[-1]
         q, k, v = self._qkv(x, cos, sin)
         self.cache.write_at(pos, k, v)
+        if self.window is not None:  # only the window's latest positions, the new one included
+            mask = mask & (torch.arange(span, device=pos.device) > (pos[:, None] - self.window)).view(b, 1, 1, span)
         y = _single_query_attention(q, self.cache.k[:b, :, :span], self.cache.v[:b, :, :span], mask)
         return self.o_proj(y.reshape(b, 1, -1))
 
@@ -217,7 +220,23 @@ class Attention(nn.Module):
         """Training on a CPU from position 0 (an additive causal bias, no cache, no prefix adapter): RoPE and
         attention run as one kernel call (pocketlm.train_attention)."""
         return (mask is not None and mask.dtype != torch.bool and start == 0 and prefix is None
-                and self.cache is None and train_attention.serves(x))
+                and self.cache is None and self.window is None and train_attention.serves(x))
+
+
+def windowed_mask(mask: torch.Tensor | None, window: int, start: int, end: int, device) -> torch.Tensor | None:
+    """`mask` (as hidden_states builds it for queries start..end-1: None for plain causal attention, bool
+    (queries, keys) after cached positions, or an additive causal bias for CPU training) narrowed so that each
+    query sees only the `window` latest positions, itself included (transformers: key > query - window)."""
+    if end <= window:
+        return mask  # no query is that far from any key
+    query = torch.arange(start, end, device=device)[:, None]
+    key = torch.arange(end, device=device)[None, :]
+    near = (key > query - window) & (key <= query)
+    if mask is None:
+        return near
+    if mask.dtype == torch.bool:
+        return mask & near
+    return mask.masked_fill(~near, float("-inf"))
 
 
 def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -269,10 +288,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, index: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, index)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
@@ -291,7 +310,7 @@ class LlamaBody(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -433,8 +452,12 @@ class LlamaForCausalLM(nn.Module):
                 mask = torch.zeros(mask.shape, device=x.device).masked_fill(~mask, float("-inf"))
         elif x.device.type == "cpu" and torch.is_grad_enabled() and t > 1:
             mask = self.causal_bias(t, x.device)
+        masks = {None: mask}  # by window: the mask of the layers attending through it
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, start, mask, cache_row, None if prefix is None else prefix[i])
+            window = layer.self_attn.window
+            if window not in masks:
+                masks[window] = windowed_mask(mask, window, start, end, x.device)
+            x = layer(x, cos, sin, start, masks[window], cache_row, None if prefix is None else prefix[i])
         return self.model.norm(x)
 
     def packed_hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, sees: torch.Tensor) -> torch.Tensor:
@@ -455,9 +478,12 @@ class LlamaForCausalLM(nn.Module):
         prefix = self.prefix.key_values(b, self.compute_dtype) if p else None
         if p:
             sees = torch.cat([sees.new_ones(b, t, p), sees], dim=-1)
-        mask = sees[:, None]  # (batch, 1, seq, prefix + seq): every head alike
+        masks = {None: sees[:, None]}  # by window, (batch, 1, seq, prefix + seq): every head alike
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, 0, mask, None, None if prefix is None else prefix[i])
+            window = layer.self_attn.window
+            if window not in masks:  # the window counts positions (prefix adapters are refused on windowed models)
+                masks[window] = (sees & (positions[:, :, None] - positions[:, None, :] < window))[:, None]
+            x = layer(x, cos, sin, 0, masks[window], None, None if prefix is None else prefix[i])
         return self.model.norm(x)
 
     def decode_mask(self, pos: torch.Tensor, span: int | None = None) -> torch.Tensor:

@@ -89,6 +89,8 @@ def attach(model, config, name: str = DEFAULT) -> None:
             raise ConfigError("LoRA and prefix adapters cannot be combined on one model")
         inject_adapter_in_model(config, model, adapter_name=name)
     elif config.peft_type == "PREFIX_TUNING":
+        if model.config.windowed:
+            raise ConfigError("prefix tuning on a model with sliding-window attention is not supported; use LoRA")
         if configs:
             raise ConfigError("a prefix adapter cannot be combined with other adapters on one model")
         model.prefix = PrefixKV(config, model.config).to(model.device)

@@ -286,6 +286,8 @@ def _check_exportable(config: ModelConfig, model_dir: Path) -> None:
         problems.append(f"rope_theta {config.rope_theta} (llama2.c uses {ROPE_THETA:g}, unscaled)")
     if config.head_dim * config.num_attention_heads != config.hidden_size:
         problems.append(f"head_dim {config.head_dim} * heads != hidden_size {config.hidden_size}")
+    if config.windowed:
+        problems.append(f"sliding-window attention (window {config.sliding_window}; run.c attends to every position)")
     if problems:
         raise UnsupportedModelError(f"{model_dir}: cannot be exported to llama2.c: {'; '.join(problems)}")
     if config.rms_norm_eps != RMS_NORM_EPS:
