@@ -157,6 +157,47 @@ class KVCache(nn.Module):
         self.v[dst, :, :length] = self.v[src, :, :length]
 
 
+class RollingKVCache(KVCache):
+    """A sliding-window layer's cache: only the `window` latest positions, position p in slot p % window, so its
+    memory stays the same however long the sequence grows. Keys are stored rotated, and attention does not
+    depend on the order of its keys, so the slots need no reordering."""
+
+    def __init__(self, batch: int, kv_heads: int, window: int, head_dim: int, dtype: torch.dtype, device=None):
+        super().__init__(batch, kv_heads, window, head_dim, dtype, device)
+        self.window = window
+
+    def attend(self, start: int, k: torch.Tensor, v: torch.Tensor,
+               row: int | slice | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For new keys/values at positions start..start+t-1: the keys and values their queries attend over (the
+        cached window, then the new ones) with the bool mask (1, 1, t, window + t) of those each query sees; then
+        the latest `window` new positions are written."""
+        window, t, device = self.window, k.shape[2], k.device
+        rows = slice(None) if row is None else row if isinstance(row, slice) else slice(row, row + 1)
+        slots = torch.arange(window, device=device)
+        held = start - 1 - (start - 1 - slots) % window  # each slot's position: the latest before start (< 0: none)
+        key = torch.cat([held, torch.arange(start, start + t, device=device)])[None, :]
+        query = torch.arange(start, start + t, device=device)[:, None]
+        mask = (key >= 0) & (key <= query) & (key > query - window)
+        keys, values = torch.cat([self.k[rows], k], dim=2), torch.cat([self.v[rows], v], dim=2)
+        kept = min(t, window)
+        at = torch.arange(start + t - kept, start + t, device=device) % window
+        self.k[rows, :, at] = k[:, :, t - kept:]
+        self.v[rows, :, at] = v[:, :, t - kept:]
+        return keys, values, mask[None, None]
+
+    def write_at(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        super().write_at(pos % self.window, k, v)
+
+    def seen(self, pos: torch.Tensor) -> torch.Tensor:
+        """(batch, 1, 1, window) bool after position pos[b] was written: the slots holding a position (all of
+        them once the sequence is a window long; they hold the window's positions and no older one)."""
+        return (torch.arange(self.window, device=pos.device)[None, :] <= pos[:, None])[:, None, None]
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        self.k[dst] = self.k[src]
+        self.v[dst] = self.v[src]
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, index: int = 0):
         super().__init__()
@@ -191,7 +232,9 @@ class Attention(nn.Module):
         b, span = x.shape[0], mask.shape[-1]
         q, k, v = self._qkv(x, cos, sin)
         self.cache.write_at(pos, k, v)
-        if self.window is not None:  # only the window's latest positions, the new one included
+        if isinstance(self.cache, RollingKVCache):  # its slots: the window's positions, whatever the span
+            mask, span = self.cache.seen(pos), self.cache.window
+        elif self.window is not None:  # only the window's latest positions, the new one included
             mask = mask & (torch.arange(span, device=pos.device) > (pos[:, None] - self.window)).view(b, 1, 1, span)
         y = _single_query_attention(q, self.cache.k[:b, :, :span], self.cache.v[:b, :, :span], mask)
         return self.o_proj(y.reshape(b, 1, -1))
@@ -203,7 +246,9 @@ class Attention(nn.Module):
             q, k, v = self._heads(x)
             return self.o_proj(train_attention.causal_attention(q, k, v, cos, sin).reshape(b, t, -1))
         q, k, v = self._qkv(x, cos, sin)
-        if self.cache is not None:
+        if isinstance(self.cache, RollingKVCache):
+            k, v, mask = self.cache.attend(start, k, v, row)
+        elif self.cache is not None:
             k, v = self.cache.update(start, k, v, row)
         if prefix is not None:  # prefix tuning: learned keys/values (not rotated) before the text's
             k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
@@ -383,9 +428,12 @@ class LlamaForCausalLM(nn.Module):
         """Tokens of text the model can see: its context less a prefix adapter's positions."""
         return self.config.max_position_embeddings - self.prefix_tokens
 
-    def setup_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
+    def setup_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None,
+                    rolling: bool = True) -> None:
         """Allocate a static KV cache for `batch` sequences of up to `max_len` tokens. A prefix adapter's
-        keys and values fill the first positions, and the text follows them."""
+        keys and values fill the first positions, and the text follows them. Sliding-window layers keep only
+        their window (RollingKVCache) unless `rolling` is off: a caller that rewinds positions (speculative
+        decoding's rejected drafts) needs the older ones kept."""
         c = self.config
         p = self.prefix_tokens
         max_len = min((max_len or c.max_position_embeddings) + p, c.max_position_embeddings)
@@ -395,11 +443,22 @@ class LlamaForCausalLM(nn.Module):
         native = self.native_decoding and dtype == torch.float32
         self._native_step = decode_step.native_step(self) if native else None
         for layer in self.model.layers:
-            layer.self_attn.cache = KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, dtype, weight.device)
+            window = layer.self_attn.window
+            if rolling and window is not None and window < max_len:
+                cache = RollingKVCache(batch, c.num_key_value_heads, window, c.head_dim, dtype, weight.device)
+            else:
+                cache = KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, dtype, weight.device)
+            layer.self_attn.cache = cache
         if p:
             for layer, (k, v) in zip(self.model.layers, self.prefix.key_values(batch, dtype)):
                 layer.self_attn.cache.k[:, :, :p] = k
                 layer.self_attn.cache.v[:, :, :p] = v
+
+    @property
+    def cache_positions(self) -> int:
+        """Positions the longest layer cache holds: what a decode step's mask spans (a rolling cache masks its
+        own slots)."""
+        return max(layer.self_attn.cache.k.shape[2] for layer in self.model.layers)
 
     def move_cache_row(self, src: int, dst: int, length: int) -> None:
         """Move a sequence of `length` text tokens from cache row src to row dst."""
@@ -489,7 +548,7 @@ class LlamaForCausalLM(nn.Module):
     def decode_mask(self, pos: torch.Tensor, span: int | None = None) -> torch.Tensor:
         """(batch, 1, 1, span) bool: row b sees cache positions 0..pos[b] (after any prefix). The span,
         the cache positions a step attends over, is the whole cache unless given."""
-        span = span or self.model.layers[0].self_attn.cache.k.shape[2]
+        span = span or self.cache_positions
         pos = pos + self.prefix_tokens
         return (torch.arange(span, device=pos.device)[None, :] <= pos[:, None])[:, None, None]
 

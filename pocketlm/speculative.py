@@ -90,8 +90,8 @@ def speculative_tokens(target, draft, prompt_ids: list[int], max_new_tokens: int
         return
     t_dev, d_dev = target.device, draft.device
     length = cache_length(len(prompt_ids) + max_new + k + 1, context)
-    target.setup_cache(1, length)
-    draft.setup_cache(1, length)
+    target.setup_cache(1, length, rolling=False)  # rejected drafts rewind positions: windows keep older ones
+    draft.setup_cache(1, length, rolling=False)
     # after the prompt the draft sees one or two tokens at a time: those go through its decode step (the
     # whole-step kernel for a quantized draft, see kernels/decode_step.py, or its compiled step), which costs a
     # third of a forward pass or less

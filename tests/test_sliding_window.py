@@ -133,6 +133,28 @@ def test_a_quantized_windowed_model_decodes_through_the_window(pair):
     assert logits.argmax(-1).tolist() == out
 
 
+@pytest.mark.parametrize("rolling", [True, False])
+def test_decoding_far_past_the_window_equals_uncached_passes(pair, rolling):
+    """Rolling: a windowed layer's cache holds a window whatever the length (its memory does not grow); kept
+    whole (speculative decoding rewinds positions), the mask narrows to the window instead."""
+    _, model = pair
+    ids = torch.randint(0, 300, (1, 12 * WINDOW))
+    with torch.no_grad():
+        expected = model(ids)[0]
+        for length in (4 * WINDOW, 12 * WINDOW):
+            model.setup_cache(1, length, rolling=rolling)
+            sizes = [layer.self_attn.cache.k.shape[2] for layer in model.model.layers]
+            windowed = [layer.self_attn.window is not None for layer in model.model.layers]
+            assert sizes == [WINDOW if w and rolling else length for w in windowed]
+        model.hidden_states(ids[:, :WINDOW + 1])  # a prompt longer than the window, then one token a step
+        steps = []
+        for t in range(WINDOW + 1, ids.shape[1]):
+            pos = torch.tensor([t])
+            steps.append(model.decode_step(ids[:, t:t + 1], pos, model.decode_mask(pos))[0])
+        model.clear_cache()
+    assert (torch.stack(steps) - expected[WINDOW + 1:]).abs().max().item() <= 1e-4
+
+
 def test_packed_scoring_equals_plain_passes(pair):
     from pocketlm.evaluate.scoring import loglikelihoods
 

@@ -465,7 +465,7 @@ class Scheduler:
 
     def _span(self, pos: torch.Tensor) -> int:
         """The cache positions a step attends over: those in use, rounded up to SPAN_BUCKET."""
-        return min(self.model.model.layers[0].self_attn.cache.k.shape[2],
+        return min(self.model.cache_positions,
                    -(-(int(pos.max()) + 1 + self.model.prefix_tokens) // SPAN_BUCKET) * SPAN_BUCKET)
 
     def _next_token(self, job: Job, logits: torch.Tensor, argmax: int, finite: bool,
