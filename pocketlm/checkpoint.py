@@ -154,8 +154,9 @@ def _write_json(path: Path, data: Any) -> None:
 # loading
 # ---------------------------------------------------------------------------------------------
 # model_type -> the architecture pocketlm computes exactly: Llama's layers, Mistral's with a sliding window on
-# every layer, Ministral's on the layers its layer_types name
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM"}
+# every layer, Ministral's on the layers its layer_types name, Mixtral's with mixtures of experts
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM",
+                 "mixtral": "MixtralForCausalLM"}
 
 
 def load_config(model_dir: str | Path) -> ModelConfig:

@@ -38,6 +38,11 @@ class ModelConfig(BaseModel):
     # a token attends to the `sliding_window` latest positions, itself included
     sliding_window: int | None = None
     layer_types: list[str] | None = None
+    # mixture of experts (Mixtral): each token's feed-forward is the weighted sum of `num_experts_per_tok` of
+    # `num_local_experts` expert MLPs, chosen and weighted by a router (softmax, top-k, renormalised)
+    num_local_experts: int | None = None
+    num_experts_per_tok: int | None = None
+    router_aux_loss_coef: float | None = None
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":
@@ -45,6 +50,12 @@ class ModelConfig(BaseModel):
             self.sliding_window = None
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window must be a positive number of tokens, got {self.sliding_window}")
+        if self.num_local_experts is not None:
+            if self.num_local_experts < 1:
+                raise ValueError(f"num_local_experts must be at least 1, got {self.num_local_experts}")
+            if self.num_experts_per_tok is None or not 1 <= self.num_experts_per_tok <= self.num_local_experts:
+                raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and "
+                                 f"num_local_experts ({self.num_local_experts})")
         if self.layer_types is not None:
             if len(self.layer_types) != self.num_hidden_layers:
                 raise ValueError(f"layer_types names {len(self.layer_types)} layers; the model has {self.num_hidden_layers}")
@@ -83,6 +94,11 @@ class ModelConfig(BaseModel):
         if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
             return None
         return self.sliding_window
+
+    @property
+    def moe(self) -> bool:
+        """Whether the feed-forward layers are mixtures of experts."""
+        return self.num_local_experts is not None
 
     @property
     def windowed(self) -> bool:

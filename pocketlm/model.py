@@ -71,10 +71,19 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "self_attn.k_proj.weight": (kv_out, d),
             p + "self_attn.v_proj.weight": (kv_out, d),
             p + "self_attn.o_proj.weight": (d, q_out),
-            p + "mlp.gate_proj.weight": (config.intermediate_size, d),
-            p + "mlp.up_proj.weight": (config.intermediate_size, d),
-            p + "mlp.down_proj.weight": (d, config.intermediate_size),
         })
+        if config.moe:  # Mixtral's names: a router and the experts' w1 (gate), w3 (up), w2 (down)
+            shapes[p + "block_sparse_moe.gate.weight"] = (config.num_local_experts, d)
+            for e in range(config.num_local_experts):
+                x = f"{p}block_sparse_moe.experts.{e}."
+                shapes.update({x + "w1.weight": (config.intermediate_size, d), x + "w3.weight": (config.intermediate_size, d),
+                               x + "w2.weight": (d, config.intermediate_size)})
+        else:
+            shapes.update({
+                p + "mlp.gate_proj.weight": (config.intermediate_size, d),
+                p + "mlp.up_proj.weight": (config.intermediate_size, d),
+                p + "mlp.down_proj.weight": (d, config.intermediate_size),
+            })
         if config.attention_bias:
             shapes.update({p + "self_attn.q_proj.bias": (q_out,), p + "self_attn.k_proj.bias": (kv_out,),
                            p + "self_attn.v_proj.bias": (kv_out,), p + "self_attn.o_proj.bias": (d,)})
@@ -332,21 +341,71 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+class Expert(nn.Module):
+    """One expert of a mixture: a SwiGLU MLP under Mixtral's names (w1 gate, w3 up, w2 down)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, h = config.hidden_size, config.intermediate_size
+        self.w1 = Linear(d, h, bias=False)
+        self.w3 = Linear(d, h, bias=False)
+        self.w2 = Linear(h, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = project(x, self.w1, self.w3)
+        return self.w2(F.silu(gate) * up)
+
+
+class SparseMoE(nn.Module):
+    """Mixtral's feed-forward: a router picks each token's top-k experts (softmax over all, the k weights
+    renormalised to sum to 1) and the output is their weighted sum. Experts run over the tokens routed to them,
+    one call per expert in use, so one token reads only its chosen experts' weights. The router's logits of
+    the last call stay in `router_logits` for the load-balancing loss."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.gate = Linear(config.hidden_size, config.num_local_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(config) for _ in range(config.num_local_experts))
+        self.router_logits: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        logits = self.gate(flat)
+        self.router_logits = logits
+        weights, chosen = torch.topk(F.softmax(logits.float(), dim=-1), self.top_k, dim=-1)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(flat)
+        used = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()
+        for e, expert in enumerate(self.experts):
+            if used[e]:
+                token, slot = torch.where(chosen == e)
+                out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
+        return out.reshape(x.shape)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, index: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, index)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.moe = config.moe
+        if self.moe:
+            self.block_sparse_moe = SparseMoE(config)
+        else:
+            self.mlp = MLP(config)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_sparse_moe(x) if self.moe else self.mlp(x)
 
     def forward(self, x, cos, sin, start, mask, row=None, prefix=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, mask, row, prefix)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.feed_forward(self.post_attention_layernorm(x))
 
     def decode(self, x, cos, sin, pos, mask):
         x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, pos, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.feed_forward(self.post_attention_layernorm(x))
 
 
 class LlamaBody(nn.Module):

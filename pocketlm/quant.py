@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, UnsupportedModelError
 from .kernels import cpu_ops, qdot
 from .kernels.dispatch import EXACT_ROWS, KernelWeights, fused_projections
 from .model import expected_shapes
@@ -461,6 +461,9 @@ def build_quantized_skeleton(model, scheme: QuantScheme):
 
 def _swap_linears(model, scheme: QuantScheme, make) -> None:
     """Replace every attention and MLP projection with make(old layer) and record the scheme."""
+    if model.config.moe:
+        raise UnsupportedModelError("quantizing a mixture-of-experts model is not supported yet; keep it in float "
+                                    "(--dtype bfloat16 halves it)")
     for layer in model.model.layers:
         for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
                               (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):

@@ -204,3 +204,17 @@ def test_prefix_tuning_is_refused(pair):
     _, model = pair
     with pytest.raises(ConfigError, match="sliding-window"):
         attach(model, prefix_config(model, 4))
+
+
+def test_the_model_directory_loads_unchanged_in_transformers(pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from pocketlm.checkpoint import save_model_dir
+
+    hf, model = pair
+    out = save_model_dir(tmp_path / "m", model.config.to_hf_dict(), model.state_dict(), byte_level_tokenizer())
+    theirs = AutoModelForCausalLM.from_pretrained(out)
+    assert type(theirs) is type(hf)
+    ids = torch.randint(0, 300, (1, 4 * WINDOW))
+    with torch.no_grad():
+        assert (model(ids) - theirs(ids).logits).abs().max().item() <= 1e-4

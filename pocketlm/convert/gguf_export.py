@@ -334,6 +334,9 @@ def write_gguf_arrays(out_path: str | Path, config: ModelConfig, tokenizer: Toke
                       arrays: Iterable[tuple[str, np.ndarray, GGMLQuantizationType]], file_type: LlamaFileType,
                       name: str = "pocketlm") -> Path:
     """Write a llama GGUF file from (GGUF name, stored array, GGML type) triples, atomically."""
+    if config.moe:
+        raise UnsupportedModelError(f"{name}: a mixture-of-experts model cannot be written to GGUF yet; export it to "
+                                    "Hugging Face format instead")
     if config.windowed:  # llama.cpp's llama architecture attends to every position: the file would run wrong
         raise UnsupportedModelError(f"{name}: sliding-window attention (sliding_window {config.sliding_window}) cannot "
                                     "be written to GGUF yet; export it to Hugging Face format instead")

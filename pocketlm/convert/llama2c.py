@@ -286,6 +286,8 @@ def _check_exportable(config: ModelConfig, model_dir: Path) -> None:
         problems.append(f"rope_theta {config.rope_theta} (llama2.c uses {ROPE_THETA:g}, unscaled)")
     if config.head_dim * config.num_attention_heads != config.hidden_size:
         problems.append(f"head_dim {config.head_dim} * heads != hidden_size {config.hidden_size}")
+    if config.moe:
+        problems.append("a mixture of experts (run.c has one MLP per layer)")
     if config.windowed:
         problems.append(f"sliding-window attention (window {config.sliding_window}; run.c attends to every position)")
     if problems:

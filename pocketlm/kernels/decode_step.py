@@ -37,8 +37,8 @@ def step_weights(model) -> list[torch.Tensor] | None:
     post-attention norm, gate, up, down (each projection as three tensors), then the final norm and the
     head. None where the model has something the op does not run."""
     if (model.device.type != "cpu" or model.compute_dtype != torch.float32 or model.config.head_dim % 8
-            or model.config.windowed or not cpu_ops.available()):  # the op attends to every cached position
-        return None
+            or model.config.windowed or model.config.moe or not cpu_ops.available()):
+        return None  # the op attends to every cached position and runs one dense MLP per layer
     weights: list[torch.Tensor] = []
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp

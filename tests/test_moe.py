@@ -1,0 +1,111 @@
+"""Mixture-of-experts models against transformers' own MixtralForCausalLM: the router (softmax, top-k,
+renormalised), experts run over the tokens routed to them, imported from a Hugging Face directory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pocketlm.checkpoint import load_model
+from pocketlm.config import ModelConfig
+from pocketlm.convert import import_model
+from pocketlm.engine import SamplingParams, generate_batch, generate_tokens
+from pocketlm.errors import ConfigError, UnsupportedModelError
+
+from helpers import byte_level_tokenizer, tiny_config
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(transformers' MixtralForCausalLM, pocketlm's import of its directory): 4 experts, top 2, a window."""
+    import transformers
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("mixtral")
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(**tiny_config(num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+                                                      sliding_window=16))
+    hf = transformers.MixtralForCausalLM(config).eval()
+    with torch.no_grad():  # norms away from 1, so a mix-up of norm weights would show
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(root / "hf", max_shard_size="100KB")  # sharded, as big models come
+    tok = byte_level_tokenizer()
+    PreTrainedTokenizerFast(tokenizer_object=tok.backend, bos_token="<s>", eos_token="</s>",
+                            chat_template=tok.chat_template).save_pretrained(root / "hf")
+    model, _ = load_model(import_model(root / "hf", root / "ours"))
+    return hf, model
+
+
+def test_logits_match_transformers(pair):
+    hf, model = pair
+    ids = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_greedy_generation_matches_transformers(pair):
+    hf, model = pair
+    prompt = torch.randint(0, 300, (12,)).tolist()
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, 12:]
+    assert list(generate_tokens(model, prompt, SamplingParams(max_new_tokens=32, ignore_eos=True))) == expected.tolist()
+
+
+def test_batched_decoding_equals_uncached_passes(pair):
+    _, model = pair
+    prompts = [torch.randint(0, 300, (n,)).tolist() for n in (3, 9)]
+    for prompt, out in zip(prompts, generate_batch(model, prompts, SamplingParams(max_new_tokens=20, ignore_eos=True))):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + list(out)]))[0, len(prompt) - 1:-1]
+        assert logits.argmax(-1).tolist() == list(out)
+
+
+def test_training_gradients_match_transformers(pair):
+    hf, model = pair
+    ids = torch.randint(0, 300, (2, 24))
+    ours = torch.nn.functional.cross_entropy(model(ids)[:, :-1].reshape(-1, 300), ids[:, 1:].reshape(-1))
+    ours.backward()
+    theirs = hf(ids, labels=ids).loss
+    theirs.backward()
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
+    ours_grad = model.model.layers[0].block_sparse_moe.gate.weight.grad
+    assert torch.allclose(ours_grad, hf.model.layers[0].mlp.gate.weight.grad, atol=1e-6)
+    model.zero_grad(set_to_none=True)
+    hf.zero_grad(set_to_none=True)
+
+
+def test_top_k_larger_than_the_experts_is_one_line():
+    with pytest.raises(ConfigError, match=r"num_experts_per_tok \(5\) must be between 1 and num_local_experts \(4\)"):
+        ModelConfig.from_dict(tiny_config(num_local_experts=4, num_experts_per_tok=5))
+
+
+def test_what_cannot_run_exactly_yet_is_refused(pair, tmp_path):
+    from pocketlm.checkpoint import save_model_dir
+    from pocketlm.convert.gguf_export import export_gguf
+    from pocketlm.quant import QuantScheme, quantize_model
+
+    _, model = pair
+    out = save_model_dir(tmp_path / "m", model.config.to_hf_dict(), model.state_dict(), byte_level_tokenizer())
+    with pytest.raises(UnsupportedModelError, match="mixture-of-experts"):
+        export_gguf(out, tmp_path / "m.gguf")
+    with pytest.raises(UnsupportedModelError, match="mixture-of-experts"):
+        quantize_model(load_model(out)[0], QuantScheme("int8"))
+    model.setup_cache(1, 8)
+    assert not model.steps_any_rows  # the whole-step kernel runs dense MLPs only
+    model.clear_cache()
+
+
+def test_the_model_directory_loads_unchanged_in_transformers(pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from pocketlm.checkpoint import save_model_dir
+
+    _, model = pair
+    out = save_model_dir(tmp_path / "m", model.config.to_hf_dict(), model.state_dict(), byte_level_tokenizer())
+    theirs = AutoModelForCausalLM.from_pretrained(out)
+    assert type(theirs).__name__ == "MixtralForCausalLM"
+    ids = torch.randint(0, 300, (1, 30))
+    with torch.no_grad():
+        assert (model(ids) - theirs(ids).logits).abs().max().item() <= 1e-4
