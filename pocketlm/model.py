@@ -337,8 +337,13 @@ class MLP(nn.Module):
         self.down_proj = Linear(h, d, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(x, self.gate_proj, self.up_proj)
-        return self.down_proj(F.silu(gate) * up)
+        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
+
+
+def swiglu(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)): Llama's MLP and each Mixtral expert."""
+    g, u = project(x, gate, up)
+    return down(F.silu(g) * u)
 
 
 class Expert(nn.Module):
@@ -352,8 +357,7 @@ class Expert(nn.Module):
         self.w2 = Linear(h, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(x, self.w1, self.w3)
-        return self.w2(F.silu(gate) * up)
+        return swiglu(x, self.w1, self.w3, self.w2)
 
 
 class SparseMoE(nn.Module):
