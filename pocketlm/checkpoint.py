@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .config import ModelConfig
+from .config import ARCHITECTURES, ModelConfig
 from .errors import CheckpointError, PocketLMError
 from .fsio import atomic_write_text, fsync_file, replace_dir
 from .kernels.cpu_features import warn_if_bf16_is_slow
@@ -153,12 +153,6 @@ def _write_json(path: Path, data: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 # loading
 # ---------------------------------------------------------------------------------------------
-# model_type -> the architecture pocketlm computes exactly: Llama's layers, Mistral's with a sliding window on
-# every layer, Ministral's on the layers its layer_types name, Mixtral's with mixtures of experts
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM",
-                 "mixtral": "MixtralForCausalLM"}
-
-
 def load_config(model_dir: str | Path) -> ModelConfig:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():

@@ -331,6 +331,24 @@ def quantize_cmd(
     out.print(str(path), highlight=False)
 
 
+@app.command("upcycle")
+def upcycle_cmd(
+    model: str = typer.Argument(..., help="model directory or name (a dense float model)"),
+    dest: Path = typer.Argument(..., help="model directory to write"),
+    experts: int = typer.Option(..., "--experts", help="experts per layer, each a copy of the layer's MLP"),
+    top_k: int = typer.Option(2, "--top-k", help="experts each token uses"),
+    seed: int = typer.Option(0, help="seed of the routers' random start"),
+):
+    """Turn a dense model into a mixture of experts that computes what it did: continue training from it."""
+    from .hub import resolve_model
+    from .upcycle import upcycle_dir
+
+    started = time.perf_counter()
+    path = upcycle_dir(resolve_model(model), dest, experts, top_k, seed=seed)
+    err.print(f"{experts} experts, top {top_k}, in {time.perf_counter() - started:.1f} s")
+    out.print(str(path), highlight=False)
+
+
 @app.command("bench")
 def bench_cmd(
     model: str = typer.Argument(..., help="model directory or name"),

@@ -10,6 +10,10 @@ from .errors import ConfigError
 
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
+# model_type -> the architecture pocketlm computes exactly: Llama's layers, Mistral's with a sliding window on
+# every layer, Ministral's on the layers its layer_types name, Mixtral's with mixtures of experts
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM",
+                 "mixtral": "MixtralForCausalLM"}
 
 
 class ModelConfig(BaseModel):
@@ -119,7 +123,9 @@ class ModelConfig(BaseModel):
         data = self.model_dump(exclude_none=True)
         if "sliding_window" in self.model_fields_set:  # a null window stays written: Mistral's default is 4096
             data["sliding_window"] = self.sliding_window
-        data.setdefault("architectures", ["LlamaForCausalLM"])
-        data.setdefault("model_type", "llama")
+        model_type = "mixtral" if self.moe else "ministral" if self.layer_types else (
+            "mistral" if self.sliding_window is not None else "llama")
+        data.setdefault("architectures", [ARCHITECTURES[model_type]])
+        data.setdefault("model_type", model_type)
         data.setdefault("torch_dtype", "float32")
         return data

@@ -363,20 +363,20 @@ class Expert(nn.Module):
 class SparseMoE(nn.Module):
     """Mixtral's feed-forward: a router picks each token's top-k experts (softmax over all, the k weights
     renormalised to sum to 1) and the output is their weighted sum. Experts run over the tokens routed to them,
-    one call per expert in use, so one token reads only its chosen experts' weights. The router's logits of
-    the last call stay in `router_logits` for the load-balancing loss."""
+    one call per expert in use, so one token reads only its chosen experts' weights. Given a list, the router's
+    logits are appended to it (the load-balancing loss is computed from them)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.gate = Linear(config.hidden_size, config.num_local_experts, bias=False)
         self.experts = nn.ModuleList(Expert(config) for _ in range(config.num_local_experts))
-        self.router_logits: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, router_logits: list | None = None) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         logits = self.gate(flat)
-        self.router_logits = logits
+        if router_logits is not None:
+            router_logits.append(logits)
         weights, chosen = torch.topk(F.softmax(logits.float(), dim=-1), self.top_k, dim=-1)
         weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
         out = torch.zeros_like(flat)
@@ -386,6 +386,17 @@ class SparseMoE(nn.Module):
                 token, slot = torch.where(chosen == e)
                 out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
         return out.reshape(x.shape)
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss as Mixtral trains with it: E * sum over experts of (the share of top-k
+    choices that went to the expert) * (its mean router probability), over every token of every layer together.
+    It is top_k when the router spreads tokens and probability evenly, and grows as they gather."""
+    probs = torch.cat([F.softmax(logits.float(), dim=-1) for logits in router_logits])  # (layers * tokens, E)
+    experts = probs.shape[-1]
+    chosen = torch.topk(probs, top_k, dim=-1).indices.reshape(-1)
+    share = torch.zeros(experts, device=probs.device).index_add_(0, chosen, torch.ones_like(chosen, dtype=torch.float))
+    return experts * (share / probs.shape[0] * probs.mean(dim=0)).sum()
 
 
 class DecoderLayer(nn.Module):
@@ -400,12 +411,12 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(config)
 
-    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block_sparse_moe(x) if self.moe else self.mlp(x)
+    def feed_forward(self, x: torch.Tensor, router_logits: list | None = None) -> torch.Tensor:
+        return self.block_sparse_moe(x, router_logits) if self.moe else self.mlp(x)
 
-    def forward(self, x, cos, sin, start, mask, row=None, prefix=None):
+    def forward(self, x, cos, sin, start, mask, row=None, prefix=None, router_logits=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, mask, row, prefix)
-        return x + self.feed_forward(self.post_attention_layernorm(x))
+        return x + self.feed_forward(self.post_attention_layernorm(x), router_logits)
 
     def decode(self, x, cos, sin, pos, mask):
         x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, pos, mask)
@@ -534,23 +545,26 @@ class LlamaForCausalLM(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, start: int = 0, last_only: bool = False,
-                cache_row: int | slice | None = None, select: torch.Tensor | None = None) -> torch.Tensor:
+                cache_row: int | slice | None = None, select: torch.Tensor | None = None,
+                router_logits: list | None = None) -> torch.Tensor:
         """Logits for `input_ids` (batch, seq) placed at positions start..start+seq-1.
 
         With a KV cache set up, earlier positions come from the cache; `last_only` skips the output
         head for all but the final position (what decoding needs); `cache_row` prefills one row of a
         batched cache with a single sequence (or a slice of rows with as many sequences). `select`, a (batch, seq) bool mask, runs the head only
         at those positions and returns (selected, vocab): fine-tuning scores only the reply tokens,
-        and the head over a 49k vocabulary is a large share of a small model's work.
+        and the head over a 49k vocabulary is a large share of a small model's work. `router_logits`, a list,
+        collects a mixture of experts' router logits layer by layer (for `load_balancing_loss`).
         """
-        x = self.hidden_states(input_ids, start, cache_row)
+        x = self.hidden_states(input_ids, start, cache_row, router_logits)
         if last_only:
             x = x[:, -1:]
         elif select is not None:
             x = x[select]
         return self.lm_head(x)
 
-    def hidden_states(self, input_ids: torch.Tensor, start: int = 0, cache_row: int | slice | None = None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, start: int = 0, cache_row: int | slice | None = None,
+                      router_logits: list | None = None) -> torch.Tensor:
         """The final normed hidden states (batch, seq, hidden): scoring applies the output head only
         at the positions it needs, instead of materialising logits for every position."""
         b, t = input_ids.shape
@@ -579,7 +593,7 @@ class LlamaForCausalLM(nn.Module):
             window = layer.self_attn.window
             if window not in masks:
                 masks[window] = windowed_mask(mask, window, start, end, x.device)
-            x = layer(x, cos, sin, start, masks[window], cache_row, None if prefix is None else prefix[i])
+            x = layer(x, cos, sin, start, masks[window], cache_row, None if prefix is None else prefix[i], router_logits)
         return self.model.norm(x)
 
     def packed_hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, sees: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,8 @@ renormalised), experts run over the tokens routed to them, imported from a Huggi
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -109,3 +111,85 @@ def test_the_model_directory_loads_unchanged_in_transformers(pair, tmp_path):
     ids = torch.randint(0, 300, (1, 30))
     with torch.no_grad():
         assert (model(ids) - theirs(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_load_balancing_loss_equals_transformers(pair):
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from pocketlm.model import load_balancing_loss
+
+    hf, model = pair
+    ids = torch.randint(0, 300, (2, 24))
+    collected: list = []
+    with torch.no_grad():
+        model(ids, router_logits=collected)
+        theirs = hf(ids, output_router_logits=True).router_logits
+    assert len(collected) == len(theirs) == model.config.num_hidden_layers
+    for ours, reference in zip(collected, theirs):
+        assert torch.allclose(ours, reference, atol=1e-5)
+    expected = load_balancing_loss_func(tuple(theirs), 4, 2)
+    assert load_balancing_loss(collected, 2).item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 2])  # 2: slices of each batch on two threads, each with its own routers' logits
+def test_a_mixture_trains_with_its_router_loss_logged(shared_data, tmp_path, threads):
+    import json
+
+    import yaml
+
+    from pocketlm.data import prepare
+    from pocketlm.train import load_recipe, train
+
+    prepared = tmp_path / "data"
+    prepare([shared_data / "tinyshakespeare" / "input.txt"], prepared, tokenizer="char", dedupe=False,
+            scrub_pii=False, progress=False)
+    recipe = {
+        "name": "moe", "out_dir": str(tmp_path / "run"), "seed": 7,
+        "model": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                  "num_local_experts": 4, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.01},
+        "data": {"prepared": str(prepared)},
+        "train": {"max_steps": 20, "batch_size": 8, "block_size": 32, "dtype": "float32", "threads": threads},
+        "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 5},
+        "eval": {"interval": 10, "iters": 2},
+        "checkpoint": {"interval": 10, "keep_last": 1},
+        "log": {"interval": 1, "progress": False, "tensorboard": False},
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    out = train(load_recipe(tmp_path / "recipe.yaml"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    routed = [r["router_loss"] for r in records if "router_loss" in r]
+    assert len(routed) == 20 and all(1.9 < x < 4.0 for x in routed)  # top_k (2) when balanced, at most E (4)
+    assert records[-1]["loss"] < records[0]["loss"]
+    config = json.loads((Path(out) / "config.json").read_text())
+    assert config["architectures"] == ["MixtralForCausalLM"] and config["num_local_experts"] == 4
+
+
+def test_upcycling_keeps_the_dense_models_logits(tmp_path):
+    """Every expert a copy of the MLP and weights summing to 1: the mixture computes the dense model, from the
+    command line, and transformers loads it as a Mixtral."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from helpers import tiny_model_dir
+
+    dense_dir = tiny_model_dir(tmp_path / "dense", seed=4)
+    run = subprocess.run([sys.executable, "-m", "pocketlm", "upcycle", str(dense_dir), str(tmp_path / "moe"),
+                          "--experts", "4", "--top-k", "2"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    dense, _ = load_model(dense_dir)
+    moe, _ = load_model(tmp_path / "moe")
+    assert moe.config.num_local_experts == 4 and moe.config.num_experts_per_tok == 2
+    ids = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        assert (moe(ids) - dense(ids)).abs().max().item() <= 1e-5
+        assert (AutoModelForCausalLM.from_pretrained(tmp_path / "moe")(ids).logits - dense(ids)).abs().max().item() <= 1e-4
+    again = subprocess.run([sys.executable, "-m", "pocketlm", "upcycle", str(tmp_path / "moe"), str(tmp_path / "x"),
+                            "--experts", "2"], capture_output=True, text=True)
+    assert again.returncode == 1 and again.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'moe'} is already a mixture of 4 experts"]
+    wide = subprocess.run([sys.executable, "-m", "pocketlm", "upcycle", str(dense_dir), str(tmp_path / "y"),
+                           "--experts", "2", "--top-k", "3"], capture_output=True, text=True)
+    assert wide.returncode == 1 and "num_experts_per_tok (3) must be between 1 and num_local_experts (2)" in wide.stderr
+    assert len(wide.stderr.strip().splitlines()) == 1

@@ -54,7 +54,7 @@ from .distill import (
 )
 from .flat_adamw import FlatAdamW
 from .joint_graph import JointGradients
-from .objectives import LANGUAGE_MODELLING, SFT, Objective, distillation, dpo
+from .objectives import LANGUAGE_MODELLING, SFT, Objective, distillation, dpo, with_router_loss
 from .plots import plot_loss_curve
 from .preference import attach_reference_logprobs
 from .recipe import Recipe
@@ -449,8 +449,19 @@ def _check_teacher_vocabulary(recipe: Recipe) -> None:
 
 
 def make_objective(recipe: Recipe, model, data, runtime: Runtime, autocast, progress) -> Objective:
-    """The recipe's objective. DPO's reference log-probs are computed here, before any adapter or
-    update touches the model, and cached in OUT_DIR for a resumed run."""
+    """The recipe's objective, with a mixture of experts' load-balancing loss added (router_aux_loss_coef,
+    Mixtral's default 0.001; 0 leaves it out)."""
+    objective = _base_objective(recipe, model, data, runtime, autocast, progress)
+    config = model.config
+    coef = config.router_aux_loss_coef if config.router_aux_loss_coef is not None else 0.001
+    if config.moe and coef > 0:
+        return with_router_loss(objective, coef, config.num_experts_per_tok)
+    return objective
+
+
+def _base_objective(recipe: Recipe, model, data, runtime: Runtime, autocast, progress) -> Objective:
+    """DPO's reference log-probs are computed here, before any adapter or update touches the model, and cached
+    in OUT_DIR for a resumed run."""
     objective = recipe.train.objective
     if objective == "pretrain":
         return LANGUAGE_MODELLING

@@ -3,6 +3,8 @@
     pretrain, sft   cross-entropy on labels (SFT's prompt positions are labelled IGNORE)
     distill         (1 - alpha) * cross-entropy + alpha * T^2 * KL(teacher_T || student_T)
     dpo             -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))  over summed reply log-probs
+
+A mixture of experts adds coef * its load-balancing loss to any of them (`with_router_loss`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..model import load_balancing_loss
 from .instruct import IGNORE
 
 Metrics = dict[str, torch.Tensor]
@@ -112,3 +115,20 @@ def dpo(beta: float) -> Objective:
         return dpo_terms(both[:n], both[n:], batch["ref_chosen"], batch["ref_rejected"], beta)
 
     return Objective(loss=loss, eval_loss=loss)
+
+
+# ---- mixtures of experts ----------------------------------------------------------------------
+def with_router_loss(objective: Objective, coef: float, top_k: int) -> Objective:
+    """`objective` plus coef * the load-balancing loss of the routers in the model's forward passes (logged as
+    `router_loss`). The routers' logits come back from each call in a list of its own, so slices of a batch on
+    several threads do not mix them. With a token-sum objective the term is weighted by the batch's labelled
+    tokens, as the loop divides the sum by them."""
+
+    def loss(model, batch):
+        collected: list = []
+        value, metrics = objective.loss(lambda *a, **k: model(*a, router_logits=collected, **k), batch)
+        router = load_balancing_loss(collected, top_k)
+        weight = (batch["labels"] != IGNORE).sum() if objective.token_sum else 1
+        return value + coef * weight * router, {**metrics, "router_loss": router.detach()}
+
+    return Objective(loss=loss, eval_loss=objective.eval_loss, token_sum=objective.token_sum)

@@ -36,6 +36,10 @@ class ModelShape(Section):
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
+    sliding_window: int | None = Field(default=None, gt=0)  # attend to this many latest positions (Mistral)
+    num_local_experts: int | None = Field(default=None, gt=0)  # a mixture of experts in every layer (Mixtral)
+    num_experts_per_tok: int | None = Field(default=None, gt=0)
+    router_aux_loss_coef: float | None = Field(default=None, ge=0)  # the load-balancing loss's weight (0.001)
     init_std: float = 0.02
 
 
