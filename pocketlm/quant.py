@@ -32,13 +32,14 @@ words (ROW_LAYOUT "words"), and int4 gets an inductor loop of its own (`_int8_ro
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError, UnsupportedModelError
+from .errors import ConfigError
 from .kernels import cpu_ops, qdot
 from .kernels.dispatch import EXACT_ROWS, KernelWeights, fused_projections
 from .model import expected_shapes
@@ -460,16 +461,20 @@ def build_quantized_skeleton(model, scheme: QuantScheme):
 
 
 def _swap_linears(model, scheme: QuantScheme, make) -> None:
-    """Replace every attention and MLP projection with make(old layer) and record the scheme."""
-    if model.config.moe:
-        raise UnsupportedModelError("quantizing a mixture-of-experts model is not supported yet; keep it in float "
-                                    "(--dtype bfloat16 halves it)")
+    """Replace every attention and MLP projection (each expert's, in a mixture; its router stays in float, so
+    tokens go where they went) with make(old layer) and record the scheme."""
     for layer in model.model.layers:
-        for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
-                              (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+        for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")), *_feed_forwards(layer)):
             for name in names:
                 setattr(parent, name, make(getattr(parent, name)))
     model.quant_scheme = scheme
+
+
+def _feed_forwards(layer):
+    """(module, names of its projections) for a layer's MLP or each of its experts."""
+    if layer.moe:
+        return [(expert, ("w1", "w3", "w2")) for expert in layer.block_sparse_moe.experts]
+    return [(layer.mlp, ("gate_proj", "up_proj", "down_proj"))]
 
 
 def tie_quantized_head(model) -> None:
@@ -479,12 +484,15 @@ def tie_quantized_head(model) -> None:
         model.lm_head.scales = model.model.embed_tokens.scales
 
 
+_EXPERT_WEIGHT = re.compile(r"\.experts\.\d+\.w[123]\.weight$")  # a mixture's expert projections
+
+
 def expected_quantized_shapes(config, scheme: QuantScheme) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Names, shapes and dtypes of a quantized state dict (float tensors may be any float dtype)."""
     out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     for name, shape in expected_shapes(config).items():
         is_head = name in ("lm_head.weight", "model.embed_tokens.weight")
-        is_block_linear = name.endswith("_proj.weight")
+        is_block_linear = name.endswith("_proj.weight") or _EXPERT_WEIGHT.search(name) is not None
         if is_block_linear and scheme.method == "int4":
             rows, cols = shape
             groups = cols // scheme.group_size
