@@ -213,7 +213,7 @@ def test_ddp_two_processes_match_one(prepared, tmp_path):
     assert max(abs(one[s] - two[s]) for s in one) <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["shakespeare-char", "tinystories"])
+@pytest.mark.parametrize("name", ["shakespeare-char", "tinystories", "tinystories-moe"])
 def test_shipped_recipes_are_valid(shared_data, name):
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / f"{name}.yaml", check_paths=False)
     for source in recipe.data.sources():
