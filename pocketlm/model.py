@@ -590,10 +590,14 @@ class LlamaForCausalLM(nn.Module):
             mask = self.causal_bias(t, x.device)
         masks = {None: mask}  # by window: the mask of the layers attending through it
         for i, layer in enumerate(self.model.layers):
-            window = layer.self_attn.window
-            if window not in masks:
-                masks[window] = windowed_mask(mask, window, start, end, x.device)
-            x = layer(x, cos, sin, start, masks[window], cache_row, None if prefix is None else prefix[i], router_logits)
+            attn = layer.self_attn
+            if isinstance(attn.cache, RollingKVCache):
+                layer_mask = None  # it masks its own slots
+            else:
+                if attn.window not in masks:
+                    masks[attn.window] = windowed_mask(mask, attn.window, start, end, x.device)
+                layer_mask = masks[attn.window]
+            x = layer(x, cos, sin, start, layer_mask, cache_row, None if prefix is None else prefix[i], router_logits)
         return self.model.norm(x)
 
     def packed_hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, sees: torch.Tensor) -> torch.Tensor:
