@@ -128,37 +128,65 @@ def test_load_balancing_loss_equals_transformers(pair):
     assert load_balancing_loss(collected, 2).item() == pytest.approx(expected.item(), abs=1e-6)
 
 
+def _moe_recipe(shared_data, tmp_path, name: str, **train) -> Path:
+    import yaml
+
+    from pocketlm.data import prepare
+
+    prepared = tmp_path / "data"
+    if not prepared.exists():
+        prepare([shared_data / "tinyshakespeare" / "input.txt"], prepared, tokenizer="char", dedupe=False,
+                scrub_pii=False, progress=False)
+    recipe = {
+        "name": name, "out_dir": str(tmp_path / name), "seed": 7,
+        "model": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                  "num_local_experts": 4, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.01},
+        "data": {"prepared": str(prepared)},
+        "train": {"max_steps": 20, "batch_size": 8, "block_size": 32, "dtype": "float32", "threads": 1, **train},
+        "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 5, "decay_steps": 20},
+        "eval": {"interval": 10, "iters": 2},
+        "checkpoint": {"interval": 5, "keep_last": 1},
+        "log": {"interval": 1, "progress": False, "tensorboard": False},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _log(run: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.parametrize("threads", [1, 2])  # 2: slices of each batch on two threads, each with its own routers' logits
 def test_a_mixture_trains_with_its_router_loss_logged(shared_data, tmp_path, threads):
     import json
 
-    import yaml
-
-    from pocketlm.data import prepare
     from pocketlm.train import load_recipe, train
 
-    prepared = tmp_path / "data"
-    prepare([shared_data / "tinyshakespeare" / "input.txt"], prepared, tokenizer="char", dedupe=False,
-            scrub_pii=False, progress=False)
-    recipe = {
-        "name": "moe", "out_dir": str(tmp_path / "run"), "seed": 7,
-        "model": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                  "num_local_experts": 4, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.01},
-        "data": {"prepared": str(prepared)},
-        "train": {"max_steps": 20, "batch_size": 8, "block_size": 32, "dtype": "float32", "threads": threads},
-        "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 5},
-        "eval": {"interval": 10, "iters": 2},
-        "checkpoint": {"interval": 10, "keep_last": 1},
-        "log": {"interval": 1, "progress": False, "tensorboard": False},
-    }
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    out = train(load_recipe(tmp_path / "recipe.yaml"))
-    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    out = train(load_recipe(_moe_recipe(shared_data, tmp_path, "moe", threads=threads)))
+    records = _log(tmp_path / "moe")
     routed = [r["router_loss"] for r in records if "router_loss" in r]
     assert len(routed) == 20 and all(1.9 < x < 4.0 for x in routed)  # top_k (2) when balanced, at most E (4)
     assert records[-1]["loss"] < records[0]["loss"]
     config = json.loads((Path(out) / "config.json").read_text())
     assert config["architectures"] == ["MixtralForCausalLM"] and config["num_local_experts"] == 4
+
+
+def test_a_resumed_mixture_continues_exactly(shared_data, tmp_path):
+    """The router loss is part of the objective: stopped at step 10 and resumed, the run logs what the
+    uninterrupted one does."""
+    from pocketlm.train import load_recipe, train
+
+    train(load_recipe(_moe_recipe(shared_data, tmp_path, "whole")))
+    train(load_recipe(_moe_recipe(shared_data, tmp_path, "halves", max_steps=10)))
+    train(load_recipe(_moe_recipe(shared_data, tmp_path, "halves")).model_copy(update={"resume": True}))
+    whole, halves = _log(tmp_path / "whole"), _log(tmp_path / "halves")
+    assert [r["step"] for r in halves] == list(range(1, 21))
+    for a, b in zip(whole[10:], halves[10:]):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        assert a["router_loss"] == pytest.approx(b["router_loss"], abs=1e-6)
 
 
 def test_upcycling_keeps_the_dense_models_logits(tmp_path):
