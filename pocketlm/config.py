@@ -119,7 +119,8 @@ class ModelConfig(BaseModel):
             raise ConfigError(f"{source}: {key}: {first['msg']}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """config.json contents that transformers reads as LlamaForCausalLM."""
+        """config.json contents that transformers reads as the architecture pocketlm computes (Llama, Mistral,
+        Ministral or Mixtral, by the window and the experts), unless the config names its own."""
         data = self.model_dump(exclude_none=True)
         if "sliding_window" in self.model_fields_set:  # a null window stays written: Mistral's default is 4096
             data["sliding_window"] = self.sliding_window

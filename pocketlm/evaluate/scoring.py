@@ -129,11 +129,13 @@ def _score_packed(model, pairs, members: list[int], results: list, max_tokens: i
     packs = []  # (context, member indices): a row each
     for context, indices in groups.items():
         pack: list[int] = []
+        filled = len(context)  # the row's tokens so far
         for i in indices:  # a context with very many continuations takes more than one row
-            if pack and len(context) + sum(len(pairs[j][1]) - 1 for j in pack + [i]) > max_tokens:
+            if pack and filled + len(pairs[i][1]) - 1 > max_tokens:
                 packs.append((context, pack))
-                pack = []
+                pack, filled = [], len(context)
             pack.append(i)
+            filled += len(pairs[i][1]) - 1
         packs.append((context, pack))
 
     def width(pack) -> int:
