@@ -11,9 +11,10 @@ from .errors import ConfigError
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
 # model_type -> the architecture pocketlm computes exactly: Llama's layers, Mistral's with a sliding window on
-# every layer, Ministral's on the layers its layer_types name, Mixtral's with mixtures of experts
+# every layer, Ministral's on the layers its layer_types name, Mixtral's with mixtures of experts, Qwen2-MoE's
+# with mixtures beside a gated shared expert and biases on q, k and v
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM",
-                 "mixtral": "MixtralForCausalLM"}
+                 "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
 
 
 class ModelConfig(BaseModel):
@@ -47,6 +48,16 @@ class ModelConfig(BaseModel):
     num_local_experts: int | None = None
     num_experts_per_tok: int | None = None
     router_aux_loss_coef: float | None = None
+    # Qwen2-MoE's additions (read only where model_type is qwen2_moe, whose defaults they take there): experts
+    # `moe_intermediate_size` wide, the top-k weights renormalised only with `norm_topk_prob`, a shared expert
+    # beside them scaled by sigmoid(a gate), dense MLPs on `mlp_only_layers` and off every
+    # `decoder_sparse_step`-th layer, and biases on q, k and v (not o)
+    moe_intermediate_size: int | None = None
+    shared_expert_intermediate_size: int | None = None
+    norm_topk_prob: bool | None = None
+    decoder_sparse_step: int | None = None
+    mlp_only_layers: list[int] | None = None
+    qkv_bias: bool | None = None
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":
@@ -54,6 +65,10 @@ class ModelConfig(BaseModel):
             self.sliding_window = None
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window must be a positive number of tokens, got {self.sliding_window}")
+        if getattr(self, "model_type", None) == "qwen2_moe":
+            self._qwen2_moe_defaults()
+        if self.decoder_sparse_step is not None and self.decoder_sparse_step < 1:
+            raise ValueError(f"decoder_sparse_step must be at least 1, got {self.decoder_sparse_step}")
         if self.num_local_experts is not None:
             if self.num_local_experts < 1:
                 raise ValueError(f"num_local_experts must be at least 1, got {self.num_local_experts}")
@@ -90,6 +105,40 @@ class ModelConfig(BaseModel):
             self.rope_parameters = {"rope_type": "default", "rope_theta": self.rope_theta}
         return self
 
+    def _qwen2_moe_defaults(self) -> None:
+        """Qwen2-MoE's names and defaults (transformers' Qwen2MoeConfig) on pocketlm's fields."""
+        experts = getattr(self, "num_experts", None)
+        if not experts:
+            raise ValueError("a qwen2_moe config needs num_experts (a model without experts is a plain Qwen2)")
+        self.num_local_experts = experts
+        if self.moe_intermediate_size is None or self.shared_expert_intermediate_size is None:
+            raise ValueError("a qwen2_moe config needs moe_intermediate_size and shared_expert_intermediate_size")
+        self.norm_topk_prob = bool(self.norm_topk_prob)
+        self.qkv_bias = True if self.qkv_bias is None else self.qkv_bias
+        if self.sliding_window and self.layer_types is None:
+            # transformers has computed Qwen2-MoE's windowed layers differently across releases
+            raise ValueError("use_sliding_window is on but layer_types is missing; name each layer's attention "
+                             "(full_attention or sliding_attention) in layer_types")
+
+    def sparse(self, layer: int) -> bool:
+        """Whether layer `layer`'s feed-forward is a mixture of experts (the others are dense MLPs)."""
+        return (self.moe and layer not in (self.mlp_only_layers or [])
+                and (layer + 1) % (self.decoder_sparse_step or 1) == 0)
+
+    @property
+    def renormalise_top_k(self) -> bool:
+        """Whether a token's top-k router weights are rescaled to sum to 1 (Mixtral; Qwen2-MoE by norm_topk_prob)."""
+        return self.norm_topk_prob is not False
+
+    @property
+    def family(self) -> str:
+        """The Hugging Face model_type whose layers and names this config describes."""
+        if getattr(self, "model_type", None) == "qwen2_moe":
+            return "qwen2_moe"
+        if self.moe:
+            return "mixtral"
+        return "ministral" if self.layer_types else "mistral" if self.sliding_window is not None else "llama"
+
     def window(self, layer: int) -> int | None:
         """The attention window of layer `layer` in tokens, or None where it attends to every earlier position
         (a window as long as the context restricts nothing)."""
@@ -120,13 +169,13 @@ class ModelConfig(BaseModel):
 
     def to_hf_dict(self) -> dict[str, Any]:
         """config.json contents that transformers reads as the architecture pocketlm computes (Llama, Mistral,
-        Ministral or Mixtral, by the window and the experts), unless the config names its own."""
+        Ministral, Mixtral or Qwen2-MoE: `family`), unless the config names its own."""
         data = self.model_dump(exclude_none=True)
         if "sliding_window" in self.model_fields_set:  # a null window stays written: Mistral's default is 4096
             data["sliding_window"] = self.sliding_window
-        model_type = "mixtral" if self.moe else "ministral" if self.layer_types else (
-            "mistral" if self.sliding_window is not None else "llama")
-        data.setdefault("architectures", [ARCHITECTURES[model_type]])
-        data.setdefault("model_type", model_type)
+        if self.family == "qwen2_moe":
+            del data["num_local_experts"]  # written as its num_experts
+        data.setdefault("architectures", [ARCHITECTURES[self.family]])
+        data.setdefault("model_type", self.family)
         data.setdefault("torch_dtype", "float32")
         return data

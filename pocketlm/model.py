@@ -72,26 +72,47 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "self_attn.v_proj.weight": (kv_out, d),
             p + "self_attn.o_proj.weight": (d, q_out),
         })
-        if config.moe:  # Mixtral's names: a router and the experts' w1 (gate), w3 (up), w2 (down)
-            shapes[p + "block_sparse_moe.gate.weight"] = (config.num_local_experts, d)
-            for e in range(config.num_local_experts):
-                x = f"{p}block_sparse_moe.experts.{e}."
-                shapes.update({x + "w1.weight": (config.intermediate_size, d), x + "w3.weight": (config.intermediate_size, d),
-                               x + "w2.weight": (d, config.intermediate_size)})
-        else:
-            shapes.update({
-                p + "mlp.gate_proj.weight": (config.intermediate_size, d),
-                p + "mlp.up_proj.weight": (config.intermediate_size, d),
-                p + "mlp.down_proj.weight": (d, config.intermediate_size),
-            })
-        if config.attention_bias:
+        shapes.update(_feed_forward_shapes(config, i, p))
+        if config.attention_bias or config.qkv_bias:
             shapes.update({p + "self_attn.q_proj.bias": (q_out,), p + "self_attn.k_proj.bias": (kv_out,),
-                           p + "self_attn.v_proj.bias": (kv_out,), p + "self_attn.o_proj.bias": (d,)})
-        if config.mlp_bias:
-            shapes.update({p + "mlp.gate_proj.bias": (config.intermediate_size,),
-                           p + "mlp.up_proj.bias": (config.intermediate_size,), p + "mlp.down_proj.bias": (d,)})
+                           p + "self_attn.v_proj.bias": (kv_out,)})
+        if config.attention_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (d,)
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, d)
+    return shapes
+
+
+def _feed_forward_shapes(config: ModelConfig, i: int, p: str) -> dict[str, tuple[int, ...]]:
+    """Layer i's feed-forward tensors under prefix p: a dense MLP, Mixtral's mixture (a router and the experts'
+    w1 gate, w3 up, w2 down) or Qwen2-MoE's (MLP-named experts, a shared expert and its gate)."""
+    d = config.hidden_size
+
+    def mlp(prefix: str, width: int, bias: bool = False) -> dict[str, tuple[int, ...]]:
+        names = {prefix + "gate_proj.weight": (width, d), prefix + "up_proj.weight": (width, d),
+                 prefix + "down_proj.weight": (d, width)}
+        if bias:
+            names.update({prefix + "gate_proj.bias": (width,), prefix + "up_proj.bias": (width,),
+                          prefix + "down_proj.bias": (d,)})
+        return names
+
+    if not config.sparse(i):
+        return mlp(p + "mlp.", config.intermediate_size, config.mlp_bias)
+    shapes: dict[str, tuple[int, ...]] = {}
+    experts = range(config.num_local_experts)
+    if config.family == "qwen2_moe":
+        shapes[p + "mlp.gate.weight"] = (config.num_local_experts, d)
+        for e in experts:
+            shapes.update(mlp(f"{p}mlp.experts.{e}.", config.moe_intermediate_size))
+        if config.shared_expert_intermediate_size:
+            shapes.update(mlp(p + "mlp.shared_expert.", config.shared_expert_intermediate_size))
+            shapes[p + "mlp.shared_expert_gate.weight"] = (1, d)
+        return shapes
+    h = config.intermediate_size
+    shapes[p + "block_sparse_moe.gate.weight"] = (config.num_local_experts, d)
+    for e in experts:
+        x = f"{p}block_sparse_moe.experts.{e}."
+        shapes.update({x + "w1.weight": (h, d), x + "w3.weight": (h, d), x + "w2.weight": (d, h)})
     return shapes
 
 
@@ -215,9 +236,10 @@ class Attention(nn.Module):
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         d, bias = config.hidden_size, config.attention_bias
-        self.q_proj = Linear(d, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
+        qkv_bias = bias or bool(config.qkv_bias)  # Qwen2's bias on q, k and v only
+        self.q_proj = Linear(d, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = Linear(d, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = Linear(d, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = Linear(self.n_heads * self.head_dim, d, bias=bias)
         self.cache: KVCache | None = None
 
@@ -329,9 +351,14 @@ def _explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """Llama's SwiGLU MLP, `width` wide (the config's intermediate_size unless given: Qwen2-MoE's experts)."""
+
+    projections = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, config: ModelConfig, width: int | None = None):
         super().__init__()
-        d, h, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        d, h = config.hidden_size, width or config.intermediate_size
+        bias = config.mlp_bias and width is None
         self.gate_proj = Linear(d, h, bias=bias)
         self.up_proj = Linear(d, h, bias=bias)
         self.down_proj = Linear(h, d, bias=bias)
@@ -349,6 +376,8 @@ def swiglu(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module) -> 
 class Expert(nn.Module):
     """One expert of a mixture: a SwiGLU MLP under Mixtral's names (w1 gate, w3 up, w2 down)."""
 
+    projections = ("w1", "w3", "w2")
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         d, h = config.hidden_size, config.intermediate_size
@@ -361,16 +390,25 @@ class Expert(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    """Mixtral's feed-forward: a router picks each token's top-k experts (softmax over all, the k weights
-    renormalised to sum to 1) and the output is their weighted sum. Experts run over the tokens routed to them,
-    one call per expert in use, so one token reads only its chosen experts' weights. Given a list, the router's
-    logits are appended to it (the load-balancing loss is computed from them)."""
+    """A mixture-of-experts feed-forward: a router picks each token's top-k experts (softmax over all; Mixtral
+    renormalises the k weights to sum to 1, Qwen2-MoE only with norm_topk_prob) and the output is their weighted
+    sum, plus, in Qwen2-MoE, a shared expert every token goes through, scaled by sigmoid(its gate). Experts run
+    over the tokens routed to them, one call per expert in use, so one token reads only its chosen experts'
+    weights. Given a list, the router's logits are appended to it (the load-balancing loss is computed from them)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.top_k = config.num_experts_per_tok
+        self.top_k, self.renormalise = config.num_experts_per_tok, config.renormalise_top_k
         self.gate = Linear(config.hidden_size, config.num_local_experts, bias=False)
-        self.experts = nn.ModuleList(Expert(config) for _ in range(config.num_local_experts))
+        self.shared_expert: MLP | None = None
+        if config.family == "qwen2_moe":
+            self.experts = nn.ModuleList(MLP(config, config.moe_intermediate_size)
+                                         for _ in range(config.num_local_experts))
+            if config.shared_expert_intermediate_size:
+                self.shared_expert = MLP(config, config.shared_expert_intermediate_size)
+                self.shared_expert_gate = Linear(config.hidden_size, 1, bias=False)
+        else:
+            self.experts = nn.ModuleList(Expert(config) for _ in range(config.num_local_experts))
 
     def forward(self, x: torch.Tensor, router_logits: list | None = None) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -378,14 +416,22 @@ class SparseMoE(nn.Module):
         if router_logits is not None:
             router_logits.append(logits)
         weights, chosen = torch.topk(F.softmax(logits.float(), dim=-1), self.top_k, dim=-1)
-        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        if self.renormalise:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype)
         out = torch.zeros_like(flat)
         used = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()
         for e, expert in enumerate(self.experts):
             if used[e]:
                 token, slot = torch.where(chosen == e)
                 out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
         return out.reshape(x.shape)
+
+    def mlps(self) -> list[nn.Module]:
+        """Every SwiGLU block inside: the experts, then the shared expert."""
+        return [*self.experts, *([self.shared_expert] if self.shared_expert is not None else [])]
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
@@ -405,14 +451,19 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, index)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.moe = config.moe
-        if self.moe:
+        self.moe = config.sparse(index)
+        if self.moe and config.family == "mixtral":  # Mixtral names its mixture block_sparse_moe, Qwen2-MoE mlp
             self.block_sparse_moe = SparseMoE(config)
         else:
-            self.mlp = MLP(config)
+            self.mlp = SparseMoE(config) if self.moe else MLP(config)
+
+    @property
+    def ffn(self) -> nn.Module:
+        """The feed-forward block: an MLP or a SparseMoE."""
+        return self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
 
     def feed_forward(self, x: torch.Tensor, router_logits: list | None = None) -> torch.Tensor:
-        return self.block_sparse_moe(x, router_logits) if self.moe else self.mlp(x)
+        return self.ffn(x, router_logits) if self.moe else self.ffn(x)
 
     def forward(self, x, cos, sin, start, mask, row=None, prefix=None, router_logits=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, mask, row, prefix)

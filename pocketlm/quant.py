@@ -471,10 +471,9 @@ def _swap_linears(model, scheme: QuantScheme, make) -> None:
 
 
 def _feed_forwards(layer):
-    """(module, names of its projections) for a layer's MLP or each of its experts."""
-    if layer.moe:
-        return [(expert, ("w1", "w3", "w2")) for expert in layer.block_sparse_moe.experts]
-    return [(layer.mlp, ("gate_proj", "up_proj", "down_proj"))]
+    """(module, names of its projections) for a layer's MLP, or each expert of its mixture (the routers stay float)."""
+    mlps = layer.ffn.mlps() if layer.moe else [layer.ffn]
+    return [(mlp, mlp.projections) for mlp in mlps]
 
 
 def tie_quantized_head(model) -> None:

@@ -1,0 +1,168 @@
+"""Qwen2-MoE models against transformers' own Qwen2MoeForCausalLM: a router whose top-k weights are not
+renormalised (norm_topk_prob false) or are, a shared expert scaled by a sigmoid gate, dense MLPs on the layers
+mlp_only_layers names, biases on q, k and v only, and mixed full and windowed layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pocketlm.checkpoint import load_model, save_model_dir
+from pocketlm.config import ModelConfig
+from pocketlm.convert import import_model
+from pocketlm.engine import SamplingParams, generate_batch, generate_tokens
+from pocketlm.errors import ConfigError
+
+from helpers import byte_level_tokenizer, tiny_config
+
+# transformers' defaults for Qwen2-MoE (no renormalisation, a shared expert), and a variant with renormalised
+# weights, a dense first layer and a windowed second one, run on prompts 3x its window
+VARIANTS = {
+    "shared": dict(norm_topk_prob=False),
+    "dense-layer-window": dict(norm_topk_prob=True, mlp_only_layers=[0], use_sliding_window=True, sliding_window=12,
+                               layer_types=["full_attention", "sliding_attention"]),
+}
+
+
+def qwen2_moe_config(**overrides):
+    import transformers
+
+    base = tiny_config(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                       shared_expert_intermediate_size=128, head_dim=16)
+    return transformers.Qwen2MoeConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def pair(request, tmp_path_factory):
+    """(transformers' Qwen2MoeForCausalLM, pocketlm's import of its sharded directory)."""
+    import transformers
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("qwen2moe")
+    torch.manual_seed(0)
+    hf = transformers.Qwen2MoeForCausalLM(qwen2_moe_config(**VARIANTS[request.param])).eval()
+    with torch.no_grad():  # norms away from 1 and biases away from 0, so a mix-up of either would show
+        for name, p in hf.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(root / "hf", max_shard_size="100KB")
+    tok = byte_level_tokenizer()
+    PreTrainedTokenizerFast(tokenizer_object=tok.backend, bos_token="<s>", eos_token="</s>",
+                            chat_template=tok.chat_template).save_pretrained(root / "hf")
+    model, _ = load_model(import_model(root / "hf", root / "ours"))
+    return hf, model
+
+
+def test_logits_match_transformers(pair):
+    hf, model = pair
+    ids = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_the_layers_are_what_the_config_says(pair):
+    hf, model = pair
+    config = hf.config
+    for i, layer in enumerate(model.model.layers):
+        assert layer.moe == (i not in config.mlp_only_layers)
+        assert layer.self_attn.window == (config.sliding_window if config.layer_types[i] == "sliding_attention" else None)
+        assert layer.self_attn.q_proj.bias is not None and layer.self_attn.o_proj.bias is None
+    assert model.config.renormalise_top_k == config.norm_topk_prob
+
+
+def test_greedy_generation_matches_transformers(pair):
+    hf, model = pair
+    prompt = torch.randint(0, 300, (12,)).tolist()
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, 12:]
+    assert list(generate_tokens(model, prompt, SamplingParams(max_new_tokens=32, ignore_eos=True))) == expected.tolist()
+
+
+def test_batched_decoding_equals_uncached_passes(pair):
+    _, model = pair
+    prompts = [torch.randint(0, 300, (n,)).tolist() for n in (3, 9)]
+    for prompt, out in zip(prompts, generate_batch(model, prompts, SamplingParams(max_new_tokens=20, ignore_eos=True))):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + list(out)]))[0, len(prompt) - 1:-1]
+        assert logits.argmax(-1).tolist() == list(out)
+
+
+def test_training_gradients_match_transformers(pair):
+    hf, model = pair
+    ids = torch.randint(0, 300, (2, 24))
+    ours = torch.nn.functional.cross_entropy(model(ids)[:, :-1].reshape(-1, 300), ids[:, 1:].reshape(-1))
+    ours.backward()
+    theirs = hf(ids, labels=ids).loss
+    theirs.backward()
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
+    mixture, reference = model.model.layers[1].mlp, hf.model.layers[1].mlp
+    assert torch.allclose(mixture.gate.weight.grad, reference.gate.weight.grad, atol=1e-6)
+    assert torch.allclose(mixture.shared_expert_gate.weight.grad, reference.shared_expert_gate.weight.grad, atol=1e-6)
+    model.zero_grad(set_to_none=True)
+    hf.zero_grad(set_to_none=True)
+
+
+def test_the_model_directory_loads_unchanged_in_transformers(pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _, model = pair
+    out = save_model_dir(tmp_path / "m", model.config.to_hf_dict(), model.state_dict(), byte_level_tokenizer())
+    theirs = AutoModelForCausalLM.from_pretrained(out)
+    assert type(theirs).__name__ == "Qwen2MoeForCausalLM"
+    ids = torch.randint(0, 300, (1, 30))
+    with torch.no_grad():
+        assert (model(ids) - theirs(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_load_balancing_loss_equals_transformers(pair):
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
+
+    from pocketlm.model import load_balancing_loss
+
+    hf, model = pair
+    ids = torch.randint(0, 300, (2, 24))
+    collected: list = []
+    with torch.no_grad():
+        model(ids, router_logits=collected)
+        theirs = tuple(r for r in hf(ids, output_router_logits=True).router_logits if r is not None)
+    assert len(collected) == len(theirs) == sum(layer.moe for layer in model.model.layers)
+    for ours, reference in zip(collected, theirs):
+        assert torch.allclose(ours, reference, atol=1e-5)
+    expected = load_balancing_loss_func(theirs, 4, 2)
+    assert load_balancing_loss(collected, 2).item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_experts_and_shared_expert(pair, tmp_path, method):
+    """Experts and the shared expert quantized, the router and the shared expert's gate in float; the quantized
+    mixture decodes as its own uncached passes do and stays close to the float model."""
+    from pocketlm.quant import Int4Linear, Int8Linear, QuantScheme
+    from pocketlm.quantize import quantize_dir
+
+    _, model = pair
+    float_dir = save_model_dir(tmp_path / "f", model.config.to_hf_dict(), model.state_dict(), byte_level_tokenizer())
+    quantized, _ = load_model(quantize_dir(float_dir, tmp_path / method, QuantScheme(method, 32 if method == "int4" else None)))
+    mixture = quantized.model.layers[1].mlp
+    kind = Int4Linear if method == "int4" else Int8Linear
+    assert all(isinstance(m.gate_proj, kind) and isinstance(m.down_proj, kind) for m in mixture.mlps())
+    assert not isinstance(mixture.gate, kind) and not isinstance(mixture.shared_expert_gate, kind)
+    prompt = torch.randint(0, 300, (10,)).tolist()
+    out = list(generate_tokens(quantized, prompt, SamplingParams(max_new_tokens=16, ignore_eos=True)))
+    with torch.no_grad():
+        logits = quantized(torch.tensor([prompt + out]))[0, len(prompt) - 1:-1]
+        assert logits.argmax(-1).tolist() == out
+        ids = torch.tensor([prompt])
+        assert torch.nn.functional.cosine_similarity(quantized(ids).flatten(), model(ids).flatten(), dim=0) > 0.99
+
+
+def test_incomplete_qwen2_moe_configs_are_one_line():
+    base = tiny_config(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                       shared_expert_intermediate_size=96)
+    with pytest.raises(ConfigError, match="num_experts_per_tok \\(6\\) must be between 1 and num_local_experts \\(4\\)"):
+        ModelConfig.from_dict({**base, "num_experts_per_tok": 6})
+    with pytest.raises(ConfigError, match="needs moe_intermediate_size"):
+        ModelConfig.from_dict({k: v for k, v in base.items() if k != "moe_intermediate_size"})
+    with pytest.raises(ConfigError, match="decoder_sparse_step must be at least 1"):
+        ModelConfig.from_dict({**base, "decoder_sparse_step": 0})
+    with pytest.raises(ConfigError, match="name each layer's attention"):
+        ModelConfig.from_dict({**base, "use_sliding_window": True, "sliding_window": 8})
