@@ -52,6 +52,19 @@ def tiny_model_dir(path: Path, seed: int = 0, **overrides) -> Path:
     return save_model_dir(path, config, hf.state_dict(), byte_level_tokenizer())
 
 
+def tiny_mixture_dir(path: Path, seed: int = 3, **overrides) -> Path:
+    """A random tiny mixture of 4 experts (top 2), Mixtral's or (model_type qwen2_moe) with Qwen2-MoE's fields,
+    as a pocketlm model directory. Weights from pocketlm's init at std 0.1, so the routing spreads."""
+    from pocketlm.config import ModelConfig
+    from pocketlm.model import LlamaForCausalLM
+
+    fields = tiny_config(num_local_experts=4, num_experts_per_tok=2, **overrides)
+    if fields.get("model_type") == "qwen2_moe":
+        fields["num_experts"] = fields.pop("num_local_experts")
+    model = LlamaForCausalLM(ModelConfig.from_dict(fields)).init_weights(std=0.1, seed=seed)
+    return save_model_dir(path, fields, model.state_dict(), byte_level_tokenizer())
+
+
 def llama_cpp_agreement(llm, model, prompts: list[list[int]], n: int) -> float:
     """Fraction of positions along pocketlm's greedy continuation (n tokens per prompt) at which
     llama.cpp (a llama_cpp.Llama made with logits_all=True) picks the same next token."""

@@ -225,3 +225,55 @@ def test_a_prompt_fed_as_rows_of_the_step_fills_the_cache_as_a_prefill_does(kern
         torch.testing.assert_close(v, layer.self_attn.cache.v[2, :, :7], atol=1e-4, rtol=1e-4)
     next_alone = model.decode_step(new[:, 7:8], step, model.decode_mask(step, 32), rows=torch.tensor([2]))
     torch.testing.assert_close(next_mixed, next_alone, atol=1e-4, rtol=1e-4)
+
+
+def quantized_mixture(tmp_path, scheme: str, **overrides):
+    from helpers import tiny_mixture_dir
+
+    return load_model(quantize_dir(tiny_mixture_dir(tmp_path / "fp32", intermediate_size=192, **overrides),
+                                   tmp_path / scheme, SCHEMES[scheme]))
+
+
+QWEN2_MOE = dict(model_type="qwen2_moe", moe_intermediate_size=64, shared_expert_intermediate_size=0,
+                 norm_topk_prob=False)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("scheme", ["int8", "int4-g32"])
+@torch.inference_mode()
+def test_a_mixture_of_experts_step_equals_the_python_step(kernels_on, tmp_path, scheme, family):
+    """Rows routed to different experts, top-k weights renormalised (Mixtral) or not (Qwen2-MoE): the same
+    logits and caches as the Python step, and the same tokens in generation."""
+    model, tokenizer = quantized_mixture(tmp_path, scheme, **(QWEN2_MOE if family == "qwen2_moe" else {}))
+    model.setup_cache(4, 64)
+    assert model._native_step is not None
+    lengths = [5, 17, 30]
+    for row, n in enumerate(lengths):
+        model(torch.randint(0, 300, (1, n)), start=0, cache_row=row)
+    ids, pos = torch.randint(0, 300, (3, 1)), torch.tensor(lengths)
+    got, got_caches = _steps(model, ids, pos, span=40, native=True)
+    want, want_caches = _steps(model, ids, pos, span=40, native=False)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for (k, v), (k_want, v_want) in zip(got_caches, want_caches):
+        torch.testing.assert_close(k, k_want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v, v_want, atol=1e-5, rtol=1e-5)
+    collected: list = []
+    model.clear_cache()
+    model(torch.randint(0, 300, (1, 40)), router_logits=collected)
+    assert len(set(collected[0].topk(2).indices.flatten().tolist())) == 4  # the routing spreads over every expert
+    prompts = [tokenizer.encode(p) for p in ("the theory of", "a", "once upon a time there was")]
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    native = [_greedy(model, ids) for ids in prompts], generate_batch(model, prompts, params)
+    model.native_decoding = False
+    assert native == ([_greedy(model, ids) for ids in prompts], generate_batch(model, prompts, params))
+
+
+def test_mixtures_it_does_not_serve_keep_the_python_step(kernels_on, tmp_path):
+    shared, _ = quantized_mixture(tmp_path / "shared", "int8", **{**QWEN2_MOE, "shared_expert_intermediate_size": 64})
+    dense_first, _ = quantized_mixture(tmp_path / "dense", "int8", **{**QWEN2_MOE, "mlp_only_layers": [0]})
+    for model in (shared, dense_first):
+        assert decode_step.step_weights(model) is None
+        ids = torch.randint(0, 300, (8,)).tolist()
+        out = _greedy(model, ids, 8)
+        with torch.no_grad():
+            assert model(torch.tensor([ids + out]))[0, len(ids) - 1:-1].argmax(-1).tolist() == out

@@ -164,11 +164,15 @@ def test_shapes_qdot_does_not_fit_keep_the_fp32_kernels(qdot_on):
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("mixture", [False, True], ids=["dense", "mixture"])
 @pytest.mark.parametrize("scheme", [QuantScheme("int8"), QuantScheme("int4", 32)], ids=["int8", "int4"])
-def test_the_whole_step_with_qdot_equals_the_python_step_with_qdot(qdot_on, tmp_path, scheme):
+def test_the_whole_step_with_qdot_equals_the_python_step_with_qdot(qdot_on, tmp_path, scheme, mixture):
     """Both quantize the same activations, so they agree up to codes that a last-bit difference in the
     fp32 input moves by one (the exact kernels are held to 1e-4 in tests/test_native_decode.py)."""
-    src = tiny_model_dir(tmp_path / "fp32", hidden_size=64, intermediate_size=192)
+    from helpers import tiny_mixture_dir
+
+    make = tiny_mixture_dir if mixture else tiny_model_dir
+    src = make(tmp_path / "fp32", hidden_size=64, intermediate_size=192)
     model, _ = load_model(quantize_dir(src, tmp_path / "q", scheme))
     model.setup_cache(3, 64)
     weights = decode_step.step_weights(model)

@@ -9,8 +9,9 @@ compiled Python step and needs no `torch.compile`: decoding is fast from the fir
 and the rows of one call may be a prompt's positions in one cache row (the engine and the server prefill
 through it; docs/quantize.md, docs/serve.md).
 
-Anything it does not serve (fp32 or bf16 weights, LoRA-wrapped layers, CUDA) keeps the Python step,
-compiled or not.
+Mixtures of experts run through it too (a mixture in every layer, without a shared expert: Mixtral's, and
+Qwen2-MoE's without one). Anything it does not serve (fp32 or bf16 weights, LoRA-wrapped layers, windowed
+attention, CUDA) keeps the Python step, compiled or not.
 """
 
 from __future__ import annotations
@@ -34,20 +35,29 @@ def _linear(module) -> list[torch.Tensor] | None:
 
 def step_weights(model) -> list[torch.Tensor] | None:
     """Every tensor the op reads, in its order: per layer the input norm, q, k, v, o, the
-    post-attention norm, gate, up, down (each projection as three tensors), then the final norm and the
-    head. None where the model has something the op does not run."""
-    if (model.device.type != "cpu" or model.compute_dtype != torch.float32 or model.config.head_dim % 8
-            or model.config.windowed or model.config.moe or not cpu_ops.available()):
-        return None  # the op attends to every cached position and runs one dense MLP per layer
+    post-attention norm, gate, up, down (each projection as three tensors; in a mixture of experts the router,
+    then each expert's gate, up, down), then the final norm and the head. None where the model has something
+    the op does not run."""
+    config = model.config
+    if (model.device.type != "cpu" or model.compute_dtype != torch.float32 or config.head_dim % 8
+            or config.windowed or not cpu_ops.available()):
+        return None  # the op attends to every cached position
+    sparse = [layer.moe for layer in model.model.layers]
+    if config.moe and (not all(sparse) or any(layer.ffn.shared_expert is not None for layer in model.model.layers)):
+        return None  # the op runs a mixture in every layer, or none, and no shared expert
     weights: list[torch.Tensor] = []
     for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
+        attn = layer.self_attn
+        mlps = layer.ffn.mlps() if layer.moe else [layer.ffn]
+        router = [[layer.ffn.gate.weight.detach().float().contiguous()]] if layer.moe else []
         parts = [[layer.input_layernorm.weight.detach()],
                  *(_linear(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)),
-                 [layer.post_attention_layernorm.weight.detach()],
-                 *(_linear(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))]
-        # gate and up of one kind: the op reads them as a pair (int8 codes, or int4 words as int32)
-        if any(p is None for p in parts) or parts[6][0].dtype != parts[7][0].dtype:
+                 [layer.post_attention_layernorm.weight.detach()], *router,
+                 *(_linear(getattr(mlp, name)) for mlp in mlps for name in mlp.projections)]
+        if any(p is None for p in parts):
+            return None
+        # each gate and up of one kind: the op reads them as a pair (int8 codes, or int4 words as int32)
+        if any(parts[i][0].dtype != parts[i + 1][0].dtype for i in range(6 + len(router), len(parts), 3)):
             return None
         weights += [t for p in parts for t in p]
     head = _linear(model.lm_head)
@@ -65,6 +75,7 @@ class NativeStep:
         self.model, self.weights = model, weights
         c = model.config
         self.heads, self.kv_heads, self.eps = c.num_attention_heads, c.num_key_value_heads, c.rms_norm_eps
+        self.experts = (c.num_local_experts or 0, c.num_experts_per_tok or 0, c.renormalise_top_k)
 
     def __call__(self, input_ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor | None = None,
                  logit_rows: int = -1) -> torch.Tensor:
@@ -74,7 +85,7 @@ class NativeStep:
         cos, sin = model.rope(x.device)
         return torch.ops.pocketlm.decode_step(x, pos + model.prefix_tokens, mask.reshape(x.shape[0], -1).contiguous(),
                                               cos, sin, self.weights, caches, self.heads, self.kv_heads, self.eps,
-                                              rows, logit_rows)
+                                              rows, logit_rows, *self.experts)
 
 
 def serves(model) -> bool:

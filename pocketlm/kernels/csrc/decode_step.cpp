@@ -8,6 +8,10 @@
 // step (in pocketlm's own spinning pool, spin_pool.h) and meet at six barriers per layer; residual adds and
 // the SiLU run in the products' last loop.
 //
+// A mixture-of-experts layer (Mixtral's) routes each row in every thread (softmax over the router's logits, the
+// top k, renormalised or not) and runs each expert in use over the rows that chose it, reading only those
+// experts' weights.
+//
 // Numerics are those of the Python step with the same kernels: with the fp32-activation kernels, exact
 // products of the quantized weights; with qdot's, activations quantized to int8 per block of 32 (qdot.h).
 // Only the order of sums differs.
@@ -197,6 +201,53 @@ void gated_product(const Team& team, const Linear& gate, const Linear& up, const
   team.barrier();
 }
 
+// moe (M, N) at the M rows `rows` = (fresh[m] ? 0 : moe) + weight[m] * L(in): one expert's weighted share of
+// a mixture's output, accumulated in expert order as the Python step's index_add_ does. scratch: M * 16 floats.
+void add_weighted_product(const Team& team, const Linear& L, const Input& in, int64_t M, const int64_t* rows,
+                          const float* weight, const bool* fresh, float* moe, float* scratch) {
+  const int64_t n = L.rows_per_unit();
+  for (int64_t u = team.begin(L.units()); u < team.end(L.units()); ++u) {
+    unit_outputs(L, u, in, M, scratch, n);
+    for (int64_t m = 0; m < M; ++m) {
+      float* out = moe + rows[m] * L.N + u * n;
+      for (int64_t r = 0; r < n; ++r) out[r] = (fresh[m] ? 0.0f : out[r]) + scratch[m * n + r] * weight[m];
+    }
+  }
+  team.barrier();
+}
+
+// Each of M rows' top k of E experts and their weights, from the router's fp32 logits (E, K) of the normed
+// rows x (M, K): softmax, the k largest (a tie to the lower index), renormalised to sum to 1
+// where `renormalise`. choice and weight are (M, k).
+void route(const float* x, const float* router, int64_t M, int64_t K, int64_t E, int64_t k, bool renormalise,
+           int64_t* choice, float* weight) {
+  std::vector<float> prob(E);
+  for (int64_t m = 0; m < M; ++m) {
+    float top = -INFINITY;
+    for (int64_t e = 0; e < E; ++e) {
+      float acc = 0.0f;
+      for (int64_t i = 0; i < K; ++i) acc += x[m * K + i] * router[e * K + i];
+      prob[e] = acc;
+      top = std::max(top, acc);
+    }
+    float total = 0.0f;
+    for (int64_t e = 0; e < E; ++e) total += (prob[e] = std::exp(prob[e] - top));
+    for (int64_t e = 0; e < E; ++e) prob[e] /= total;
+    float chosen_sum = 0.0f;
+    for (int64_t j = 0; j < k; ++j) {
+      int64_t best = -1;
+      for (int64_t e = 0; e < E; ++e)
+        if (prob[e] >= 0.0f && (best < 0 || prob[e] > prob[best])) best = e;
+      choice[m * k + j] = best;
+      weight[m * k + j] = prob[best];
+      chosen_sum += prob[best];
+      prob[best] = -1.0f;  // taken
+    }
+    if (renormalise)
+      for (int64_t j = 0; j < k; ++j) weight[m * k + j] /= chosen_sum;
+  }
+}
+
 // out = weight * x / sqrt(mean(x^2) + eps), each of M rows of K values
 void rms_norm(const float* x, const float* weight, double eps, int64_t M, int64_t K, float* out) {
   for (int64_t m = 0; m < M; ++m) {
@@ -223,25 +274,32 @@ inline void rope(float* x, const float* cos, const float* sin, int64_t D) {
 
 inline bool fp32_int4(const Linear& L) { return L.int4 && !L.qdot; }  // reads the prescaled input
 
-constexpr int64_t kPerLayer = 23;  // tensors per layer in `weights` (see the schema below)
+constexpr int64_t kPerLayer = 23;  // tensors per layer of a dense model in `weights` (see the schema below)
 
 // x (B, hidden) fp32: the new tokens' embeddings. pos (B,) int64: each row's cache position. mask (B, S)
 // bool: the cache positions each row attends to (S <= the cache length). rows (B,) int64, optional: the
 // cache row of each input row (default row b for input b); logit_rows: how many leading input rows get
 // logits (-1: all). cos, sin (positions, head_dim).
 // weights: per layer input norm, then q, k, v, o as (weights, scales or tables, bias or empty), the
-// post-attention norm, gate, up, down likewise; then the final norm and the head. caches: per layer k, v
-// (rows, kv_heads, length, head_dim) fp32 contiguous, written at pos. Returns logits (logit rows, vocab).
+// post-attention norm, gate, up, down likewise; then the final norm and the head. With `experts` > 0 every
+// layer is a mixture: after the post-attention norm come the router (experts, hidden) fp32 and each expert's
+// gate, up, down; each row takes its `top_k` experts (weights renormalised where `renormalise`). caches: per
+// layer k, v (rows, kv_heads, length, head_dim) fp32 contiguous, written at pos. Returns logits (logit rows, vocab).
 at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::Tensor& mask, const at::Tensor& cos,
                        const at::Tensor& sin, at::TensorList weights, at::TensorList caches, int64_t heads,
-                       int64_t kv_heads, double eps, const std::optional<at::Tensor>& rows_in, int64_t logit_rows) {
+                       int64_t kv_heads, double eps, const std::optional<at::Tensor>& rows_in, int64_t logit_rows,
+                       int64_t experts, int64_t top_k, bool renormalise) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.is_cpu(),
               "pocketlm::decode_step: x must be fp32 (rows, hidden) on the CPU");
   const int64_t B = x_in.size(0), hidden = x_in.size(1);
-  TORCH_CHECK(weights.size() >= 4 && (weights.size() - 4) % kPerLayer == 0,
-              "pocketlm::decode_step: expected ", kPerLayer, " tensors per layer and 4 for the head, got ",
+  TORCH_CHECK(experts >= 0 && (experts == 0 || (1 <= top_k && top_k <= experts)), "pocketlm::decode_step: top_k (",
+              top_k, ") must be between 1 and experts (", experts, ")");
+  const int64_t E = experts, mlps = std::max<int64_t>(E, 1);  // a dense layer: one MLP
+  const int64_t per_layer = E ? 15 + 9 * E : kPerLayer, lin_per_layer = 4 + 3 * mlps;
+  TORCH_CHECK(weights.size() >= 4 && (weights.size() - 4) % per_layer == 0,
+              "pocketlm::decode_step: expected ", per_layer, " tensors per layer and 4 for the head, got ",
               weights.size());
-  const int64_t n_layers = (weights.size() - 4) / kPerLayer;
+  const int64_t n_layers = (weights.size() - 4) / per_layer;
   TORCH_CHECK(static_cast<int64_t>(caches.size()) == 2 * n_layers,
               "pocketlm::decode_step: expected a key and a value cache for each of ", n_layers, " layers, got ",
               caches.size(), " tensors");
@@ -253,18 +311,21 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
               "pocketlm::decode_step: mask must be contiguous bool (rows, positions)");
   const int64_t S = mask.size(1);
 
-  std::vector<Linear> lin;  // per layer q, k, v, o, gate, up, down
+  std::vector<Linear> lin;  // per layer q, k, v, o, then gate, up, down of the MLP or of each expert
   std::vector<const float*> norms;  // per layer input and post-attention norms, then the final norm
+  std::vector<const float*> routers;  // per layer of a mixture
   static const char* kNames[7] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
   for (int64_t l = 0; l < n_layers; ++l) {
-    const at::Tensor* t = weights.data() + l * kPerLayer;
+    const at::Tensor* t = weights.data() + l * per_layer;
     norms.push_back(read_vector(t[0], hidden, "input_layernorm"));
     for (int i = 0; i < 4; ++i) lin.push_back(read_linear(t[1 + 3 * i], t[2 + 3 * i], t[3 + 3 * i], kNames[i]));
     norms.push_back(read_vector(t[13], hidden, "post_attention_layernorm"));
-    for (int i = 0; i < 3; ++i)
-      lin.push_back(read_linear(t[14 + 3 * i], t[15 + 3 * i], t[16 + 3 * i], kNames[4 + i]));
+    if (E) routers.push_back(read_vector(t[14], E * hidden, "router"));
+    const at::Tensor* ffn = t + (E ? 15 : 14);
+    for (int64_t i = 0; i < 3 * mlps; ++i)
+      lin.push_back(read_linear(ffn[3 * i], ffn[3 * i + 1], ffn[3 * i + 2], kNames[4 + i % 3]));
   }
-  const at::Tensor* last = weights.data() + n_layers * kPerLayer;
+  const at::Tensor* last = weights.data() + n_layers * per_layer;
   norms.push_back(read_vector(last[0], hidden, "norm"));
   const Linear head = read_linear(last[1], last[2], last[3], "lm_head");
   TORCH_CHECK(head.K == hidden, "pocketlm::decode_step: lm_head takes ", head.K, " inputs, the model has ", hidden);
@@ -274,13 +335,17 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
   TORCH_CHECK(D % 8 == 0 && Nq == heads * D, "pocketlm::decode_step: head_dim must be a multiple of 8");
   int64_t G = 0;  // the group size of int4 layers (0 when all are int8)
   for (int64_t l = 0; l < n_layers; ++l) {
-    const Linear* L = &lin[7 * l];
+    const Linear* L = &lin[lin_per_layer * l];
     TORCH_CHECK(L[0].K == hidden && L[0].N == Nq && L[1].K == hidden && L[1].N == Nkv && L[2].K == hidden &&
-                    L[2].N == Nkv && L[3].K == Nq && L[3].N == hidden && L[4].K == hidden && L[5].K == hidden &&
-                    L[5].N == I && L[4].N == I && L[6].K == I && L[6].N == hidden &&
-                    L[4].int4 == L[5].int4 && L[4].qdot == L[5].qdot,
+                    L[2].N == Nkv && L[3].K == Nq && L[3].N == hidden,
                 "pocketlm::decode_step: layer ", l, " does not have the shapes of layer 0");
-    for (int i = 0; i < 7; ++i) {
+    for (int64_t j = 0; j < mlps; ++j) {
+      const Linear* M = L + 4 + 3 * j;  // one MLP: gate, up, down
+      TORCH_CHECK(M[0].K == hidden && M[1].K == hidden && M[0].N == I && M[1].N == I && M[2].K == I &&
+                      M[2].N == hidden && M[0].int4 == M[1].int4 && M[0].qdot == M[1].qdot,
+                  "pocketlm::decode_step: layer ", l, "'s MLP ", j, " does not have the shapes of layer 0's");
+    }
+    for (int64_t i = 0; i < lin_per_layer; ++i) {
       if (!L[i].int4 || L[i].qdot) continue;
       TORCH_CHECK(G == 0 || L[i].G == G, "pocketlm::decode_step: int4 layers must share one group size");
       G = L[i].G;
@@ -327,7 +392,7 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
   const at::Tensor x_t = x_in.contiguous().clone();  // the residual stream, updated in place
   float* x = x_t.data_ptr<float>();
   at::Tensor logits = at::empty({L_out, head.N}, x_in.options());
-  std::vector<float> qkv(B * (Nq + 2 * Nkv)), att(B * Nq), gated(B * I);
+  std::vector<float> qkv(B * (Nq + 2 * Nkv)), att(B * Nq), gated(B * I), moe(E ? B * hidden : 0);
   const int64_t cache_len = caches[0].size(2);  // every cache has this shape (checked above)
   const int64_t ld = Nq + 2 * Nkv, cache_rows_stride = kv_heads * cache_len * D;
   const bool* mp = mask.data_ptr<bool>();
@@ -339,13 +404,18 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
     const Team team{pool, thread, threads};
     Input in;
     std::vector<float> normed(B * hidden), p(S + 8), scratch(2 * B * qdot::kRows);
+    // a mixture's routing, and one expert's rows: their indices, weights, whether it is their first expert,
+    // and their normed inputs gathered
+    std::vector<int64_t> choice(E ? B * top_k : 0), expert_rows(B);
+    std::vector<float> choice_weight(E ? B * top_k : 0), row_weight(B), gathered(E ? B * hidden : 0);
+    std::vector<char> fresh(B), started(B);
     std::vector<std::vector<int64_t>> live(B);  // per row, the positions its mask lets through
     for (int64_t b = 0; b < B; ++b)
       for (int64_t j = 0; j < S; ++j)
         if (mp[b * S + j]) live[b].push_back(j);
 
     for (int64_t l = 0; l < n_layers; ++l) {
-      const Linear* L = &lin[7 * l];
+      const Linear* L = &lin[lin_per_layer * l];
       float* k_cache = caches[2 * l].data_ptr<float>();
       float* v_cache = caches[2 * l + 1].data_ptr<float>();
 
@@ -387,11 +457,38 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
       add_product(team, L[3], in, B, x, scratch.data());
 
       rms_norm(x, norms[2 * l + 1], eps, B, hidden, normed.data());
-      in.prepare(normed.data(), B, hidden, fp32_int4(L[4]) ? G : 0, L[4].qdot);
-      gated_product(team, L[4], L[5], in, B, gated.data(), scratch.data());
+      if (E == 0) {
+        in.prepare(normed.data(), B, hidden, fp32_int4(L[4]) ? G : 0, L[4].qdot);
+        gated_product(team, L[4], L[5], in, B, gated.data(), scratch.data());
 
-      in.prepare(gated.data(), B, I, fp32_int4(L[6]) ? G : 0, L[6].qdot);
-      add_product(team, L[6], in, B, x, scratch.data());
+        in.prepare(gated.data(), B, I, fp32_int4(L[6]) ? G : 0, L[6].qdot);
+        add_product(team, L[6], in, B, x, scratch.data());
+        continue;
+      }
+      // every thread routes every row (E dot products a row: cheaper than a barrier), then each expert in
+      // use runs over its rows, in expert order
+      route(normed.data(), routers[l], B, hidden, E, top_k, renormalise, choice.data(), choice_weight.data());
+      std::fill(started.begin(), started.end(), 0);
+      for (int64_t e = 0; e < E; ++e) {
+        int64_t M = 0;
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t j = 0; j < top_k; ++j)
+            if (choice[b * top_k + j] == e) {
+              expert_rows[M] = b, row_weight[M] = choice_weight[b * top_k + j], fresh[M] = !started[b];
+              started[b] = 1;
+              std::copy(normed.data() + b * hidden, normed.data() + (b + 1) * hidden, gathered.data() + M * hidden);
+              ++M;
+            }
+        if (M == 0) continue;
+        const Linear* X = L + 4 + 3 * e;
+        in.prepare(gathered.data(), M, hidden, fp32_int4(X[0]) ? G : 0, X[0].qdot);
+        gated_product(team, X[0], X[1], in, M, gated.data(), scratch.data());
+        in.prepare(gated.data(), M, I, fp32_int4(X[2]) ? G : 0, X[2].qdot);
+        add_weighted_product(team, X[2], in, M, expert_rows.data(), row_weight.data(),
+                             reinterpret_cast<const bool*>(fresh.data()), moe.data(), scratch.data());
+      }
+      for (int64_t i = team.begin(B * hidden); i < team.end(B * hidden); ++i) x[i] += moe[i];
+      team.barrier();
     }
 
     if (L_out > 0) {
@@ -408,7 +505,8 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
 
 TORCH_LIBRARY_FRAGMENT(pocketlm, m) {
   m.def("decode_step(Tensor x, Tensor pos, Tensor mask, Tensor cos, Tensor sin, Tensor[] weights, "
-        "Tensor(a!)[] caches, int heads, int kv_heads, float eps, Tensor? rows=None, int logit_rows=-1) -> Tensor");
+        "Tensor(a!)[] caches, int heads, int kv_heads, float eps, Tensor? rows=None, int logit_rows=-1, "
+        "int experts=0, int top_k=0, bool renormalise=True) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pocketlm, CPU, m) { m.impl("decode_step", &decode_step); }
