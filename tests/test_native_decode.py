@@ -277,3 +277,38 @@ def test_mixtures_it_does_not_serve_keep_the_python_step(kernels_on, tmp_path):
         out = _greedy(model, ids, 8)
         with torch.no_grad():
             assert model(torch.tensor([ids + out]))[0, len(ids) - 1:-1].argmax(-1).tolist() == out
+
+
+@pytest.mark.parametrize("rolling", [True, False], ids=["rolling", "whole-caches"])
+@pytest.mark.parametrize("layer_types", [None, ["sliding_attention", "full_attention"]], ids=["mistral", "mixed"])
+@torch.inference_mode()
+def test_windowed_layers_step_as_the_python_step(kernels_on, tmp_path, layer_types, rolling):
+    """A window of 8 (every layer, or the first of two) with rows before, at and far past it: the kernel
+    attends to what the Python step does, in rolling caches or whole ones, and generates its tokens."""
+    model, tokenizer = quantized(tmp_path, "int4-g32", sliding_window=8, layer_types=layer_types)
+    model.setup_cache(4, 64, rolling=rolling)
+    assert model._native_step is not None and model.steps_any_rows == (not rolling)
+    lengths = [5, 7, 30]
+    for row, n in enumerate(lengths):
+        model(torch.randint(0, 300, (1, n)), start=0, cache_row=row)
+    ids, pos = torch.randint(0, 300, (3, 1)), torch.tensor(lengths)
+    span = model.cache_positions
+    got, got_caches = _steps(model, ids, pos, span=span, native=True)
+    want, want_caches = _steps(model, ids, pos, span=span, native=False)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for (k, v), (k_want, v_want) in zip(got_caches, want_caches):
+        torch.testing.assert_close(k, k_want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v, v_want, atol=1e-5, rtol=1e-5)
+    prompts = [tokenizer.encode(p) for p in ("the theory of", "a", "once upon a time there was")]
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    native = [_greedy(model, ids) for ids in prompts], generate_batch(model, prompts, params)
+    model.native_decoding = False
+    assert native == ([_greedy(model, ids) for ids in prompts], generate_batch(model, prompts, params))
+
+
+def test_a_rolling_cache_refuses_two_rows_of_one_cache_row(kernels_on, tmp_path):
+    model, _ = quantized(tmp_path, "int8", sliding_window=8)
+    model.setup_cache(2, 64)
+    pos = torch.tensor([0, 1])
+    with pytest.raises(RuntimeError, match="a rolling cache takes one input row per cache row"):
+        model._native_step(torch.tensor([[1], [2]]), pos, model.decode_mask(pos), torch.tensor([0, 0]), 0)

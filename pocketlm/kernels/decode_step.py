@@ -10,8 +10,8 @@ and the rows of one call may be a prompt's positions in one cache row (the engin
 through it; docs/quantize.md, docs/serve.md).
 
 Mixtures of experts run through it too (a mixture in every layer, without a shared expert: Mixtral's, and
-Qwen2-MoE's without one). Anything it does not serve (fp32 or bf16 weights, LoRA-wrapped layers, windowed
-attention, CUDA) keeps the Python step, compiled or not.
+Qwen2-MoE's without one), and windowed layers, with rolling caches or whole ones. Anything it does not serve
+(fp32 or bf16 weights, LoRA-wrapped layers, CUDA) keeps the Python step, compiled or not.
 """
 
 from __future__ import annotations
@@ -39,9 +39,8 @@ def step_weights(model) -> list[torch.Tensor] | None:
     then each expert's gate, up, down), then the final norm and the head. None where the model has something
     the op does not run."""
     config = model.config
-    if (model.device.type != "cpu" or model.compute_dtype != torch.float32 or config.head_dim % 8
-            or config.windowed or not cpu_ops.available()):
-        return None  # the op attends to every cached position
+    if model.device.type != "cpu" or model.compute_dtype != torch.float32 or config.head_dim % 8 or not cpu_ops.available():
+        return None
     sparse = [layer.moe for layer in model.model.layers]
     if config.moe and (not all(sparse) or any(layer.ffn.shared_expert is not None for layer in model.model.layers)):
         return None  # the op runs a mixture in every layer, or none, and no shared expert
@@ -75,7 +74,8 @@ class NativeStep:
         self.model, self.weights = model, weights
         c = model.config
         self.heads, self.kv_heads, self.eps = c.num_attention_heads, c.num_key_value_heads, c.rms_norm_eps
-        self.experts = (c.num_local_experts or 0, c.num_experts_per_tok or 0, c.renormalise_top_k)
+        self.experts = (c.num_local_experts or 0, c.num_experts_per_tok or 0, c.renormalise_top_k,
+                        [layer.self_attn.window or 0 for layer in model.model.layers])
 
     def __call__(self, input_ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor | None = None,
                  logit_rows: int = -1) -> torch.Tensor:

@@ -8,6 +8,9 @@
 // step (in pocketlm's own spinning pool, spin_pool.h) and meet at six barriers per layer; residual adds and
 // the SiLU run in the products' last loop.
 //
+// A windowed layer (sliding-window attention) attends only to each row's `window` latest positions: in a
+// rolling cache of `window` slots (position p in slot p % window) or in a whole one.
+//
 // A mixture-of-experts layer (Mixtral's) routes each row in every thread (softmax over the router's logits, the
 // top k, renormalised or not) and runs each expert in use over the rows that chose it, reading only those
 // experts' weights.
@@ -15,6 +18,8 @@
 // Numerics are those of the Python step with the same kernels: with the fp32-activation kernels, exact
 // products of the quantized weights; with qdot's, activations quantized to int8 per block of 32 (qdot.h).
 // Only the order of sums differs.
+#include <map>
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -284,11 +289,14 @@ constexpr int64_t kPerLayer = 23;  // tensors per layer of a dense model in `wei
 // post-attention norm, gate, up, down likewise; then the final norm and the head. With `experts` > 0 every
 // layer is a mixture: after the post-attention norm come the router (experts, hidden) fp32 and each expert's
 // gate, up, down; each row takes its `top_k` experts (weights renormalised where `renormalise`). caches: per
-// layer k, v (rows, kv_heads, length, head_dim) fp32 contiguous, written at pos. Returns logits (logit rows, vocab).
+// layer k, v (rows, kv_heads, length, head_dim) fp32 contiguous, written at pos. windows: per layer the attention
+// window in positions (0: none; the mask alone says what a row sees); a windowed layer whose cache is the
+// window long is a rolling cache, written at pos % window, whose slots up to pos are seen whatever the mask
+// (one input row per cache row there). Returns logits (logit rows, vocab).
 at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::Tensor& mask, const at::Tensor& cos,
                        const at::Tensor& sin, at::TensorList weights, at::TensorList caches, int64_t heads,
                        int64_t kv_heads, double eps, const std::optional<at::Tensor>& rows_in, int64_t logit_rows,
-                       int64_t experts, int64_t top_k, bool renormalise) {
+                       int64_t experts, int64_t top_k, bool renormalise, at::IntArrayRef windows) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.is_cpu(),
               "pocketlm::decode_step: x must be fp32 (rows, hidden) on the CPU");
   const int64_t B = x_in.size(0), hidden = x_in.size(1);
@@ -353,20 +361,33 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
   }
   const int64_t Gh = head.int4 && !head.qdot ? head.G : 0;
   TORCH_CHECK(G == 0 || Gh == 0 || Gh == G, "pocketlm::decode_step: the head's group size differs from the layers'");
-  for (int64_t i = 0; i < 2 * n_layers; ++i) {
-    const at::Tensor& c = caches[i];
-    TORCH_CHECK(c.scalar_type() == at::kFloat && c.is_contiguous() && c.dim() == 4 &&
-                    c.size(1) == kv_heads && c.size(2) >= S && c.size(3) == D && c.sizes() == caches[0].sizes(),
-                "pocketlm::decode_step: caches must be contiguous fp32 of one shape (rows, ", kv_heads,
-                ", positions >= ", S, ", ", D, ")");
+  TORCH_CHECK(windows.empty() || static_cast<int64_t>(windows.size()) == n_layers, "pocketlm::decode_step: ",
+              windows.size(), " windows for ", n_layers, " layers");
+  std::vector<int64_t> window(n_layers, 0), cache_len(n_layers);
+  std::vector<char> rolling(n_layers, 0);
+  bool any_rolling = false, any_whole = false;
+  for (int64_t l = 0; l < n_layers; ++l) {
+    if (!windows.empty()) window[l] = windows[l];
+    TORCH_CHECK(window[l] >= 0, "pocketlm::decode_step: layer ", l, "'s window is negative");
+    cache_len[l] = caches[2 * l].size(2);
+    rolling[l] = window[l] > 0 && cache_len[l] == window[l];
+    any_rolling |= rolling[l] != 0, any_whole |= rolling[l] == 0;
+    for (int64_t i = 2 * l; i < 2 * l + 2; ++i) {
+      const at::Tensor& c = caches[i];
+      TORCH_CHECK(c.scalar_type() == at::kFloat && c.is_contiguous() && c.dim() == 4 && c.size(0) == caches[0].size(0) &&
+                      c.size(1) == kv_heads && (rolling[l] || c.size(2) >= S) && c.size(3) == D &&
+                      c.sizes() == caches[2 * l].sizes(),
+                  "pocketlm::decode_step: caches must be contiguous fp32 (rows, ", kv_heads, ", positions >= ", S, ", ",
+                  D, "), a layer's key and value alike, a rolling cache its window long");
+    }
   }
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
                   sin.is_contiguous() && cos.dim() == 2 && cos.size(1) == D && sin.sizes() == cos.sizes(),
               "pocketlm::decode_step: cos and sin must be contiguous fp32 (positions, head_dim)");
   const int64_t* pp = pos.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(pp[b] >= 0 && pp[b] < S && pp[b] < cos.size(0), "pocketlm::decode_step: row ", b, "'s position ", pp[b],
-                " is outside the ", S, " cache positions attended to");
+    TORCH_CHECK(pp[b] >= 0 && (pp[b] < S || !any_whole) && pp[b] < cos.size(0), "pocketlm::decode_step: row ", b,
+                "'s position ", pp[b], " is outside the ", S, " cache positions attended to");
   // the cache row each input row reads and writes: row b's own, or `rows` (several input rows may be one
   // prompt's positions in one cache row: a prompt prefilled within the step)
   std::vector<int64_t> cache_row(B);
@@ -381,6 +402,10 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
     std::sort(places.begin(), places.end());
     TORCH_CHECK(std::adjacent_find(places.begin(), places.end()) == places.end(),
                 "pocketlm::decode_step: two input rows write the same cache row and position");
+    // a later position of the row would overwrite a slot an earlier one still attends to
+    TORCH_CHECK(!any_rolling || std::adjacent_find(places.begin(), places.end(), [](auto& a, auto& b) {
+                  return a.first == b.first; }) == places.end(),
+                "pocketlm::decode_step: a rolling cache takes one input row per cache row");
   }
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(cache_row[b] >= 0 && cache_row[b] < caches[0].size(0), "pocketlm::decode_step: input row ", b,
@@ -393,8 +418,7 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
   float* x = x_t.data_ptr<float>();
   at::Tensor logits = at::empty({L_out, head.N}, x_in.options());
   std::vector<float> qkv(B * (Nq + 2 * Nkv)), att(B * Nq), gated(B * I), moe(E ? B * hidden : 0);
-  const int64_t cache_len = caches[0].size(2);  // every cache has this shape (checked above)
-  const int64_t ld = Nq + 2 * Nkv, cache_rows_stride = kv_heads * cache_len * D;
+  const int64_t ld = Nq + 2 * Nkv, longest = *std::max_element(cache_len.begin(), cache_len.end());
   const bool* mp = mask.data_ptr<bool>();
   const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
   const int64_t group = heads / kv_heads;
@@ -403,7 +427,7 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
   pool.run(at::get_num_threads(), [&](int thread, int threads) {
     const Team team{pool, thread, threads};
     Input in;
-    std::vector<float> normed(B * hidden), p(S + 8), scratch(2 * B * qdot::kRows);
+    std::vector<float> normed(B * hidden), p(std::max(S, longest) + 8), scratch(2 * B * qdot::kRows);
     // a mixture's routing, and one expert's rows: their indices, weights, whether it is their first expert,
     // and their normed inputs gathered
     std::vector<int64_t> choice(E ? B * top_k : 0), expert_rows(B);
@@ -413,11 +437,26 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
     for (int64_t b = 0; b < B; ++b)
       for (int64_t j = 0; j < S; ++j)
         if (mp[b * S + j]) live[b].push_back(j);
+    // per row and window, the positions or slots a windowed layer attends to
+    std::map<std::pair<int64_t, bool>, std::vector<std::vector<int64_t>>> seen;
+    for (int64_t l = 0; l < n_layers; ++l) {
+      if (window[l] == 0 || seen.count({window[l], rolling[l] != 0})) continue;
+      auto& rows = seen[{window[l], rolling[l] != 0}];
+      rows.resize(B);
+      for (int64_t b = 0; b < B; ++b)
+        if (rolling[l])  // the slots written so far: all of them from position window - 1 on
+          for (int64_t j = 0; j <= std::min(pp[b], window[l] - 1); ++j) rows[b].push_back(j);
+        else
+          for (int64_t j : live[b])
+            if (j > pp[b] - window[l]) rows[b].push_back(j);
+    }
 
     for (int64_t l = 0; l < n_layers; ++l) {
       const Linear* L = &lin[lin_per_layer * l];
       float* k_cache = caches[2 * l].data_ptr<float>();
       float* v_cache = caches[2 * l + 1].data_ptr<float>();
+      const int64_t len = cache_len[l], cache_rows_stride = kv_heads * len * D;
+      const std::vector<std::vector<int64_t>>& sees = window[l] ? seen[{window[l], rolling[l] != 0}] : live;
 
       rms_norm(x, norms[2 * l], eps, B, hidden, normed.data());
       in.prepare(normed.data(), B, hidden, fp32_int4(L[0]) || fp32_int4(L[1]) || fp32_int4(L[2]) ? G : 0,
@@ -437,7 +476,8 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
           const int64_t kh = h - heads;
           float* k = row + Nq + kh * D;
           rope(k, c, s, D);
-          const int64_t at_pos = cache_row[b] * cache_rows_stride + (kh * cache_len + pp[b]) * D;
+          const int64_t slot = rolling[l] ? pp[b] % len : pp[b];
+          const int64_t at_pos = cache_row[b] * cache_rows_stride + (kh * len + slot) * D;
           std::copy(k, k + D, k_cache + at_pos);
           std::copy(row + Nq + Nkv + kh * D, row + Nq + Nkv + (kh + 1) * D, v_cache + at_pos);
         }
@@ -447,8 +487,8 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
 
       for (int64_t item = team.begin(B * heads); item < team.end(B * heads); ++item) {
         const int64_t b = item / heads, h = item % heads, kh = h / group;
-        const int64_t at_head = cache_row[b] * cache_rows_stride + kh * cache_len * D;
-        attend(qkv.data() + b * ld + h * D, k_cache + at_head, D, v_cache + at_head, D, D, live[b], p.data(),
+        const int64_t at_head = cache_row[b] * cache_rows_stride + kh * len * D;
+        attend(qkv.data() + b * ld + h * D, k_cache + at_head, D, v_cache + at_head, D, D, sees[b], p.data(),
                att.data() + b * Nq + h * D);
       }
       team.barrier();
@@ -506,7 +546,7 @@ at::Tensor decode_step(const at::Tensor& x_in, const at::Tensor& pos, const at::
 TORCH_LIBRARY_FRAGMENT(pocketlm, m) {
   m.def("decode_step(Tensor x, Tensor pos, Tensor mask, Tensor cos, Tensor sin, Tensor[] weights, "
         "Tensor(a!)[] caches, int heads, int kv_heads, float eps, Tensor? rows=None, int logit_rows=-1, "
-        "int experts=0, int top_k=0, bool renormalise=True) -> Tensor");
+        "int experts=0, int top_k=0, bool renormalise=True, int[] windows=[]) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pocketlm, CPU, m) { m.impl("decode_step", &decode_step); }
