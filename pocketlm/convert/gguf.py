@@ -1,7 +1,7 @@
 """GGUF (llama.cpp's file format) to and from a pocketlm model directory.
 
     tokenizer_from_gguf(path)           the Hugging Face tokenizer that llama.cpp's vocabulary describes
-    import_gguf(src, out)               a GGUF llama model -> model directory (weights dequantized)
+    import_gguf(src, out)               a GGUF llama model or Mixtral-style mixture -> model directory (dequantized)
 
 Export is in gguf_export.py.
 
@@ -268,8 +268,14 @@ _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "ffn_gate_inp": "block_sparse_moe.gate",  # a mixture's router
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# a Mixtral layer's experts: w1 (gate), w3 (up), w2 (down). llama.cpp stacks a layer's experts into one 3-D
+# tensor per projection (blk.N.ffn_gate_exps); older files hold one per expert (blk.N.ffn_gate.E), which is
+# also the form the exporter stacks from.
+_EXPERT_NAMES = {"ffn_gate": "w1", "ffn_up": "w3", "ffn_down": "w2"}
+_STACKED = re.compile(r"(blk\.\d+\.ffn_(?:gate|up|down))_exps\.weight")
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -282,6 +288,9 @@ def hf_name(gguf_name: str) -> str | None:
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)", stem)
     if m and m.group(2) in _LAYER_NAMES:
         return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{suffix}"
+    m = re.fullmatch(r"blk\.(\d+)\.(ffn_gate|ffn_up|ffn_down)\.(\d+)", stem)
+    if m and suffix == "weight":
+        return f"model.layers.{m.group(1)}.block_sparse_moe.experts.{m.group(3)}.{_EXPERT_NAMES[m.group(2)]}.weight"
     return None
 
 
@@ -295,7 +304,11 @@ def gguf_name(hf: str) -> str:
     for g, h in _LAYER_NAMES.items():
         if m and m.group(2) == h:
             return f"blk.{m.group(1)}.{g}.{suffix}"
-    raise UnsupportedModelError(f"tensor {hf} has no GGUF name; pocketlm exports plain Llama models")
+    m = re.fullmatch(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])", stem)
+    for g, h in _EXPERT_NAMES.items():
+        if m and m.group(3) == h and suffix == "weight":
+            return f"blk.{m.group(1)}.{g}.{m.group(2)}.weight"
+    raise UnsupportedModelError(f"tensor {hf} has no GGUF name; pocketlm exports Llama and Mixtral models")
 
 
 def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -315,9 +328,6 @@ def config_from_gguf(reader: GGUFReader, path: str = "<gguf>") -> ModelConfig:
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise UnsupportedModelError(f"{path}: architecture '{arch}' is not supported; pocketlm imports llama")
-    if meta.get("llama.expert_count"):
-        raise UnsupportedModelError(f"{path}: a mixture-of-experts llama ({meta['llama.expert_count']} experts) "
-                                    "is not supported by the GGUF importer yet")
     scaling = meta.get("llama.rope.scaling.type", "none")
     if scaling != "none" or any(t.name == "rope_freqs.weight" for t in reader.tensors):
         raise UnsupportedModelError(f"{path}: RoPE scaling ({scaling if scaling != 'none' else 'rope_freqs'}) "
@@ -337,6 +347,7 @@ def config_from_gguf(reader: GGUFReader, path: str = "<gguf>") -> ModelConfig:
     rope_dims = meta.get("llama.rope.dimension_count", head_dim)
     if rope_dims != head_dim:
         raise UnsupportedModelError(f"{path}: partial rotary embedding ({rope_dims} of {head_dim} dims) is not supported")
+    experts, used = _mixture(meta, names, need("block_count"), path)
     tok = {k: meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
     return ModelConfig.from_dict({
         "vocab_size": int(names["token_embd.weight"].shape[1]),
@@ -352,15 +363,42 @@ def config_from_gguf(reader: GGUFReader, path: str = "<gguf>") -> ModelConfig:
         "tie_word_embeddings": "output.weight" not in names,
         "attention_bias": "blk.0.attn_q.bias" in names,
         "bos_token_id": tok["bos"], "eos_token_id": tok["eos"], "pad_token_id": tok["padding"],
+        "num_local_experts": experts, "num_experts_per_tok": used,
     }, source=path)
+
+
+def _mixture(meta: dict[str, Any], names: Iterable[str], layers: int, path: str) -> tuple[int | None, int | None]:
+    """(expert_count, expert_used_count) of a Mixtral-style llama GGUF, (None, None) for a dense one; a mixture
+    pocketlm would compute differently from llama.cpp is refused."""
+    shared = sorted(n for n in names if "_shexp" in n)
+    if shared:
+        raise UnsupportedModelError(f"{path}: shared experts ({shared[0]}) are not supported; pocketlm imports "
+                                    "Mixtral-style mixtures, whose experts are all routed")
+    count = meta.get("llama.expert_count") or 0
+    if not count:
+        return None, None
+    used = meta.get("llama.expert_used_count")
+    if used is None or not 1 <= used <= count:
+        raise CheckpointError(f"{path}: llama.expert_used_count is {used} with llama.expert_count {count}; a mixture "
+                              "routes each token to 1 to expert_count experts, so the GGUF file is damaged")
+    for i in range(layers):
+        wanted = {f"blk.{i}.ffn_gate_inp.weight": []}  # each tensor, with the per-expert ones that may stand for it
+        wanted.update({f"blk.{i}.{k}_exps.weight": [f"blk.{i}.{k}.{e}.weight" for e in range(count)]
+                       for k in ("ffn_gate", "ffn_up", "ffn_down")})
+        for one, split in wanted.items():
+            if one not in names and not (split and all(n in names for n in split)):
+                raise UnsupportedModelError(f"{path}: a mixture of {count} experts without {one}; pocketlm reads a "
+                                            "router (ffn_gate_inp) and experts stacked (ffn_gate_exps, ffn_up_exps, "
+                                            "ffn_down_exps) or one tensor per expert (ffn_gate.E, ffn_up.E, ffn_down.E)")
+    return count, used
 
 
 def gguf_tensors(reader: GGUFReader, config: ModelConfig, path: str = "<gguf>",
                  dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
     """(Hugging Face name, dequantized tensor in HF layout) for every tensor of a llama GGUF."""
     for t in reader.tensors:
-        name = hf_name(t.name)
-        if name is None:
+        name, stacked = hf_name(t.name), _STACKED.fullmatch(t.name)
+        if name is None and stacked is None:
             raise UnsupportedModelError(f"{path}: tensor {t.name} is not part of a plain llama model; "
                                         "this GGUF variant is not supported")
         try:
@@ -370,6 +408,13 @@ def gguf_tensors(reader: GGUFReader, config: ModelConfig, path: str = "<gguf>",
                                         "cannot dequantize; re-quantize the model to e.g. Q8_0 or Q4_K") from None
         # GGUF lists dimensions innermost first; PyTorch outermost first
         w = torch.from_numpy(np.array(values, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape))))
+        if stacked is not None:  # (experts, rows, cols): one tensor per expert, as Mixtral's directory holds them
+            if w.dim() != 3 or w.shape[0] != config.num_local_experts:
+                raise CheckpointError(f"{path}: tensor {t.name} has shape {tuple(w.shape)}; a mixture of "
+                                      f"{config.num_local_experts} experts stacks them first")
+            for e in range(w.shape[0]):
+                yield hf_name(f"{stacked.group(1)}.{e}.weight"), w[e].to(dtype).clone()
+            continue
         if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
             w = unpermute_qk(w, config.num_attention_heads)
         elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):

@@ -2,6 +2,9 @@
 
     export_gguf(model_dir, out_path)    float models as f32, f16, q8_0 or q4_0; quantized models as their own type
 
+Llama and Mixtral-style mixtures (arch `llama` with `llama.expert_count`, experts stacked per layer) are written;
+what llama.cpp would compute differently (a sliding window, Qwen2-MoE's shared expert) is refused.
+
 A quantized model exports block for block, with no float copy in between. pocketlm's int8 (a scale per
 row, fp16-exact) is llama.cpp's Q8_0 with every 32-block of a row carrying the row's scale; int4 (a
 scale and a min per group, fp16-exact) is Q4_1 with each group's scale and min repeated over its
@@ -125,7 +128,7 @@ def quantized_tensors(model) -> Iterator[tuple[str, np.ndarray, GGMLQuantization
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         values = p.detach().float()
-        if p.dim() == 1:
+        if p.dim() == 1 or name.endswith("block_sparse_moe.gate.weight"):  # norms; a mixture's router, as computed
             yield gguf_name(name), values.numpy(), GGMLQuantizationType.F32
         else:
             yield gguf_name(name), values.numpy().astype(np.float16), GGMLQuantizationType.F16
@@ -150,11 +153,11 @@ _BLOCK = 32  # elements per block of Q8_0 / Q4_0: a row must be a whole number o
 
 
 def tensor_type_for(name: str, shape: tuple[int, ...], outtype: str, tied: bool = False) -> GGMLQuantizationType:
-    """llama.cpp's choices: 1-D tensors (norms, biases) stay F32; rows that are not whole blocks fall back
+    """llama.cpp's choices: 1-D tensors (norms, biases) and routers stay F32; rows that are not whole blocks fall back
     to F16; at q4_0 the output projection (token_embd when tied) stays Q8_0, as llama-quantize keeps it
     at higher precision (it picks Q6_K, or Q8_0 where rows are not whole 256-blocks)."""
     qtype = OUTTYPES[outtype][0]
-    if len(shape) < 2:
+    if len(shape) < 2 or name.endswith("ffn_gate_inp.weight"):  # and a mixture's router: llama.cpp never quantizes it
         return GGMLQuantizationType.F32
     if qtype == GGMLQuantizationType.Q4_0 and (name == "output.weight" or (tied and name == "token_embd.weight")):
         qtype = GGMLQuantizationType.Q8_0
@@ -188,6 +191,41 @@ def export_tensors(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tenso
         yield gguf_name(name), w.numpy()
 
 
+_EXPERT = re.compile(r"(blk\.\d+\.ffn_(?:gate|up|down))\.(\d+)\.weight")
+
+
+def stack_experts(arrays: Iterable[tuple[str, np.ndarray, GGMLQuantizationType]],
+                  n_experts: int) -> Iterator[tuple[str, np.ndarray, GGMLQuantizationType]]:
+    """A mixture in llama.cpp's layout: each layer's per-expert projections (blk.N.ffn_gate.E, as gguf_name names
+    them) stacked into one 3-D tensor (blk.N.ffn_gate_exps, experts first), as convert_hf_to_gguf.py writes Mixtral.
+    Experts are stacked once encoded: quantized blocks run along rows, so stacking bytes equals encoding the stack."""
+    pending: dict[str, dict[int, tuple[np.ndarray, GGMLQuantizationType]]] = {}
+    for gname, values, qtype in arrays:
+        m = _EXPERT.fullmatch(gname)
+        if m is None:
+            yield gname, values, qtype
+            continue
+        group = pending.setdefault(m.group(1), {})
+        group[int(m.group(2))] = (values, qtype)
+        if len(group) == n_experts:  # same shapes, so the same type
+            del pending[m.group(1)]
+            yield f"{m.group(1)}_exps.weight", np.stack([group[e][0] for e in range(n_experts)]), qtype
+
+
+def _check_exportable(config: ModelConfig, name: str) -> None:
+    """Refuse what llama.cpp's llama architecture would compute differently from pocketlm."""
+    if config.family == "qwen2_moe":
+        raise UnsupportedModelError(f"{name}: GGUF export of a Qwen2-MoE model is not supported: llama.cpp's llama "
+                                    "architecture has no shared expert, always renormalises the top-k weights and "
+                                    "names Qwen's experts differently; use the model directory itself (Hugging Face "
+                                    "format) instead")
+    if config.windowed:  # src/models/llama.cpp builds build_attn_inp_kv (no iswa) and never reads the window
+        raise UnsupportedModelError(f"{name}: sliding-window attention (sliding_window {config.sliding_window}) cannot "
+                                    "be written to GGUF: llama.cpp's llama architecture ignores "
+                                    "llama.attention.sliding_window and would attend to every position; use the model "
+                                    "directory itself (Hugging Face format) instead")
+
+
 def _write_llama_metadata(writer: GGUFWriter, config: ModelConfig, name: str, file_type: LlamaFileType) -> None:
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
@@ -203,6 +241,9 @@ def _write_llama_metadata(writer: GGUFWriter, config: ModelConfig, name: str, fi
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
     writer.add_vocab_size(config.vocab_size)
+    if config.moe:  # llama.cpp routes as Mixtral does: softmax over all experts, top k, renormalised
+        writer.add_expert_count(config.num_local_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
     writer.add_file_type(file_type)
     if file_type not in (LlamaFileType.ALL_F32, LlamaFileType.MOSTLY_F16):
         writer.add_quantization_version(2)
@@ -334,12 +375,9 @@ def write_gguf_arrays(out_path: str | Path, config: ModelConfig, tokenizer: Toke
                       arrays: Iterable[tuple[str, np.ndarray, GGMLQuantizationType]], file_type: LlamaFileType,
                       name: str = "pocketlm") -> Path:
     """Write a llama GGUF file from (GGUF name, stored array, GGML type) triples, atomically."""
+    _check_exportable(config, name)
     if config.moe:
-        raise UnsupportedModelError(f"{name}: a mixture-of-experts model cannot be written to GGUF yet; export it to "
-                                    "Hugging Face format instead")
-    if config.windowed:  # llama.cpp's llama architecture attends to every position: the file would run wrong
-        raise UnsupportedModelError(f"{name}: sliding-window attention (sliding_window {config.sliding_window}) cannot "
-                                    "be written to GGUF yet; export it to Hugging Face format instead")
+        arrays = stack_experts(arrays, config.num_local_experts)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
@@ -371,6 +409,7 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "aut
     """
     model_dir = Path(model_dir)
     config = load_config(model_dir)
+    _check_exportable(config, model_dir.name)  # before reading weights a refused model may not even load
     scheme = read_quant_scheme(model_dir)
     tokenizer = Tokenizer.load(model_dir)
     if scheme is not None:
