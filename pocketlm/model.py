@@ -17,6 +17,7 @@ from torch import nn
 from .config import ModelConfig
 from .kernels import cpu_ops, decode_step, train_attention
 from .kernels.dispatch import fused_projections
+from .kernels.grouped_mlp import grouped_swiglu
 
 FEW_ROWS = range(2, 7)  # rows where W @ x^T beats x @ W^T on a CPU (see Linear.forward)
 
@@ -419,15 +420,40 @@ class SparseMoE(nn.Module):
         if self.renormalise:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         weights = weights.to(x.dtype)
-        out = torch.zeros_like(flat)
-        used = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()
-        for e, expert in enumerate(self.experts):
-            if used[e]:
-                token, slot = torch.where(chosen == e)
-                out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
+        if self._trains_grouped():
+            out = self._grouped(flat, weights, chosen)
+        else:
+            out = torch.zeros_like(flat)
+            used = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()
+            for e, expert in enumerate(self.experts):
+                if used[e]:
+                    token, slot = torch.where(chosen == e)
+                    out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
         return out.reshape(x.shape)
+
+    def _trains_grouped(self) -> bool:
+        """Whether the experts train as one grouped op: plain float layers whose weights learn (a LoRA-wrapped
+        or frozen expert, and inference, which reads only the chosen experts, keep the loop)."""
+        return torch.is_grad_enabled() and all(
+            type(layer) is Linear and layer.weight.requires_grad
+            for expert in self.experts for layer in (getattr(expert, name) for name in expert.projections))
+
+    def _grouped(self, flat: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """The experts' weighted sum with tokens sorted by expert and the experts run as one op
+        (kernels/grouped_mlp.py): no row count reaches Python, so a compiled step does not break here."""
+        choice = chosen.flatten()
+        order = choice.argsort(stable=True)  # within an expert, tokens in order: the loop's sums, in its order
+        token = order // self.top_k
+        counts = torch.zeros(len(self.experts), dtype=torch.long, device=flat.device).index_add_(
+            0, choice, torch.ones_like(choice))
+        device = flat.device.type  # the products in autocast's dtype, as the loop's Linear layers would run them
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else flat.dtype
+        stacked = [torch.stack([getattr(e, name).weight for e in self.experts]).to(dtype)
+                   for name in self.experts[0].projections]
+        y, _, _ = grouped_swiglu(flat[token].to(dtype), counts, *stacked)
+        return torch.zeros_like(flat).index_add_(0, token, y * weights.flatten()[order, None])
 
     def mlps(self) -> list[nn.Module]:
         """Every SwiGLU block inside: the experts, then the shared expert."""
