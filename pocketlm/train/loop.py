@@ -55,7 +55,7 @@ from .distill import (
 from .flat_adamw import FlatAdamW
 from .joint_graph import JointGradients
 from .objectives import LANGUAGE_MODELLING, SFT, Objective, distillation, dpo, with_router_loss
-from .plots import plot_loss_curve
+from .plots import plot_expert_usage, plot_loss_curve
 from .preference import attach_reference_logprobs
 from .recipe import Recipe
 from .state import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -260,7 +260,11 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
 
     wrapped = model
     if runtime.world > 1:
-        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+        # an expert that gets none of a process's tokens takes no part in its backward: DDP must look for such
+        # parameters, or it waits for their gradients and fails at the next step
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+            find_unused_parameters=bool(model.config.moe))
     step_loss = lambda batch: objective.loss(wrapped, batch)  # noqa: E731
     if runtime.device.type == "cpu":
         train_attention.available()  # built and loaded now: a compiled graph cannot do it
@@ -383,8 +387,10 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
                 state.tokens_seen += tokens_per_step
                 last_train_loss = float(total)
                 elapsed_ms = (time.perf_counter() - step_started) * 1000
+                counts = sums.pop("expert_counts", None)
                 record = {"step": state.step, "loss": last_train_loss, "lr": lr, "ms": round(elapsed_ms, 3),
-                          "tokens": state.tokens_seen, **{k: float(v) for k, v in sums.items()}}
+                          "tokens": state.tokens_seen, **{k: float(v) for k, v in sums.items()},
+                          **(expert_usage(counts) if counts is not None else {})}
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
                 bar.update(state.step, last_train_loss, elapsed_ms)
@@ -404,6 +410,8 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
                         if sample is not None:
                             record["sample"] = sample
                         extra = "".join(f", val {k} {v:.4f}" for k, v in val_metrics.items())
+                        if "expert_imbalance" in record:
+                            extra += f", busiest expert {record['expert_imbalance']:.2f}x an even share"
                         bar.note(f"step {state.step}: train loss {last_train_loss:.4f}, val loss {val_loss:.4f}{extra}"
                                  + (f", sample: {sample!r}" if sample else ""))
                 if runtime.main and (state.step % recipe.log.interval == 0 or is_eval):
@@ -433,6 +441,15 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
     return final
 
 
+def expert_usage(counts: torch.Tensor) -> dict:
+    """A step's top-k choices per MoE layer and expert (summed over micro-batches, batch threads and processes:
+    the loop averages them, which keeps their proportions) as each layer's shares, and the busiest expert's
+    share over an even one (1 when balanced, E / k when every token picks the same k)."""
+    share = counts / counts.sum(-1, keepdim=True)
+    return {"expert_share": [[round(x, 5) for x in row] for row in share.tolist()],
+            "expert_imbalance": round(float(share.max()) * share.shape[-1], 4)}
+
+
 def load_init_model(recipe: Recipe):
     """(model, tokenizer) of init_from, or (None, None) for a model trained from scratch."""
     if not recipe.init_from:
@@ -455,7 +472,7 @@ def make_objective(recipe: Recipe, model, data, runtime: Runtime, autocast, prog
     config = model.config
     coef = config.router_aux_loss_coef if config.router_aux_loss_coef is not None else 0.001
     if config.moe and coef > 0:
-        return with_router_loss(objective, coef, config.num_experts_per_tok)
+        return with_router_loss(objective, coef, config.num_experts_per_tok, runtime.world)
     return objective
 
 
@@ -597,7 +614,8 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 class _Logger:
-    """JSONL log (one line per logged step), TensorBoard when installed, and the loss curve at the end."""
+    """JSONL log (one line per logged step), TensorBoard when installed, and the loss curve (and a mixture's
+    expert usage) at the end."""
 
     def __init__(self, path: Path, out_dir: Path, recipe: Recipe, enabled: bool):
         self.enabled = enabled
@@ -616,7 +634,7 @@ class _Logger:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.tb is not None:
-            for key in ("loss", "val_loss", "lr", "grad_norm"):
+            for key in ("loss", "val_loss", "lr", "grad_norm", "router_loss", "expert_imbalance"):
                 if key in record:
                     self.tb.add_scalar(key, record[key], record["step"])
 
@@ -628,6 +646,7 @@ class _Logger:
             self.tb.close()
 
         plot_loss_curve(self.path, self.out_dir / "loss.png")
+        plot_expert_usage(self.path, self.out_dir / "expert_usage.png")  # a mixture of experts' runs only
 
 
 class _Progress:

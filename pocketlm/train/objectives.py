@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..model import load_balancing_loss
 from .instruct import IGNORE
 
 Metrics = dict[str, torch.Tensor]
@@ -118,17 +118,49 @@ def dpo(beta: float) -> Objective:
 
 
 # ---- mixtures of experts ----------------------------------------------------------------------
-def with_router_loss(objective: Objective, coef: float, top_k: int) -> Objective:
+def expert_counts(probs: torch.Tensor, top_k: int) -> torch.Tensor:
+    """How many of the tokens' top-k choices went to each expert, (layers, E), from the routers'
+    probabilities (layers, tokens, E): the experts the model ran them through."""
+    chosen = torch.topk(probs, top_k, dim=-1).indices.flatten(1)
+    return torch.zeros(probs.shape[0], probs.shape[-1], device=probs.device).scatter_add_(
+        1, chosen, torch.ones_like(chosen, dtype=torch.float))
+
+
+@torch.compiler.disable  # a collective: run eagerly, between the compiled forward and the loss
+def _summed_over_processes(counts: torch.Tensor) -> torch.Tensor:
+    counts = counts.clone()
+    dist.all_reduce(counts)
+    return counts
+
+
+def with_router_loss(objective: Objective, coef: float, top_k: int, world: int = 1) -> Objective:
     """`objective` plus coef * the load-balancing loss of the routers in the model's forward passes (logged as
-    `router_loss`). The routers' logits come back from each call in a list of its own, so slices of a batch on
-    several threads do not mix them. With a token-sum objective the term is weighted by the batch's labelled
-    tokens, as the loop divides the sum by them."""
+    `router_loss`, and the top-k choices each expert got per layer as `expert_counts`). The routers' logits come
+    back from each call in a list of its own, so slices of a batch on several threads do not mix them. With a
+    token-sum objective the term is weighted by the batch's labelled tokens, as the loop divides the sum by them.
+
+    The loss is E * sum_e share_e * mean_prob_e over a micro-batch's tokens, which is not linear in the tokens:
+    the mean of `world` processes' own terms is not the term of their union. So the counts (and a token-sum
+    objective's labelled tokens) are summed over the processes first, and each process adds world * its tokens'
+    part of the product (the counts carry no gradient), which DDP's average turns into the term of the whole
+    micro-batch, its value and its gradient. Under gradient accumulation a micro-batch's backward runs before
+    the next one's routing is known, and batch threads run their slices apart: each of those keeps a term of
+    its own (as transformers computes one per forward pass)."""
 
     def loss(model, batch):
         collected: list = []
         value, metrics = objective.loss(lambda *a, **k: model(*a, router_logits=collected, **k), batch)
-        router = load_balancing_loss(collected, top_k)
-        weight = (batch["labels"] != IGNORE).sum() if objective.token_sum else 1
-        return value + coef * weight * router, {**metrics, "router_loss": router.detach()}
+        probs = torch.stack([F.softmax(logits.float(), dim=-1) for logits in collected])  # (layers, tokens, E)
+        counts = expert_counts(probs, top_k)
+        weight = torch.ones((), device=probs.device)
+        if objective.token_sum:
+            weight = (batch["labels"] != IGNORE).sum().float()
+        total = counts
+        if world > 1:
+            summed = _summed_over_processes(torch.cat([counts.flatten(), weight.reshape(1)]))
+            total, weight = summed[:-1].view_as(counts), summed[-1] / world
+        n = total.sum() / top_k  # layers x tokens, over every process
+        router = world * probs.shape[-1] * (total.sum(0) / n * probs.sum((0, 1)) / n).sum()
+        return value + coef * weight * router, {**metrics, "router_loss": router.detach(), "expert_counts": counts}
 
     return Objective(loss=loss, eval_loss=objective.eval_loss, token_sum=objective.token_sum)
