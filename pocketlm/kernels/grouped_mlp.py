@@ -39,11 +39,10 @@ def grouped_swiglu_backward(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor, 
     dgate, dup, ddown = torch.zeros_like(gate), torch.zeros_like(up), torch.zeros_like(down)
     for e, (start, end) in _spans(counts):
         rows, dyr, ge, ue = x[start:end], dy[start:end], g[start:end], u[start:end]
-        sig = torch.sigmoid(ge)
-        silu = ge * sig
+        silu = F.silu(ge)
         torch.mm(dyr.t(), silu * ue, out=ddown[e])
         dact = dyr @ down[e]
-        dg = dact * ue * sig * (1 + ge * (1 - sig))  # silu'(g) = sigmoid(g) (1 + g (1 - sigmoid(g)))
+        dg = torch.ops.aten.silu_backward(dact * ue, ge)  # dact * u * silu'(g)
         du = dact * silu
         torch.mm(dg.t(), rows, out=dgate[e])
         torch.mm(du.t(), rows, out=dup[e])
