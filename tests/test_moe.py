@@ -11,9 +11,10 @@ import torch
 from pocketlm.checkpoint import load_model
 from pocketlm.config import ModelConfig
 from pocketlm.convert import import_model
-from pocketlm.engine import SamplingParams, generate_batch, generate_tokens
+from pocketlm.engine import SamplingParams, generate_tokens
 from pocketlm.errors import ConfigError, UnsupportedModelError
 
+import parity
 from helpers import byte_level_tokenizer, tiny_config
 
 
@@ -41,41 +42,20 @@ def pair(tmp_path_factory):
 
 
 def test_logits_match_transformers(pair):
-    hf, model = pair
-    ids = torch.randint(0, 300, (2, 40))
-    with torch.no_grad():
-        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+    parity.logits_match(*pair)
 
 
 def test_greedy_generation_matches_transformers(pair):
-    hf, model = pair
-    prompt = torch.randint(0, 300, (12,)).tolist()
-    with torch.no_grad():
-        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, 12:]
-    assert list(generate_tokens(model, prompt, SamplingParams(max_new_tokens=32, ignore_eos=True))) == expected.tolist()
+    parity.greedy_matches(*pair)
 
 
 def test_batched_decoding_equals_uncached_passes(pair):
-    _, model = pair
-    prompts = [torch.randint(0, 300, (n,)).tolist() for n in (3, 9)]
-    for prompt, out in zip(prompts, generate_batch(model, prompts, SamplingParams(max_new_tokens=20, ignore_eos=True))):
-        with torch.no_grad():
-            logits = model(torch.tensor([prompt + list(out)]))[0, len(prompt) - 1:-1]
-        assert logits.argmax(-1).tolist() == list(out)
+    parity.batched_decoding_equals_uncached_passes(pair[1])
 
 
 def test_training_gradients_match_transformers(pair):
-    hf, model = pair
-    ids = torch.randint(0, 300, (2, 24))
-    ours = torch.nn.functional.cross_entropy(model(ids)[:, :-1].reshape(-1, 300), ids[:, 1:].reshape(-1))
-    ours.backward()
-    theirs = hf(ids, labels=ids).loss
-    theirs.backward()
-    assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
-    ours_grad = model.model.layers[0].block_sparse_moe.gate.weight.grad
-    assert torch.allclose(ours_grad, hf.model.layers[0].mlp.gate.weight.grad, atol=1e-6)
-    model.zero_grad(set_to_none=True)
-    hf.zero_grad(set_to_none=True)
+    parity.gradients_match(*pair, lambda m: (m.model.layers[0].block_sparse_moe.gate.weight,),
+                           lambda hf: (hf.model.layers[0].mlp.gate.weight,))
 
 
 def test_top_k_larger_than_the_experts_is_one_line():
@@ -95,61 +75,13 @@ def test_gguf_export_refuses_a_windowed_mixture(pair, tmp_path):
 
 
 def test_the_model_directory_loads_unchanged_in_transformers(pair, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    from pocketlm.checkpoint import save_model_dir
-
-    _, model = pair
-    out = save_model_dir(tmp_path / "m", model.config.to_hf_dict(), model.state_dict(), byte_level_tokenizer())
-    theirs = AutoModelForCausalLM.from_pretrained(out)
-    assert type(theirs).__name__ == "MixtralForCausalLM"
-    ids = torch.randint(0, 300, (1, 30))
-    with torch.no_grad():
-        assert (model(ids) - theirs(ids).logits).abs().max().item() <= 1e-4
+    parity.directory_loads_in_transformers(pair[1], tmp_path / "m", "MixtralForCausalLM")
 
 
 def test_load_balancing_loss_equals_transformers(pair):
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-    from pocketlm.model import load_balancing_loss
-
-    hf, model = pair
-    ids = torch.randint(0, 300, (2, 24))
-    collected: list = []
-    with torch.no_grad():
-        model(ids, router_logits=collected)
-        theirs = hf(ids, output_router_logits=True).router_logits
-    assert len(collected) == len(theirs) == model.config.num_hidden_layers
-    for ours, reference in zip(collected, theirs):
-        assert torch.allclose(ours, reference, atol=1e-5)
-    expected = load_balancing_loss_func(tuple(theirs), 4, 2)
-    assert load_balancing_loss(collected, 2).item() == pytest.approx(expected.item(), abs=1e-6)
-
-
-def test_the_objectives_router_terms_are_the_routing_the_model_ran(pair):
-    """with_router_loss, from the logits of the objective's own forward: the load-balancing loss (tested equal to
-    transformers' above), and per layer the top-k choices of each expert, counted here from transformers' router
-    logits on the same weights."""
-    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-
-    from pocketlm.train.objectives import LANGUAGE_MODELLING, lm_loss, with_router_loss
-
-    hf, model = pair
-    ids = torch.randint(0, 300, (2, 25), generator=torch.Generator().manual_seed(0))  # a near-tie could route apart
-    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
-    with torch.no_grad():
-        loss, metrics = with_router_loss(LANGUAGE_MODELLING, 0.01, 2).loss(model, batch)
-        theirs = hf(batch["input_ids"], output_router_logits=True).router_logits
-        plain = lm_loss(model, batch)[0]
-    expected = load_balancing_loss_func(tuple(theirs), 4, 2)
-    assert metrics["router_loss"].item() == pytest.approx(expected.item(), abs=1e-6)
-    assert loss.item() == pytest.approx(plain.item() + 0.01 * expected.item(), abs=1e-6)
-    counts = torch.stack([torch.bincount(torch.topk(logits.softmax(-1), 2).indices.flatten(), minlength=4)
-                          for logits in theirs])
-    assert torch.equal(metrics["expert_counts"], counts.float())  # layers x experts; each row: 48 tokens x top 2
-    # the loss is not linear in tokens: the mean of the two rows' own terms is not the batch's (hence DDP's sums)
-    halves = [load_balancing_loss_func(tuple(t[i * 24:(i + 1) * 24] for t in theirs), 4, 2) for i in (0, 1)]
-    assert abs((halves[0] + halves[1]).item() / 2 - expected.item()) > 1e-4
+    parity.router_matches(*pair, load_balancing_loss_func, 4, 2)
 
 
 def _moe_recipe(shared_data, tmp_path, name: str, model: dict | None = None, **train) -> Path:

@@ -245,27 +245,12 @@ def test_a_mixture_of_experts_step_equals_the_python_step(kernels_on, tmp_path, 
     """Rows routed to different experts, top-k weights renormalised (Mixtral) or not (Qwen2-MoE): the same
     logits and caches as the Python step, and the same tokens in generation."""
     model, tokenizer = quantized_mixture(tmp_path, scheme, **(QWEN2_MOE if family == "qwen2_moe" else {}))
-    model.setup_cache(4, 64)
-    assert model._native_step is not None
-    lengths = [5, 17, 30]
-    for row, n in enumerate(lengths):
-        model(torch.randint(0, 300, (1, n)), start=0, cache_row=row)
-    ids, pos = torch.randint(0, 300, (3, 1)), torch.tensor(lengths)
-    got, got_caches = _steps(model, ids, pos, span=40, native=True)
-    want, want_caches = _steps(model, ids, pos, span=40, native=False)
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    for (k, v), (k_want, v_want) in zip(got_caches, want_caches):
-        torch.testing.assert_close(k, k_want, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(v, v_want, atol=1e-5, rtol=1e-5)
     collected: list = []
-    model.clear_cache()
     model(torch.randint(0, 300, (1, 40)), router_logits=collected)
     assert len(set(collected[0].topk(2).indices.flatten().tolist())) == 4  # the routing spreads over every expert
-    prompts = [tokenizer.encode(p) for p in ("the theory of", "a", "once upon a time there was")]
-    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
-    native = [_greedy(model, ids) for ids in prompts], generate_batch(model, prompts, params)
-    model.native_decoding = False
-    assert native == ([_greedy(model, ids) for ids in prompts], generate_batch(model, prompts, params))
+    model.setup_cache(4, 64)
+    assert model._native_step is not None
+    _step_and_generation_equal_the_python_steps(model, tokenizer, [5, 17, 30], span=40, new_tokens=16)
 
 
 def test_mixtures_it_does_not_serve_keep_the_python_step(kernels_on, tmp_path):
@@ -288,22 +273,8 @@ def test_windowed_layers_step_as_the_python_step(kernels_on, tmp_path, layer_typ
     model, tokenizer = quantized(tmp_path, "int4-g32", sliding_window=8, layer_types=layer_types)
     model.setup_cache(4, 64, rolling=rolling)
     assert model._native_step is not None and model.steps_any_rows == (not rolling)
-    lengths = [5, 7, 30]
-    for row, n in enumerate(lengths):
-        model(torch.randint(0, 300, (1, n)), start=0, cache_row=row)
-    ids, pos = torch.randint(0, 300, (3, 1)), torch.tensor(lengths)
-    span = model.cache_positions
-    got, got_caches = _steps(model, ids, pos, span=span, native=True)
-    want, want_caches = _steps(model, ids, pos, span=span, native=False)
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    for (k, v), (k_want, v_want) in zip(got_caches, want_caches):
-        torch.testing.assert_close(k, k_want, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(v, v_want, atol=1e-5, rtol=1e-5)
-    prompts = [tokenizer.encode(p) for p in ("the theory of", "a", "once upon a time there was")]
-    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
-    native = [_greedy(model, ids) for ids in prompts], generate_batch(model, prompts, params)
-    model.native_decoding = False
-    assert native == ([_greedy(model, ids) for ids in prompts], generate_batch(model, prompts, params))
+    _step_and_generation_equal_the_python_steps(model, tokenizer, [5, 7, 30], span=model.cache_positions,
+                                                new_tokens=24)
 
 
 def test_a_rolling_cache_refuses_two_rows_of_one_cache_row(kernels_on, tmp_path):
@@ -312,3 +283,22 @@ def test_a_rolling_cache_refuses_two_rows_of_one_cache_row(kernels_on, tmp_path)
     pos = torch.tensor([0, 1])
     with pytest.raises(RuntimeError, match="a rolling cache takes one input row per cache row"):
         model._native_step(torch.tensor([[1], [2]]), pos, model.decode_mask(pos), torch.tensor([0, 0]), 0)
+
+
+def _step_and_generation_equal_the_python_steps(model, tokenizer, lengths: list[int], span: int, new_tokens: int):
+    """Rows of the cache filled to `lengths`, one step: the kernel's logits and caches are the Python step's;
+    then greedy generation (one prompt at a time and batched) gives the Python step's tokens."""
+    for row, n in enumerate(lengths):
+        model(torch.randint(0, 300, (1, n)), start=0, cache_row=row)
+    ids, pos = torch.randint(0, 300, (len(lengths), 1)), torch.tensor(lengths)
+    got, got_caches = _steps(model, ids, pos, span=span, native=True)
+    want, want_caches = _steps(model, ids, pos, span=span, native=False)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for (k, v), (k_want, v_want) in zip(got_caches, want_caches):
+        torch.testing.assert_close(k, k_want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v, v_want, atol=1e-5, rtol=1e-5)
+    prompts = [tokenizer.encode(p) for p in ("the theory of", "a", "once upon a time there was")]
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    native = [_greedy(model, ids, new_tokens) for ids in prompts], generate_batch(model, prompts, params)
+    model.native_decoding = False
+    assert native == ([_greedy(model, ids, new_tokens) for ids in prompts], generate_batch(model, prompts, params))

@@ -10,9 +10,10 @@ import torch
 from pocketlm.checkpoint import load_model, save_model_dir
 from pocketlm.config import ModelConfig
 from pocketlm.convert import import_model
-from pocketlm.engine import SamplingParams, generate_batch, generate_tokens
+from pocketlm.engine import SamplingParams, generate_tokens
 from pocketlm.errors import ConfigError
 
+import parity
 from helpers import byte_level_tokenizer, tiny_config
 
 # transformers' defaults for Qwen2-MoE (no renormalisation, a shared expert), and a variant with renormalised
@@ -54,10 +55,7 @@ def pair(request, tmp_path_factory):
 
 
 def test_logits_match_transformers(pair):
-    hf, model = pair
-    ids = torch.randint(0, 300, (2, 40))
-    with torch.no_grad():
-        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+    parity.logits_match(*pair)
 
 
 def test_the_layers_are_what_the_config_says(pair):
@@ -71,65 +69,26 @@ def test_the_layers_are_what_the_config_says(pair):
 
 
 def test_greedy_generation_matches_transformers(pair):
-    hf, model = pair
-    prompt = torch.randint(0, 300, (12,)).tolist()
-    with torch.no_grad():
-        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, 12:]
-    assert list(generate_tokens(model, prompt, SamplingParams(max_new_tokens=32, ignore_eos=True))) == expected.tolist()
+    parity.greedy_matches(*pair)
 
 
 def test_batched_decoding_equals_uncached_passes(pair):
-    _, model = pair
-    prompts = [torch.randint(0, 300, (n,)).tolist() for n in (3, 9)]
-    for prompt, out in zip(prompts, generate_batch(model, prompts, SamplingParams(max_new_tokens=20, ignore_eos=True))):
-        with torch.no_grad():
-            logits = model(torch.tensor([prompt + list(out)]))[0, len(prompt) - 1:-1]
-        assert logits.argmax(-1).tolist() == list(out)
+    parity.batched_decoding_equals_uncached_passes(pair[1])
 
 
 def test_training_gradients_match_transformers(pair):
-    hf, model = pair
-    ids = torch.randint(0, 300, (2, 24))
-    ours = torch.nn.functional.cross_entropy(model(ids)[:, :-1].reshape(-1, 300), ids[:, 1:].reshape(-1))
-    ours.backward()
-    theirs = hf(ids, labels=ids).loss
-    theirs.backward()
-    assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
-    mixture, reference = model.model.layers[1].mlp, hf.model.layers[1].mlp
-    assert torch.allclose(mixture.gate.weight.grad, reference.gate.weight.grad, atol=1e-6)
-    assert torch.allclose(mixture.shared_expert_gate.weight.grad, reference.shared_expert_gate.weight.grad, atol=1e-6)
-    model.zero_grad(set_to_none=True)
-    hf.zero_grad(set_to_none=True)
+    parity.gradients_match(*pair, lambda m: (m.model.layers[1].mlp.gate.weight, m.model.layers[1].mlp.shared_expert_gate.weight),
+                           lambda hf: (hf.model.layers[1].mlp.gate.weight, hf.model.layers[1].mlp.shared_expert_gate.weight))
 
 
 def test_the_model_directory_loads_unchanged_in_transformers(pair, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    _, model = pair
-    out = save_model_dir(tmp_path / "m", model.config.to_hf_dict(), model.state_dict(), byte_level_tokenizer())
-    theirs = AutoModelForCausalLM.from_pretrained(out)
-    assert type(theirs).__name__ == "Qwen2MoeForCausalLM"
-    ids = torch.randint(0, 300, (1, 30))
-    with torch.no_grad():
-        assert (model(ids) - theirs(ids).logits).abs().max().item() <= 1e-4
+    parity.directory_loads_in_transformers(pair[1], tmp_path / "m", "Qwen2MoeForCausalLM")
 
 
 def test_load_balancing_loss_equals_transformers(pair):
     from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
 
-    from pocketlm.model import load_balancing_loss
-
-    hf, model = pair
-    ids = torch.randint(0, 300, (2, 24))
-    collected: list = []
-    with torch.no_grad():
-        model(ids, router_logits=collected)
-        theirs = tuple(r for r in hf(ids, output_router_logits=True).router_logits if r is not None)
-    assert len(collected) == len(theirs) == sum(layer.moe for layer in model.model.layers)
-    for ours, reference in zip(collected, theirs):
-        assert torch.allclose(ours, reference, atol=1e-5)
-    expected = load_balancing_loss_func(theirs, 4, 2)
-    assert load_balancing_loss(collected, 2).item() == pytest.approx(expected.item(), abs=1e-6)
+    parity.router_matches(*pair, load_balancing_loss_func, 4, 2)
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
