@@ -13,6 +13,27 @@ from pocketlm.engine import SamplingParams, generate_batch, generate_tokens
 from helpers import byte_level_tokenizer
 
 
+def imported(hf, root):
+    """(hf, pocketlm's import of hf saved as a sharded Hugging Face directory under root). Norms are moved away
+    from 1 and biases from 0 first, so a mix-up of either would show."""
+    from transformers import PreTrainedTokenizerFast
+
+    from pocketlm.checkpoint import load_model
+    from pocketlm.convert import import_model
+
+    hf.eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(root / "hf", max_shard_size="100KB")  # sharded, as big models come
+    tok = byte_level_tokenizer()
+    PreTrainedTokenizerFast(tokenizer_object=tok.backend, bos_token="<s>", eos_token="</s>",
+                            chat_template=tok.chat_template).save_pretrained(root / "hf")
+    model, _ = load_model(import_model(root / "hf", root / "ours"))
+    return hf, model
+
+
 def logits_match(hf, model, length: int = 40) -> None:
     ids = torch.randint(0, 300, (2, length))
     with torch.no_grad():

@@ -10,7 +10,6 @@ import torch
 
 from pocketlm.checkpoint import load_model
 from pocketlm.config import ModelConfig
-from pocketlm.convert import import_model
 from pocketlm.engine import SamplingParams, generate_tokens
 from pocketlm.errors import ConfigError, UnsupportedModelError
 
@@ -22,23 +21,12 @@ from helpers import byte_level_tokenizer, tiny_config
 def pair(tmp_path_factory):
     """(transformers' MixtralForCausalLM, pocketlm's import of its directory): 4 experts, top 2, a window."""
     import transformers
-    from transformers import PreTrainedTokenizerFast
 
     root = tmp_path_factory.mktemp("mixtral")
     torch.manual_seed(0)
     config = transformers.MixtralConfig(**tiny_config(num_local_experts=4, num_experts_per_tok=2, head_dim=16,
                                                       sliding_window=16))
-    hf = transformers.MixtralForCausalLM(config).eval()
-    with torch.no_grad():  # norms away from 1, so a mix-up of norm weights would show
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    hf.save_pretrained(root / "hf", max_shard_size="100KB")  # sharded, as big models come
-    tok = byte_level_tokenizer()
-    PreTrainedTokenizerFast(tokenizer_object=tok.backend, bos_token="<s>", eos_token="</s>",
-                            chat_template=tok.chat_template).save_pretrained(root / "hf")
-    model, _ = load_model(import_model(root / "hf", root / "ours"))
-    return hf, model
+    return parity.imported(transformers.MixtralForCausalLM(config), root)
 
 
 def test_logits_match_transformers(pair):

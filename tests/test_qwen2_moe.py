@@ -9,7 +9,6 @@ import torch
 
 from pocketlm.checkpoint import load_model, save_model_dir
 from pocketlm.config import ModelConfig
-from pocketlm.convert import import_model
 from pocketlm.engine import SamplingParams, generate_tokens
 from pocketlm.errors import ConfigError
 
@@ -37,21 +36,10 @@ def qwen2_moe_config(**overrides):
 def pair(request, tmp_path_factory):
     """(transformers' Qwen2MoeForCausalLM, pocketlm's import of its sharded directory)."""
     import transformers
-    from transformers import PreTrainedTokenizerFast
 
     root = tmp_path_factory.mktemp("qwen2moe")
     torch.manual_seed(0)
-    hf = transformers.Qwen2MoeForCausalLM(qwen2_moe_config(**VARIANTS[request.param])).eval()
-    with torch.no_grad():  # norms away from 1 and biases away from 0, so a mix-up of either would show
-        for name, p in hf.named_parameters():
-            if "norm" in name or name.endswith(".bias"):
-                p.add_(torch.randn_like(p) * 0.1)
-    hf.save_pretrained(root / "hf", max_shard_size="100KB")
-    tok = byte_level_tokenizer()
-    PreTrainedTokenizerFast(tokenizer_object=tok.backend, bos_token="<s>", eos_token="</s>",
-                            chat_template=tok.chat_template).save_pretrained(root / "hf")
-    model, _ = load_model(import_model(root / "hf", root / "ours"))
-    return hf, model
+    return parity.imported(transformers.Qwen2MoeForCausalLM(qwen2_moe_config(**VARIANTS[request.param])), root)
 
 
 def test_logits_match_transformers(pair):
