@@ -715,8 +715,13 @@ class LlamaForCausalLM(nn.Module):
         """Whether `decode_step` takes `rows`: the whole-step kernel serves this model (kernels/decode_step.py)
         and no layer keeps a rolling cache (a prompt's later positions would overwrite slots its earlier ones
         attend to)."""
-        return self._native_step is not None and not any(
-            isinstance(layer.self_attn.cache, RollingKVCache) for layer in self.model.layers)
+        return self._native_step is not None and not self.rolling_cache
+
+    @property
+    def rolling_cache(self) -> bool:
+        """Whether a layer keeps a rolling cache (a window of slots): writing past a row's end overwrites slots
+        that row still attends to, so its prompts cannot be padded on the right."""
+        return any(isinstance(layer.self_attn.cache, RollingKVCache) for layer in self.model.layers)
 
     def decode_step(self, input_ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None,
                     rows: torch.Tensor | None = None, logit_rows: int = -1) -> torch.Tensor:

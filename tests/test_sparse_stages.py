@@ -27,35 +27,58 @@ WINDOW = 8
 
 @pytest.fixture(scope="module")
 def mixture(tmp_path_factory) -> tuple[Path, Path]:
-    """(the float mixture, its int4 copy): 4 experts, top 2, every layer windowed."""
+    """(the float mixture, its int4 copy): 4 experts, top 2, every layer windowed. Its output head is scaled up
+    so greedy choices win by clear margins (a random model's near-ties would flip on rounding)."""
+    from pocketlm.checkpoint import save_model_dir
+
     root = tmp_path_factory.mktemp("sparse")
-    float_dir = tiny_mixture_dir(root / "moe-sw", intermediate_size=192, sliding_window=WINDOW,
-                                 max_position_embeddings=256)
+    random_dir = tiny_mixture_dir(root / "random", intermediate_size=192, sliding_window=WINDOW,
+                                  max_position_embeddings=256)
+    model, tokenizer = load_model(random_dir)
+    state = model.state_dict()
+    state["lm_head.weight"] = state["lm_head.weight"] * 30
+    float_dir = save_model_dir(root / "moe-sw", model.config.to_hf_dict(), state, tokenizer)
     return float_dir, quantize_dir(float_dir, root / "moe-sw-int4", QuantScheme("int4", 32))
 
 
-def test_the_server_answers_each_request_as_generation_does(mixture, tmp_path):
+def test_the_server_answers_each_request_as_generation_does(mixture, tmp_path, monkeypatch):
+    """With fp32 activations in the kernels: with int8 ones (qdot) one row and many round differently, and a
+    random router's near-ties then send a token to another expert."""
     import openai
+
+    from pocketlm.kernels import cpu_ops
+
+    monkeypatch.setenv(cpu_ops.SWITCH, "exact")
 
     from pocketlm.serve.app import create_app
     from pocketlm.serve.config import load_serve_config
 
     _, int4 = mixture
     model, tokenizer = load_model(int4)
-    prompts = ["the theory of everything and more " * k for k in (1, 3, 6)]  # 6, 18 and 36 tokens: past the window
-    expected = [tokenizer.decode(list(generate_tokens(model, tokenizer.encode(p), SamplingParams(
-        max_new_tokens=3 * WINDOW, ignore_eos=True)))) for p in prompts]
+    # 25, 78 and 138 tokens, each ending differently within the window
+    prompts = ["the theory of everything " * k + end for k, end in ((1, "and more"), (3, "or less"), (5, "at all"))]
+    new = 3 * WINDOW
+    expected = []  # each answer's tokens (as the server names them: each one decoded alone) and their log-probs
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt)
+        out = list(generate_tokens(model, ids, SamplingParams(max_new_tokens=new, ignore_eos=True)))
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([ids + out]))[0, len(ids) - 1:-1].float(), -1)
+        expected.append(([tokenizer.decode([t]) for t in out], [float(logprobs[i, t]) for i, t in enumerate(out)]))
     app = create_app(load_serve_config(None, [str(int4)], database=str(tmp_path / "log.db")))
     with running_server(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
 
-        def complete(prompt: str) -> str:
-            reply = client.completions.create(model=int4.name, prompt=prompt, max_tokens=3 * WINDOW, temperature=0,
+        def complete(prompt: str):
+            reply = client.completions.create(model=int4.name, prompt=prompt, max_tokens=new, temperature=0, logprobs=1,
                                               extra_body={"ignore_eos": True})
-            return reply.choices[0].text
+            return reply.choices[0].logprobs
 
         with ThreadPoolExecutor(len(prompts)) as pool:
-            assert list(pool.map(complete, prompts)) == expected
+            served = list(pool.map(complete, prompts))
+    for got, (tokens, logprobs) in zip(served, expected):
+        assert got.tokens == tokens
+        assert got.token_logprobs == pytest.approx(logprobs, abs=1e-3)
 
 
 def _cli(*args) -> subprocess.CompletedProcess:

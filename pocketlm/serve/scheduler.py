@@ -327,10 +327,15 @@ class Scheduler:
     def _prefill_batch(self, jobs: list[Job]) -> None:
         """Prefill short prompts together, one row each (rows after the running ones), padded on the right:
         a row's padding lies after its own tokens, so causal attention never lets the row see it, and
-        decoding overwrites those cache positions before any step attends to them. If the pass fails,
-        each prompt is prefilled alone, so only the ones that fail by themselves end."""
+        decoding overwrites those cache positions before any step attends to them (a rolling cache would keep
+        the padding in place of the row's latest positions: there prompts of different lengths go one by
+        one). If the pass fails, each prompt is prefilled alone, so only the ones that fail by themselves end."""
         first_row = len(self.running)
         lengths = [len(job.prompt_ids) - 1 for job in jobs]
+        if self.model.rolling_cache and len(set(lengths)) > 1:  # padding would overwrite a window's slots
+            for job in jobs:
+                self._prefill_batch([job])
+            return
         width = max(lengths)
         logits = None
         if width:
