@@ -18,15 +18,19 @@ def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, gate: torch.Tensor, up
                    down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (rows, d) sorted by group, counts (groups,) rows of each, gate and up (groups, h, d), down (groups, d, h):
     (y, g, u) with y = down(silu(g) * u), g = gate(x), u = up(x) for each group's rows (g and u are kept for
-    the backward)."""
-    y = x.new_empty(x.shape[0], down.shape[1])
+    the backward). Only the products go group by group, into slices of whole-batch buffers: the elementwise
+    work runs once over every row, and every tensor has the same shape at every step (a group's size changes
+    from step to step; buffers of changing sizes are allocated and first touched anew)."""
+    spans = list(_spans(counts))
     g = x.new_empty(x.shape[0], gate.shape[1])
     u = torch.empty_like(g)
-    for e, (start, end) in _spans(counts):
-        rows = x[start:end]
-        torch.mm(rows, gate[e].t(), out=g[start:end])
-        torch.mm(rows, up[e].t(), out=u[start:end])
-        torch.mm(F.silu(g[start:end]) * u[start:end], down[e].t(), out=y[start:end])
+    for e, (start, end) in spans:
+        torch.mm(x[start:end], gate[e].t(), out=g[start:end])
+        torch.mm(x[start:end], up[e].t(), out=u[start:end])
+    act = F.silu(g).mul_(u)
+    y = x.new_empty(x.shape[0], down.shape[1])
+    for e, (start, end) in spans:
+        torch.mm(act[start:end], down[e].t(), out=y[start:end])
     return y, g, u
 
 
@@ -35,18 +39,22 @@ def grouped_swiglu_backward(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor, 
                             gate: torch.Tensor, up: torch.Tensor,
                             down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of x, gate, up and down from dy, the gradient of y (groups with no rows get zeros)."""
-    dx = torch.empty_like(x)
+    spans = list(_spans(counts))
+    silu = F.silu(g)
+    act = silu * u
     dgate, dup, ddown = torch.zeros_like(gate), torch.zeros_like(up), torch.zeros_like(down)
-    for e, (start, end) in _spans(counts):
-        rows, dyr, ge, ue = x[start:end], dy[start:end], g[start:end], u[start:end]
-        silu = F.silu(ge)
-        torch.mm(dyr.t(), silu * ue, out=ddown[e])
-        dact = dyr @ down[e]
-        dg = torch.ops.aten.silu_backward(dact * ue, ge)  # dact * u * silu'(g)
-        du = dact * silu
-        torch.mm(dg.t(), rows, out=dgate[e])
-        torch.mm(du.t(), rows, out=dup[e])
-        torch.addmm(dg @ gate[e], du, up[e], out=dx[start:end])
+    dact = torch.empty_like(g)
+    for e, (start, end) in spans:
+        torch.mm(dy[start:end].t(), act[start:end], out=ddown[e])
+        torch.mm(dy[start:end], down[e], out=dact[start:end])
+    dg = torch.ops.aten.silu_backward(dact * u, g)  # dact * u * silu'(g)
+    du = dact.mul_(silu)
+    dx = torch.empty_like(x)
+    for e, (start, end) in spans:
+        torch.mm(dg[start:end].t(), x[start:end], out=dgate[e])
+        torch.mm(du[start:end].t(), x[start:end], out=dup[e])
+        torch.mm(dg[start:end], gate[e], out=dx[start:end])
+        dx[start:end].addmm_(du[start:end], up[e])
     return dx, dgate, dup, ddown
 
 
