@@ -460,17 +460,6 @@ class SparseMoE(nn.Module):
         return [*self.experts, *([self.shared_expert] if self.shared_expert is not None else [])]
 
 
-def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
-    """Switch Transformer's auxiliary loss as Mixtral trains with it: E * sum over experts of (the share of top-k
-    choices that went to the expert) * (its mean router probability), over every token of every layer together.
-    It is top_k when the router spreads tokens and probability evenly, and grows as they gather."""
-    probs = torch.cat([F.softmax(logits.float(), dim=-1) for logits in router_logits])  # (layers * tokens, E)
-    experts = probs.shape[-1]
-    chosen = torch.topk(probs, top_k, dim=-1).indices.reshape(-1)
-    share = torch.zeros(experts, device=probs.device).index_add_(0, chosen, torch.ones_like(chosen, dtype=torch.float))
-    return experts * (share / probs.shape[0] * probs.mean(dim=0)).sum()
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, index: int = 0):
         super().__init__()
@@ -631,7 +620,8 @@ class LlamaForCausalLM(nn.Module):
         batched cache with a single sequence (or a slice of rows with as many sequences). `select`, a (batch, seq) bool mask, runs the head only
         at those positions and returns (selected, vocab): fine-tuning scores only the reply tokens,
         and the head over a 49k vocabulary is a large share of a small model's work. `router_logits`, a list,
-        collects a mixture of experts' router logits layer by layer (for `load_balancing_loss`).
+        collects a mixture of experts' router logits layer by layer (for the load-balancing loss:
+        train/objectives.py).
         """
         x = self.hidden_states(input_ids, start, cache_row, router_logits)
         if last_only:

@@ -74,8 +74,9 @@ def gradients_match(hf, model, ours_of, theirs_of) -> None:
 
 
 def router_matches(hf, model, loss_func, experts: int, top_k: int) -> None:
-    """The routers' logits, layer by layer, and the load-balancing loss against transformers' `loss_func`."""
-    from pocketlm.model import load_balancing_loss
+    """The routers' logits, layer by layer, and the training objective's load-balancing loss (router_loss)
+    against transformers' `loss_func`."""
+    from pocketlm.train.objectives import LANGUAGE_MODELLING, with_router_loss
 
     ids = torch.randint(0, 300, (2, 24))
     collected: list = []
@@ -86,7 +87,9 @@ def router_matches(hf, model, loss_func, experts: int, top_k: int) -> None:
     for ours, reference in zip(collected, theirs):
         assert torch.allclose(ours, reference, atol=1e-5)
     expected = loss_func(theirs, experts, top_k)
-    assert load_balancing_loss(collected, top_k).item() == pytest.approx(expected.item(), abs=1e-6)
+    with torch.no_grad():
+        _, metrics = with_router_loss(LANGUAGE_MODELLING, 1.0, top_k).loss(model, {"input_ids": ids, "labels": ids})
+    assert metrics["router_loss"].item() == pytest.approx(expected.item(), abs=1e-6)
 
 
 def directory_loads_in_transformers(model, path, architecture: str) -> None:
