@@ -452,8 +452,9 @@ class SparseMoE(nn.Module):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else flat.dtype
         stacked = [torch.stack([getattr(e, name).weight for e in self.experts]).to(dtype)
                    for name in self.experts[0].projections]
-        y, _, _ = grouped_swiglu(flat[token].to(dtype), counts, *stacked)
-        return torch.zeros_like(flat).index_add_(0, token, y * weights.flatten()[order, None])
+        # index_select, not indexing: its gradient is an index_add, where indexing's is a serial index_put
+        y, _, _ = grouped_swiglu(flat.index_select(0, token).to(dtype), counts, *stacked)
+        return torch.zeros_like(flat).index_add_(0, token, y * weights.flatten().index_select(0, order)[:, None])
 
     def mlps(self) -> list[nn.Module]:
         """Every SwiGLU block inside: the experts, then the shared expert."""

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pocketlm.config import ModelConfig
-from pocketlm.kernels.grouped_mlp import grouped_swiglu
+from pocketlm.kernels.grouped_mlp import ALIGN, _layout, grouped_swiglu, padded_rows
 from pocketlm.model import LlamaForCausalLM, SparseMoE
 
 from helpers import tiny_config
@@ -40,6 +40,25 @@ def test_values_and_gradients_equal_autograd_through_the_loop():
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
     assert got[1][1].abs().sum() == 0
+
+
+def test_every_product_has_a_row_count_rounded_to_align():
+    """oneDNN builds a matmul for every new shape: the groups' products run over padded slots, so the shapes a
+    training run meets repeat whatever the routing (row counts that changed every step slowed a mixture's step
+    from 250 to 360 ms over 150 steps)."""
+    counts = torch.tensor([3, 0, ALIGN, ALIGN + 1, 1])
+    slots, dest = _layout(counts, int(counts.sum()))
+    assert [e for e, _ in slots] == [0, 2, 3, 4]
+    assert [s.stop - s.start for _, s in slots] == [ALIGN, ALIGN, 2 * ALIGN, ALIGN]
+    assert all(s.start % ALIGN == 0 for _, s in slots)
+    assert slots[-1][1].stop <= padded_rows(len(dest), counts)
+    # each row lands inside its own group's slot, in order, and no two rows share a place
+    groups = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    slot_of = dict(slots)
+    for row, (group, place) in enumerate(zip(groups.tolist(), dest.tolist())):
+        first = int(counts[:group].sum())
+        assert place == slot_of[group].start + row - first
+    assert len(set(dest.tolist())) == len(dest)
 
 
 def test_pytorchs_op_checks_pass():
