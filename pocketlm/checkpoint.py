@@ -123,6 +123,13 @@ def model_card(name: str, config: dict[str, Any], record: dict[str, Any]) -> str
             lines.append(f"- **{key}**: `{json.dumps(record[key], ensure_ascii=False)}`")
     if record.get("data_hashes"):
         lines.append(f"- **data**: {len(record['data_hashes'])} file(s), hashes in pocketlm.json")
+    if record.get("privacy"):
+        p = record["privacy"]
+        lines += ["", "## Differential privacy", "",
+                  f"Trained with DP-SGD: ({p['epsilon']}, {p['delta']:.3g})-differentially private for "
+                  f"{p['unit']} ({p['accountant']} accountant; noise multiplier {p['noise_multiplier']:.4f}, "
+                  f"per-row gradients clipped to {p['max_grad_norm']}, Poisson sample rate {p['sample_rate']:.5f} "
+                  f"of {p['rows']} rows, {p['steps']} steps)."]
     if record.get("metrics"):
         lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in record["metrics"].items()]

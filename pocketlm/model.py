@@ -144,8 +144,14 @@ def project(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
 def _one_matmul_trains(x: torch.Tensor, layers) -> bool:
     """Whether several projections of x train as one matmul: plain float layers on a CPU, with gradients."""
     return (len(layers) > 1 and x.device.type == "cpu" and torch.is_grad_enabled()
-            and all(type(m) is Linear and m.weight.requires_grad for m in layers)
+            and all(type(m) is Linear and m.weight.requires_grad and not hooked(m) for m in layers)
             and len({m.bias is None for m in layers}) == 1)
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether hooks watch the module's calls (Opacus' per-sample gradients do): such a layer must run as
+    itself, never fused into a larger product that would pass its hooks by."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
 
 
 def _one_matmul(x: torch.Tensor, layers) -> list[torch.Tensor]:
@@ -437,7 +443,7 @@ class SparseMoE(nn.Module):
         """Whether the experts train as one grouped op: plain float layers whose weights learn (a LoRA-wrapped
         or frozen expert, and inference, which reads only the chosen experts, keep the loop)."""
         return torch.is_grad_enabled() and all(
-            type(layer) is Linear and layer.weight.requires_grad
+            type(layer) is Linear and layer.weight.requires_grad and not hooked(layer)
             for expert in self.experts for layer in (getattr(expert, name) for name in expert.projections))
 
     def _grouped(self, flat: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:

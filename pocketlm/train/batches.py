@@ -46,6 +46,11 @@ class Windows:
     def eval_picks(self, seed: int, index: int, count: int) -> np.ndarray | None:
         return self.picks(seed + 1, index, count)
 
+    @property
+    def row_count(self) -> int:
+        """The whole chunks an aligned draw picks from (the rows private training samples)."""
+        return self.chunks
+
     def batch(self, picks: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
         starts = picks * self.block if self.aligned else picks
         x, y = windows(self.tokens, starts, self.block, device)
@@ -78,6 +83,10 @@ class Rows:
         if self._order_cache is None or self._order_cache[0] != (seed, epoch):
             self._order_cache = ((seed, epoch), np.random.default_rng([seed, epoch]).permutation(self.n))
         return self._order_cache[1]
+
+    @property
+    def row_count(self) -> int:
+        return self.n
 
     def eval_picks(self, seed: int, index: int, count: int) -> np.ndarray | None:
         """Validation goes through the rows in order, once."""

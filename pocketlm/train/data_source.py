@@ -89,7 +89,8 @@ def load_data(recipe: Recipe, is_main: bool, barrier: Callable[[], None], is_loc
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"source": str(corpus), "field": "text",
                                                                                    "prepared": None})})
     shards = load_training_data(recipe, is_main, barrier, is_local_main)
-    aligned = recipe.distill is not None and recipe.distill.cache_top_k is not None
+    # private training samples from a fixed set of rows: whole chunks, not windows at any offset
+    aligned = (recipe.distill is not None and recipe.distill.cache_top_k is not None) or recipe.privacy is not None
     hashes = {s["path"]: s.get("sha256") for s in shards.manifest.get("sources", []) if "path" in s}
     return TrainingData(Windows(shards.train, block, aligned), Windows(shards.val, block), shards.tokenizer,
                         {"data_hashes": hashes}, shards)

@@ -54,9 +54,10 @@ from .distill import (
 )
 from .flat_adamw import FlatAdamW
 from .joint_graph import JointGradients
-from .objectives import LANGUAGE_MODELLING, SFT, Objective, distillation, dpo, with_router_loss
+from .objectives import LANGUAGE_MODELLING, PRIVATE_SFT, SFT, Objective, distillation, dpo, with_router_loss
 from .plots import plot_expert_usage, plot_loss_curve
 from .preference import attach_reference_logprobs
+from .privacy import PrivateTraining, check_private_run
 from .recipe import Recipe
 from .state import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -96,7 +97,7 @@ def setup_runtime(recipe: Recipe) -> Runtime:
 
 def autocast_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
     choice = recipe.train.dtype
-    if choice == "float32":
+    if choice == "float32" or recipe.privacy is not None:  # private: per-sample norms in float32 (recipe.py)
         return None
     if choice == "bfloat16":
         warn_if_bf16_is_slow(torch.bfloat16, device)
@@ -246,11 +247,21 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
         if runtime.main:
             console.print(f"{recipe.adapter.type} adapter: {trainable_summary(model)}", highlight=False)
     optimizer = make_optimizer(model, recipe)
+    private = None  # DP-SGD: per-sample gradients, clipped and noised (privacy.py)
+    if recipe.privacy is not None:
+        check_private_run(recipe, model, runtime.world)
+        private = PrivateTraining(recipe, model, optimizer, data.train.row_count)
+        if runtime.main:
+            console.print(f"private training: noise multiplier {private.noise_multiplier:.4f}, rows clipped to "
+                          f"{private.max_grad_norm}, sample rate {private.sample_rate:.5f} of {private.examples} rows, "
+                          f"delta {private.delta:.3g}", highlight=False)
     state = TrainerState()
     log_path = out_dir / "log.jsonl"
     checkpoint = latest_checkpoint(ckpt_root) if recipe.resume else None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer)
+        if private is not None:
+            private.load_state_dict(state.privacy, state.step)
         if runtime.main:
             _truncate_log(log_path, state.step)
             console.print(f"resumed from {checkpoint} (step {state.step})")
@@ -258,7 +269,7 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
         log_path.unlink()
     cache = _teacher_cache(recipe, data, model.config.vocab_size, runtime, autocast, state.step, progress)
 
-    wrapped = model
+    wrapped = model if private is None else private.module
     if runtime.world > 1:
         # an expert that gets none of a process's tokens takes no part in its backward: DDP must look for such
         # parameters, or it waits for their gradients and fails at the next step
@@ -282,8 +293,8 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
         return batch
 
     random_forward = recipe.adapter is not None and recipe.adapter.type == "lora" and recipe.adapter.dropout > 0
-    slices = batch_thread_count(t.parallel, torch.get_num_threads(), per_micro, runtime.device, runtime.world,
-                                random_forward)
+    slices = 1 if private is not None else batch_thread_count(t.parallel, torch.get_num_threads(), per_micro,
+                                                               runtime.device, runtime.world, random_forward)
     threads = BatchThreads(slices) if slices > 1 else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     # with batch threads the threads also share the end of the step, on flat buffers (flat_adamw.py)
@@ -316,6 +327,9 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
     def step_inputs(step):
         """(labelled tokens of the step, or None unless the objective sums over them; per micro-batch this
         process's batch, or with batch threads its slices)."""
+        if private is not None:  # Poisson: a random number of rows, each micro-batch a share (None: no rows)
+            return None, [make_batch(part) if len(part) else None
+                          for part in np.array_split(private.picks(recipe.seed, step), t.grad_accum)]
         picks = data.train.picks(recipe.seed, step, t.batch_size)
         micro_batches = []
         for micro in range(t.grad_accum):
@@ -342,11 +356,20 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
                 # per micro-batch loss scale: a mean over micro-batches (and their thread slices), or a token sum
                 # over the step's labelled tokens (times the processes, whose gradients DDP averages)
                 scale = runtime.world / max(1, labelled) if objective.token_sum else 1 / (t.grad_accum * slices)
+                if private is not None:
+                    scale = 1.0  # each row's own mean gradient, clipped before any sum; the noisy sum is scaled by Opacus
                 total = torch.zeros((), device=runtime.device)
                 sums: dict[str, torch.Tensor] = {}
                 stepped = False  # by the batch threads themselves
                 for micro, batches in enumerate(micro_batches):
-                    if threads is None:
+                    if private is not None:
+                        results = []
+                        if batches is not None:
+                            loss, metrics = step_loss(batches)
+                            loss.backward()
+                            results = [(loss.detach() / t.grad_accum, metrics)]
+                        private.micro_step(last=micro == t.grad_accum - 1, empty=batches is None)
+                    elif threads is None:
                         sync = micro == t.grad_accum - 1 or runtime.world == 1
                         with (nullcontext() if sync else wrapped.no_sync()), autocast():
                             loss, metrics = step_loss(batches)
@@ -372,7 +395,9 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
                         total += loss
                         for key, value in metrics.items():
                             sums[key] = sums.get(key, 0) + value.float() / (t.grad_accum * slices)
-                if flat is None:
+                if private is not None:
+                    grad_norm = None  # the optimizer stepped in micro_step, on clipped and noised gradients
+                elif flat is None:
                     grad_norm = clip_gradients(model, optimizer, t.grad_clip) if t.grad_clip > 0 else None
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -401,6 +426,8 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
                     val_loss, val_metrics = evaluate(model, data.val, objective, recipe, runtime.device, autocast,
                                                      threads)
                     record["val_loss"] = last_val_loss = val_loss
+                    if private is not None:
+                        record["epsilon"] = round(private.epsilon(), 4)
                     record.update({f"val_{k}": v for k, v in val_metrics.items()})
                     is_best = state.best_val_loss is None or val_loss < state.best_val_loss
                     if is_best:
@@ -410,6 +437,8 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
                         if sample is not None:
                             record["sample"] = sample
                         extra = "".join(f", val {k} {v:.4f}" for k, v in val_metrics.items())
+                        if "epsilon" in record:
+                            extra += f", epsilon {record['epsilon']:.3f} (delta {private.delta:.3g})"
                         if "expert_imbalance" in record:
                             extra += f", busiest expert {record['expert_imbalance']:.2f}x an even share"
                         bar.note(f"step {state.step}: train loss {last_train_loss:.4f}, val loss {val_loss:.4f}{extra}"
@@ -419,6 +448,8 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
                 if runtime.main and on_step is not None:
                     on_step(record)
                 if state.step % recipe.checkpoint.interval == 0 or state.step == t.max_steps:
+                    if private is not None:
+                        state.privacy = private.state_dict()
                     if runtime.main:
                         save_checkpoint(ckpt_root, model, optimizer, state, recipe.checkpoint.keep_last,
                                         recipe.checkpoint.keep_best, is_best)
@@ -428,11 +459,14 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
                 threads.close()
             if flat is not None:
                 flat.release()
+            if private is not None:
+                private.close()
     bar.close()
 
     final = out_dir / "model"
     if runtime.main:
-        final = _save_final(model, data, recipe, state, last_train_loss, last_val_loss, out_dir)
+        final = _save_final(model, data, recipe, state, last_train_loss, last_val_loss, out_dir,
+                            private.summary() if private is not None else None)
         logger.close()
         console.print(f"saved to {final}")
     _barrier(runtime)
@@ -483,7 +517,7 @@ def _base_objective(recipe: Recipe, model, data, runtime: Runtime, autocast, pro
     if objective == "pretrain":
         return LANGUAGE_MODELLING
     if objective == "sft":
-        return SFT
+        return PRIVATE_SFT if recipe.privacy is not None else SFT
     if objective == "distill":
         if recipe.distill_sequence:  # the corpus is the teacher's text: plain language modelling on it
             return LANGUAGE_MODELLING
@@ -580,14 +614,15 @@ def _sample(model, tokenizer, recipe: Recipe) -> str | None:
     return text
 
 
-def _save_final(model, data, recipe: Recipe, state: TrainerState, train_loss, val_loss, out_dir: Path) -> Path:
+def _save_final(model, data, recipe: Recipe, state: TrainerState, train_loss, val_loss, out_dir: Path,
+                privacy: dict | None = None) -> Path:
     """The trained model as a model directory (OUT_DIR/model); with an adapter, the adapter in PEFT's
     format (OUT_DIR/adapter) and, for LoRA with adapter.merge, the merged model as OUT_DIR/model."""
     # the saved weights are the last step's: their validation loss is the last evaluation's, not the best one
     metrics = {"train_loss": train_loss, "val_loss": val_loss, "best_val_loss": state.best_val_loss,
                "steps": state.step, "tokens_seen": state.tokens_seen}
     provenance = {"recipe": recipe.model_dump(mode="json"), "parent": recipe.init_from, **data.provenance,
-                  "metrics": metrics}
+                  "metrics": metrics, **({"privacy": privacy} if privacy is not None else {})}
     if recipe.adapter is None:
         weights = {k: v.detach().cpu().float() for k, v in model.state_dict().items()}
         return save_model_dir(out_dir / "model", model.config, weights, data.tokenizer, provenance=provenance)

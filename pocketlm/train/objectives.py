@@ -46,9 +46,22 @@ def masked_lm_loss(model, batch: dict, reduction: str = "mean") -> tuple[torch.T
     return F.cross_entropy(logits, batch["labels"][keep], reduction=reduction), {}
 
 
+def per_example_lm_loss(model, batch: dict) -> tuple[torch.Tensor, Metrics]:
+    """The mean over rows of each row's mean cross-entropy over its own labelled tokens. Private training needs
+    it: each row's gradient must depend on that row alone (a mean over the batch's labelled tokens divides by
+    a count other rows set), and the head runs over every position, so that each row keeps its own batch index
+    for the per-sample gradients."""
+    logits = model(batch["input_ids"]).float()
+    labels = batch["labels"]
+    per_token = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+    labelled = (labels != IGNORE).sum(1)
+    return (per_token.sum(1) / labelled.clamp(min=1)).mean(), {}
+
+
 LANGUAGE_MODELLING = Objective(loss=lm_loss, eval_loss=lm_loss)
 SFT = Objective(loss=lambda model, batch: masked_lm_loss(model, batch, "sum"), eval_loss=masked_lm_loss,
                 token_sum=True)
+PRIVATE_SFT = Objective(loss=per_example_lm_loss, eval_loss=masked_lm_loss)
 
 
 # ---- distillation -----------------------------------------------------------------------------

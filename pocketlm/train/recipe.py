@@ -154,6 +154,31 @@ class DPOSpec(Section):
     reference: str | None = None  # the frozen reference model; defaults to init_from
 
 
+class PrivacySpec(Section):
+    """Differentially private training (DP-SGD through Opacus; train/privacy.py). Give epsilon (the noise is
+    chosen to spend it over train.max_steps) or noise_multiplier (epsilon is what it spends)."""
+
+    epsilon: float | None = None  # the target: epsilon spent by the end of the run, at delta
+    noise_multiplier: float | None = Field(default=None, gt=0)  # noise std over max_grad_norm
+    delta: float | None = None  # defaults to 1 / (10 N), N the training rows; must be below 1 / N
+    max_grad_norm: float = Field(default=1.0, gt=0)  # each row's gradient is clipped to this norm
+    accountant: Literal["prv", "rdp"] = "prv"
+    poisson_sampling: bool = True  # each row joins each step with probability batch_size / N
+
+    @model_validator(mode="after")
+    def _budget(self) -> "PrivacySpec":
+        if (self.epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("privacy: give exactly one of epsilon (a target) or noise_multiplier")
+        if self.epsilon is not None and self.epsilon <= 0:
+            raise ValueError(f"privacy.epsilon {self.epsilon} must be above 0 (smaller is more private; 1 to 8 is usual)")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ValueError(f"privacy.delta {self.delta} must be between 0 and 1, and below 1 / N for N training rows")
+        if not self.poisson_sampling:
+            raise ValueError("privacy.poisson_sampling false: the accountant's epsilon holds only for Poisson "
+                             "sampling; fixed shuffled batches would be reported more private than they are")
+        return self
+
+
 class Recipe(Section):
     name: str
     out_dir: str
@@ -171,6 +196,7 @@ class Recipe(Section):
     sft: SFTSpec = SFTSpec()
     distill: DistillSpec | None = None
     dpo: DPOSpec = DPOSpec()
+    privacy: PrivacySpec | None = None
 
     @model_validator(mode="after")
     def _model_source(self) -> "Recipe":
@@ -188,7 +214,31 @@ class Recipe(Section):
             raise ValueError("distill.mode sequence needs distill.prompts (a file) or distill.seed_openings")
         if self.data.source is None and self.data.prepared is None and not self.distill_sequence:
             raise ValueError("give exactly one of data.source (raw files) or data.prepared (a prepared directory)")
+        if self.privacy is not None:
+            self._check_private()
         return self
+
+    def _check_private(self) -> None:
+        """Options that would void the guarantee, or that per-sample gradients cannot run, refused with why."""
+        t = self.train
+        if t.objective == "dpo":
+            raise ValueError("privacy: DPO is not supported (a pair's loss runs the model twice and compares with a "
+                             "reference); use sft, pretrain or distill")
+        if t.objective == "sft" and self.sft.packing:
+            raise ValueError("privacy with sft: set sft.packing: false, so that each row is one example and the "
+                             "guarantee is per example")
+        if t.compile:
+            raise ValueError("privacy: set train.compile: false (per-sample gradients come from hooks on each layer, "
+                             "which a compiled graph would pass by)")
+        if t.dtype == "bfloat16":
+            raise ValueError("privacy: train.dtype bfloat16 is not supported (per-sample norms and clipping in "
+                             "bfloat16 lose the precision the bound rests on); use float32 or auto")
+        if self.adapter is not None and self.adapter.type == "prefix":
+            raise ValueError("privacy: prefix tuning is not supported (Opacus has no per-sample gradient for a "
+                             "prefix shared across the batch); use adapter.type: lora")
+        if self.distill_sequence:
+            raise ValueError("privacy: distill.mode sequence trains on the teacher's text, not private data; "
+                             "use logits mode")
 
     @property
     def distill_sequence(self) -> bool:

@@ -32,6 +32,7 @@ class TrainerState:
     step: int = 0  # optimizer steps done
     best_val_loss: float | None = None
     tokens_seen: int = 0
+    privacy: dict | None = None  # a private run's accountant history (train/privacy.py)
 
 
 def _step_dir(root: Path, step: int) -> Path:
@@ -49,7 +50,7 @@ def save_checkpoint(root: Path, model: torch.nn.Module, optimizer: torch.optim.O
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         trainer = {
             "step": state.step, "best_val_loss": state.best_val_loss, "tokens_seen": state.tokens_seen,
-            "optimizer": scalars,
+            "optimizer": scalars, "privacy": state.privacy,
             "rng": {"python": _python_rng_to_json(random.getstate()), "torch": torch.get_rng_state().tolist()},
         }
         (tmp / "trainer.json").write_text(json.dumps(trainer))
@@ -106,7 +107,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     _restore_optimizer(model, optimizer, tensors, trainer["optimizer"])
     random.setstate(_python_rng_from_json(trainer["rng"]["python"]))
     torch.set_rng_state(torch.tensor(trainer["rng"]["torch"], dtype=torch.uint8))
-    return TrainerState(step=trainer["step"], best_val_loss=trainer["best_val_loss"], tokens_seen=trainer["tokens_seen"])
+    return TrainerState(step=trainer["step"], best_val_loss=trainer["best_val_loss"], tokens_seen=trainer["tokens_seen"],
+                        privacy=trainer.get("privacy"))
 
 
 # ---- helpers --------------------------------------------------------------------------------
