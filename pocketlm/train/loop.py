@@ -254,7 +254,7 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
         if runtime.main:
             console.print(f"private training: noise multiplier {private.noise_multiplier:.4f}, rows clipped to "
                           f"{private.max_grad_norm}, sample rate {private.sample_rate:.5f} of {private.examples} rows, "
-                          f"delta {private.delta:.3g}", highlight=False)
+                          f"delta {private.delta:.3g}", highlight=False, soft_wrap=True)
     state = TrainerState()
     log_path = out_dir / "log.jsonl"
     checkpoint = latest_checkpoint(ckpt_root) if recipe.resume else None

@@ -121,8 +121,11 @@ def noise_for_epsilon(epsilon: float, delta: float, sample_rate: float, steps: i
     from opacus.accountants.utils import get_noise_multiplier
 
     try:
-        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
-                                          steps=steps, accountant=accountant, epsilon_tolerance=0.01))
+        with warnings.catch_warnings():
+            if accountant == "prv":  # PRV bounds its search with RDP internally; RDP's tightness is not PRV's
+                warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
+                                              steps=steps, accountant=accountant, epsilon_tolerance=0.01))
     except ValueError as exc:
         raise ConfigError(f"privacy.epsilon {epsilon}: no noise multiplier reaches it ({exc}); ask for a larger "
                           "epsilon, fewer steps or a smaller batch") from None
