@@ -854,6 +854,73 @@ def info_cmd(model: str = typer.Argument(..., help="model directory or name")):
     out.print_json(json.dumps({"path": str(path), "config": config.to_hf_dict(), "pocketlm": read_provenance(path)}))
 
 
+audit_app = typer.Typer(help="Privacy audits: canaries planted in training text, their exposure, and membership inference.",
+                        no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("canaries")
+def audit_canaries_cmd(
+    source: Path = typer.Argument(..., help="a training text file (documents separated by blank lines)"),
+    out_path: Path = typer.Argument(..., help="the copy with canaries planted (its canary file goes beside it: OUT.canaries.json)"),
+    count: int = typer.Option(10, "--count", help="canaries per insertion count, and as many controls (never inserted)"),
+    repeats: str = typer.Option("1,4,16", "--repeats", help="insertion counts, comma separated"),
+    digits: int = typer.Option(6, "--digits", help="digits per secret: 10^digits candidates"),
+    seed: int = typer.Option(0, "--seed", help="fixes the secrets and where they go"),
+    template: str = typer.Option("my secret code is {secret}", "--template", help="the canary text; {secret} is the digits, space separated"),
+):
+    """Plant random secrets in a copy of a training text, each as its own document, a given number of times."""
+    from .evaluate.privacy_audit import insert_canaries, make_canaries
+
+    try:
+        counts = [int(r) for r in repeats.split(",") if r.strip()]
+    except ValueError:
+        raise ConfigError(f"--repeats {repeats!r}: expected insertion counts such as 1,4,16") from None
+    canaries = make_canaries(count, counts, digits, seed, template)
+    json_path = insert_canaries(source, canaries, out_path, seed)
+    planted = sum(c.repeats for c in canaries)
+    err.print(f"{len(canaries)} canaries ({count} per insertion count {sorted(set(counts) | {0})}), {planted} copies "
+              f"planted; pocketlm's de-duplication keeps one copy of each: train with data.dedupe=false", highlight=False,
+              soft_wrap=True)
+    out.print(f"{out_path}\n{json_path}", highlight=False)
+
+
+@audit_app.command("privacy")
+def audit_privacy_cmd(
+    model: str = typer.Argument(..., help="model directory or name"),
+    canaries: Optional[Path] = typer.Option(None, "--canaries", help="the canary file `pocketlm audit canaries` wrote"),
+    members: Optional[Path] = typer.Option(None, "--members", help="text the model was trained on (blank-line separated documents)"),
+    non_members: Optional[Path] = typer.Option(None, "--non-members", help="held-out text of the same kind"),
+    examples: int = typer.Option(500, "--examples", help="documents drawn from each of --members and --non-members"),
+    block_size: int = typer.Option(256, "--block-size", help="tokens per example, as in training"),
+    members_head: float = typer.Option(1.0, "--members-head", help="draw members from this first share of the "
+                                       "file's documents (a recipe's val_fraction holds out the tail)"),
+    non_members_tail: float = typer.Option(1.0, "--non-members-tail", help="draw non-members from this last share "
+                                           "of the file's documents (the same file's held-out tail)"),
+    samples: Optional[int] = typer.Option(None, "--samples", help="estimate ranks from this many random candidates "
+                                          "instead of scoring all 10^digits"),
+    seed: int = typer.Option(0, "--seed", help="fixes the examples and sampled candidates drawn"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON here"),
+):
+    """Canary exposure (rank of each planted secret among all candidates) and loss-based membership inference."""
+    import json
+
+    from .checkpoint import read_provenance
+    from .evaluate.privacy_audit import audit_privacy, format_report
+    from .hub import resolve_model
+
+    lm, tokenizer = _load(model)
+    with err.status("auditing ..."):
+        report = audit_privacy(lm, tokenizer, model, canaries=canaries, members=members, non_members=non_members,
+                               examples=examples, block_size=block_size, members_head=members_head,
+                               non_members_tail=non_members_tail, samples=samples, seed=seed,
+                               provenance=read_provenance(resolve_model(model)))
+    sys.stdout.write(format_report(report) + "\n")
+    if json_out:
+        json_out.write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False))
+        err.print(f"json: {json_out}", highlight=False)
+
+
 def main() -> None:
     try:
         app()
