@@ -21,6 +21,11 @@ def validation_message(exc: ValidationError, root: type[BaseModel]) -> str:
         return f"{key}: unknown key{hint} (expected one of: {', '.join(allowed)})"
     if error["type"] == "missing":
         return f"{key}: missing (required)"
+    if error["type"] == "value_error":  # a validator's own sentence: without pydantic's prefix or a whole section
+        message = error["msg"].removeprefix("Value error, ")
+        prefix = "" if not loc or message.startswith(loc[0]) else f"{key}: "
+        got = "" if isinstance(error.get("input"), dict) else f" (got {error.get('input')!r})"
+        return f"{prefix}{message}{got}"
     return f"{key}: {error['msg']} (got {error.get('input')!r})"
 
 
