@@ -1,17 +1,20 @@
 """What differential privacy protects, measured: canary exposure and membership inference on TinyStories models
 trained without privacy and with DP-SGD at epsilon 8 and epsilon 1, beside the validation loss each reaches.
 
-1. `pocketlm audit canaries` plants random 6-digit secrets in a copy of the TinyStories training text: --count
-   canaries for each insertion count (1, 4 and 16 copies) and as many controls never planted (chance).
-2. recipes/tinystories.yaml trains on that copy (de-duplication off, or the copies collapse to one) for --steps
+1. --held-out documents drawn at random from the first 90% of the TinyStories training text are set aside
+   (the non-members), and `pocketlm audit canaries` plants random 6-digit secrets in the rest: --count canaries
+   for each insertion count (1, 4 and 16 copies) and as many controls never planted (chance).
+2. recipes/tinystories.yaml trains on that text (de-duplication off, or the copies collapse to one) for --steps
    steps, once as it is and once per epsilon with a privacy section (float32, no compile: what a private run is).
 3. `pocketlm audit privacy` ranks every canary among all 10^6 candidates of its format (exposure, bits) and runs
-   the loss attack: documents from the text's first 90% (trained) against its last 4% (inside the recipe's held-out
-   validation tail), AUC of "lower loss => member".
+   the loss attack: documents from the first 90% of the trained text (the recipe holds out the tail of its
+   token stream) against the documents set aside, AUC of "lower loss => member". Both sides come from the same
+   part of the file: its later documents are shorter (179 characters against 209), and a document's mean loss
+   depends on its length, so a tail drawn as non-members gave models that remember nothing an AUC of 0.60.
 
 Every run is its own process, one after the other on the same machine.
 
-    .venv/bin/python benchmarks/privacy.py [--steps 800] [--epsilons 8 1] [--count 10] [--json out.json]
+    .venv/bin/python benchmarks/privacy.py [--steps 800] [--epsilons 8 1] [--count 20] [--work DIR] [--json out.json]
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -39,9 +43,19 @@ def pocketlm(*args: str) -> None:
                    stdout=subprocess.DEVNULL)
 
 
-def audit(model: Path, canaries: Path, text: Path, out: Path, examples: int) -> dict:
-    pocketlm("audit", "privacy", str(model), "--canaries", str(canaries), "--members", str(text), "--members-head", "0.9",
-             "--non-members", str(text), "--non-members-tail", "0.04", "--examples", str(examples), "--json", str(out))
+def set_aside(source: Path, work: Path, count: int, seed: int = 0) -> tuple[Path, Path]:
+    """(the source's documents less `count` drawn at random from its first 90%, those documents)."""
+    docs = [d for d in source.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+    out = set(random.Random(seed).sample(range(int(len(docs) * 0.9)), count))
+    kept, held = work / "source.txt", work / "held-out.txt"
+    kept.write_text("\n\n".join(d for i, d in enumerate(docs) if i not in out) + "\n", encoding="utf-8")
+    held.write_text("\n\n".join(docs[i] for i in sorted(out)) + "\n", encoding="utf-8")
+    return kept, held
+
+
+def audit(model: Path, canaries: Path, members: Path, non_members: Path, out: Path, examples: int) -> dict:
+    pocketlm("audit", "privacy", str(model), "--canaries", str(canaries), "--members", str(members), "--members-head",
+             "0.9", "--non-members", str(non_members), "--examples", str(examples), "--json", str(out))
     return json.loads(out.read_text())
 
 
@@ -59,13 +73,17 @@ def main() -> None:
     parser.add_argument("--epsilons", type=float, nargs="*", default=[8.0, 1.0])
     parser.add_argument("--count", type=int, default=20, help="canaries per insertion count")
     parser.add_argument("--examples", type=int, default=500, help="documents per side of the membership attack")
+    parser.add_argument("--held-out", type=int, default=600, help="documents set aside as non-members")
+    parser.add_argument("--work", type=Path, help="keep the texts, models and reports here (default: a temporary folder)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     print(machine())
     with tempfile.TemporaryDirectory(prefix="pocketlm-privacy-") as tmp:
-        work = Path(tmp)
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        source, held_out = set_aside(SOURCE, work, args.held_out)
         text = work / "train.txt"
-        pocketlm("audit", "canaries", str(SOURCE), str(text), "--count", str(args.count), "--repeats", "1,4,16",
+        pocketlm("audit", "canaries", str(source), str(text), "--count", str(args.count), "--repeats", "1,4,16",
                  "--digits", "6")
         canaries = work / "train.canaries.json"
         results = []
@@ -78,7 +96,7 @@ def main() -> None:
             spent = None
             if epsilon is not None:
                 spent = json.loads((work / f"run{i}" / "model" / "pocketlm.json").read_text())["privacy"]["epsilon"]
-            report = audit(work / f"run{i}" / "model", canaries, text, work / f"audit{i}.json", args.examples)
+            report = audit(work / f"run{i}" / "model", canaries, source, held_out, work / f"audit{i}.json", args.examples)
             results.append(row(name, trained, report, spent))
             print(f"{name}: done", flush=True)
     print(f"\n{'model':22} {'eps spent':>9} {'val loss':>9} {'ms/step':>8} {'exp x0':>7} {'exp x1':>7} {'exp x4':>7} "
