@@ -49,7 +49,7 @@ def test_a_recipe_asking_for_bf16_on_a_cpu_without_it_is_warned_about(monkeypatc
     from pocketlm.train.loop import autocast_dtype
 
     monkeypatch.setattr(cpu_features, "_flags", lambda: cpu_features.parse_flags(ZEN3))
-    recipe = SimpleNamespace(train=SimpleNamespace(dtype="bfloat16"))
+    recipe = SimpleNamespace(train=SimpleNamespace(dtype="bfloat16"), privacy=None)
     with caplog.at_level(logging.WARNING, logger="pocketlm"):
         assert autocast_dtype(recipe, torch.device("cpu")) == torch.bfloat16
         recipe.train.dtype = "auto"
