@@ -12,11 +12,12 @@ from pocketlm.checkpoint import save_model_dir
 from pocketlm.tokenizer import Tokenizer
 
 
-def byte_level_tokenizer(vocab_size: int = 300) -> Tokenizer:
-    """A byte-level BPE tokenizer with the 256 byte tokens, a few merges, and <s>/</s> specials."""
+def byte_level_tokenizer(vocab_size: int = 300, extra_merges: list[tuple[str, str]] = ()) -> Tokenizer:
+    """A byte-level BPE tokenizer with the 256 byte tokens, a few merges (and `extra_merges`), and <s>/</s>
+    specials."""
     bytes_to_unicode = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(bytes_to_unicode))}
-    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), *extra_merges]
     for a, b in merges:
         vocab[a + b] = len(vocab)
     backend = BackendTokenizer(models.BPE(vocab=vocab, merges=merges))

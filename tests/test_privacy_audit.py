@@ -13,7 +13,7 @@ import pytest
 import torch
 from scipy.stats import mannwhitneyu
 from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import models
 
 from helpers import byte_level_tokenizer, tiny_config
 
@@ -48,15 +48,7 @@ def one_thread():
 def digit_tokenizer(merged: str = "0123456789") -> Tokenizer:
     """byte_level_tokenizer's vocabulary plus a token for " d" for each digit d in `merged`: with some digits
     merged and others not, a digit is one token or two, so tree rows differ in length."""
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")] + [("Ġ", d) for d in merged]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    backend = BackendTokenizer(models.BPE(vocab=vocab, merges=merges))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(["<s>", "</s>"])
-    return Tokenizer(backend, bos_token="<s>", eos_token="</s>")
+    return byte_level_tokenizer(extra_merges=[("Ġ", d) for d in merged])
 
 
 def tiny_model(dtype=torch.float64, seed: int = 0) -> LlamaForCausalLM:
