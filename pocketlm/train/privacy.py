@@ -22,9 +22,6 @@ from ..errors import ConfigError
 from ..model import Embedding, Linear
 from .recipe import Recipe
 
-ACCOUNTANT_NAMES = {"prv": "PRV (Gopi et al. 2021)", "rdp": "RDP (Mironov 2017)"}
-
-
 class PrivateTraining:
     """The per-sample-gradient module, the noisy optimizer and the accountant of one private run."""
 
@@ -42,7 +39,7 @@ class PrivateTraining:
         if self.delta >= 1 / examples:
             raise ConfigError(f"privacy.delta {self.delta:g} must be below 1 / N = {1 / examples:.3g} (N = {examples} "
                               "training rows): a larger delta allows leaking a whole row outright")
-        self.steps, self.max_grad_norm, self.accountant_name = train.max_steps, spec.max_grad_norm, spec.accountant
+        self.max_grad_norm, self.accountant_name = spec.max_grad_norm, spec.accountant
         self.noise_multiplier = spec.noise_multiplier or noise_for_epsilon(
             spec.epsilon, self.delta, self.sample_rate, train.max_steps, spec.accountant)
         self.target_epsilon = spec.epsilon
