@@ -3,7 +3,7 @@
     pocketlm split-task arc_easy runs/arc_easy_split --test-fraction 0.2 --seed 0
 
 writes
-    train.jsonl   SFT records {"prompt": <the task's prompt>, "completion": " <the right answer>"}
+    train.jsonl   SFT records {"prompt": <the task's prompt>, "completion": " <the right answer>", "answer": "B"}
     preferences.jsonl  DPO pairs from the same examples {"prompt", "chosen": right answer, "rejected": a wrong one}
     test.jsonl    the held-out examples {"query", "choices", "gold"}
     test.yaml     a task file for them, scored exactly as the built-in task: pocketlm eval M --tasks DIR/test.yaml
@@ -24,6 +24,8 @@ import yaml
 from ..errors import ConfigError
 from .loaders import resolve_tasks
 from .tasks import MULTIPLE_CHOICE
+
+ANSWER_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 def split_task(spec: str, out: str | Path, test_fraction: float = 0.2, seed: int = 0) -> dict:
@@ -47,7 +49,9 @@ def split_task(spec: str, out: str | Path, test_fraction: float = 0.2, seed: int
     delimiter = task.target_delimiter
     with open(out / "train.jsonl", "w", encoding="utf-8") as f:
         for e in train:
-            f.write(json.dumps({"prompt": e.query, "completion": delimiter + e.choices[e.gold]}) + "\n")
+            # "answer": the right choice's letter, a label to skew federated clients' data by (it is not trained on)
+            f.write(json.dumps({"prompt": e.query, "completion": delimiter + e.choices[e.gold],
+                                "answer": ANSWER_LETTERS[e.gold]}) + "\n")
     pick = random.Random(seed + 1)
     with open(out / "preferences.jsonl", "w", encoding="utf-8") as f:
         for e in train:
