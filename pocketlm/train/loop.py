@@ -54,7 +54,16 @@ from .distill import (
 )
 from .flat_adamw import FlatAdamW
 from .joint_graph import JointGradients
-from .objectives import LANGUAGE_MODELLING, PRIVATE_SFT, SFT, Objective, distillation, dpo, with_router_loss
+from .objectives import (
+    LANGUAGE_MODELLING,
+    PRIVATE_SFT,
+    SFT,
+    Objective,
+    distillation,
+    dpo,
+    with_proximal_term,
+    with_router_loss,
+)
 from .plots import plot_expert_usage, plot_loss_curve
 from .preference import attach_reference_logprobs
 from .privacy import PrivateTraining, check_private_run
@@ -111,11 +120,14 @@ def autocast_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
 # optimizer, schedule
 # ---------------------------------------------------------------------------------------------
 def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (not norms, biases), fused where PyTorch offers it."""
+    """AdamW with weight decay on matrices only (not norms, biases), fused where PyTorch offers it (or plain SGD,
+    optim.algorithm: sgd)."""
     o = recipe.optim
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if o.algorithm == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr)
     kwargs = dict(lr=o.lr, betas=o.betas, eps=o.eps)
     if o.fused:
         try:
@@ -200,11 +212,34 @@ def _swiglu_hidden(hidden: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------
-def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict], None] | None = None) -> Path:
+@dataclass
+class WarmStart:
+    """One federated client's round (train/federated/): the loop starts from these trainable weights (the global
+    model) at step `first_step` of the schedule, adds FedProx's proximal term when `proximal_mu` > 0, and hands
+    the model to `finished` at the end instead of writing a model directory."""
+
+    weights: dict[str, torch.Tensor]
+    first_step: int = 0
+    proximal_mu: float = 0.0
+    finished: Callable[[torch.nn.Module], None] | None = None
+
+    def load(self, model: torch.nn.Module) -> None:
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if set(trainable) != set(self.weights):
+            raise ConfigError(f"federated: the global weights name {len(self.weights)} tensors, the model trains "
+                              f"{len(trainable)}; the run's model or adapter changed since it started")
+        with torch.no_grad():
+            for name, p in trainable.items():
+                p.copy_(self.weights[name])
+
+
+def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict], None] | None = None,
+          warm_start: WarmStart | None = None) -> Path:
     """Run a recipe to the end (or resume it) and return the final model directory (or, for an
     adapter without a merged copy, the adapter directory).
 
     `on_step`, if given, is called in the main process with each step's record (step, loss, lr, ms, ...).
+    `warm_start` runs one federated client's round (see WarmStart); it returns OUT_DIR.
     """
     runtime = setup_runtime(recipe)
     out_dir = Path(recipe.out_dir)
@@ -244,8 +279,12 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
     objective = make_objective(recipe, model, data, runtime, autocast, progress)
     if recipe.adapter is not None:
         attach(model, config_from_spec(model, recipe.adapter))
-        if runtime.main:
+        if runtime.main and warm_start is None:
             console.print(f"{recipe.adapter.type} adapter: {trainable_summary(model)}", highlight=False)
+    if warm_start is not None:
+        warm_start.load(model)
+        if warm_start.proximal_mu > 0:  # anchored at the global weights just loaded
+            objective = with_proximal_term(objective, warm_start.proximal_mu, model)
     optimizer = make_optimizer(model, recipe)
     private = None  # DP-SGD: per-sample gradients, clipped and noised (privacy.py)
     if recipe.privacy is not None:
@@ -255,7 +294,7 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
             console.print(f"private training: noise multiplier {private.noise_multiplier:.4f}, rows clipped to "
                           f"{private.max_grad_norm}, sample rate {private.sample_rate:.5f} of {private.examples} rows, "
                           f"delta {private.delta:.3g}", highlight=False, soft_wrap=True)
-    state = TrainerState()
+    state = TrainerState(step=warm_start.first_step if warm_start is not None else 0)
     log_path = out_dir / "log.jsonl"
     checkpoint = latest_checkpoint(ckpt_root) if recipe.resume else None
     if checkpoint is not None:
@@ -464,6 +503,11 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
     bar.close()
 
     final = out_dir / "model"
+    if warm_start is not None:
+        logger.close()
+        if warm_start.finished is not None:
+            warm_start.finished(model)
+        return out_dir
     if runtime.main:
         final = _save_final(model, data, recipe, state, last_train_loss, last_val_loss, out_dir,
                             private.summary() if private is not None else None)

@@ -4,7 +4,8 @@
     distill         (1 - alpha) * cross-entropy + alpha * T^2 * KL(teacher_T || student_T)
     dpo             -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))  over summed reply log-probs
 
-A mixture of experts adds coef * its load-balancing loss to any of them (`with_router_loss`).
+A mixture of experts adds coef * its load-balancing loss to any of them (`with_router_loss`), and a FedProx client
+mu / 2 * ||w - w_global||^2 (`with_proximal_term`).
 """
 
 from __future__ import annotations
@@ -128,6 +129,23 @@ def dpo(beta: float) -> Objective:
         return dpo_terms(both[:n], both[n:], batch["ref_chosen"], batch["ref_rejected"], beta)
 
     return Objective(loss=loss, eval_loss=loss)
+
+
+# ---- federated: FedProx ------------------------------------------------------------------------
+def with_proximal_term(objective: Objective, mu: float, model: torch.nn.Module) -> Objective:
+    """`objective` plus FedProx's mu / 2 * ||w - w_global||^2 over the trainable weights (Li et al. 2020), anchored
+    at their values now (the global model a client starts its round from). The loop scales each call's loss (1 /
+    micro-batches, or 1 / the step's labelled tokens for a token-sum objective) and adds the calls up, so each call
+    adds the term with the weight that makes the step's total carry it exactly once."""
+    pairs = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+
+    def loss(model, batch):
+        value, metrics = objective.loss(model, batch)
+        term = mu / 2 * sum(((p - anchor) ** 2).sum() for p, anchor in pairs)
+        weight = (batch["labels"] != IGNORE).sum() if objective.token_sum else 1
+        return value + weight * term, {**metrics, "proximal": term.detach()}
+
+    return Objective(loss=loss, eval_loss=objective.eval_loss, token_sum=objective.token_sum)
 
 
 # ---- mixtures of experts ----------------------------------------------------------------------
