@@ -305,6 +305,40 @@ def train_cmd(
         out.print(str(final), highlight=False)
 
 
+@app.command("federate", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def federate_cmd(
+    ctx: typer.Context,
+    recipe: Path = typer.Argument(..., help="a YAML recipe with a `federated:` section (see recipes/)"),
+    work: Optional[Path] = typer.Option(None, "--work", help="where shards, round checkpoints and Flower's "
+                                        "processes' logs go (default OUT_DIR/federated)"),
+):
+    """Federated training on Flower: a SuperLink and one SuperNode per client on this machine; key=value
+    arguments override recipe fields (e.g. federated.rounds=4 resume=true)."""
+    from .train import load_recipe
+    from .train.federated import federate
+
+    loaded = load_recipe(recipe, overrides=list(ctx.args))
+    spec = loaded.federated
+    if spec is not None:
+        err.print(f"federated {spec.strategy}: {spec.clients} clients, {spec.rounds} rounds of {spec.local_steps} "
+                  f"local steps, {spec.partition.method} partition", highlight=False)
+
+    def report(record: dict) -> None:
+        losses = ", ".join(f"{name} {record[key]:.4f}" for key, name in (("train_loss", "train loss"),
+                                                                          ("val_loss", "val loss"))
+                           if record.get(key) is not None)
+        failed = f", {record['failed']} failed" if record.get("failed") else ""
+        err.print(f"round {record['round']}/{spec.rounds}: clients {record['clients']}{failed}, {losses}, "
+                  f"{(record['bytes_down'] + record['bytes_up']) / 1e6:.2f} MB sent, {record['seconds']:.1f} s",
+                  highlight=False)
+
+    result = federate(loaded, work=work, on_round=report)
+    if result.restarts:
+        err.print(f"the SuperLink was restarted {result.restarts} time(s); the run resumed from its round checkpoint",
+                  highlight=False)
+    out.print(str(result.model_dir), highlight=False)
+
+
 @app.command("quantize")
 def quantize_cmd(
     model: str = typer.Argument(..., help="model directory or name (float weights)"),

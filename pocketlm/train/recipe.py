@@ -82,6 +82,9 @@ class TrainSpec(Section):
 
 
 class OptimSpec(Section):
+    # adamw; or sgd, plain gradient descent (no momentum): FedAvg's textbook client, whose averaged steps equal
+    # one step on the union of the clients' batches
+    algorithm: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(gt=0)
     min_lr: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=0, ge=0)
@@ -179,6 +182,43 @@ class PrivacySpec(Section):
         return self
 
 
+class PartitionSpec(Section):
+    """How the training examples are dealt to the clients (train/federated/partition.py): `even` shares, or
+    per label (or per source file) Dirichlet(alpha) shares, so that clients' data differ as devices' data do."""
+
+    method: Literal["even", "dirichlet"] = "even"
+    alpha: float = Field(default=0.5, gt=0)  # Dirichlet concentration: smaller is more skewed
+    by: Literal["labels", "sources"] = "labels"  # dirichlet: over each record's label, or over its source file
+    label_field: str = "answer"  # by labels: the record field that holds the label (split-task's answer letter)
+    seed: int = 0
+
+
+class FederatedSpec(Section):
+    """Federated training on Flower's deployment engine (`pocketlm federate`; train/federated/): each round every
+    client trains `local_steps` steps of the one loop on its own shard from the global weights, and the server
+    aggregates what they send back (the LoRA adapter when the recipe has one, else every weight)."""
+
+    clients: int = Field(ge=1)
+    rounds: int = Field(ge=1)
+    local_steps: int = Field(default=1, ge=1)
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    proximal_mu: float = Field(default=0.0, ge=0)  # FedProx: mu / 2 * ||w - w_global||^2 on each client's loss
+    server_lr: float = Field(default=1e-3, gt=0)  # FedAdam: the server optimizer's step (Flower's eta)
+    server_betas: tuple[float, float] = (0.9, 0.99)  # FedAdam: moment decays
+    server_tau: float = Field(default=1e-3, gt=0)  # FedAdam: added to sqrt(v); smaller is more adaptive
+    partition: PartitionSpec = PartitionSpec()
+    round_timeout: float = Field(default=3600, gt=0)  # seconds the server waits for a round's replies
+
+    @model_validator(mode="after")
+    def _strategy_options(self) -> "FederatedSpec":
+        if self.proximal_mu > 0 and self.strategy != "fedprox":
+            raise ValueError(f"federated.proximal_mu {self.proximal_mu} is FedProx's term: set federated.strategy: "
+                             f"fedprox, or leave proximal_mu out for {self.strategy}")
+        if not all(0 <= b < 1 for b in self.server_betas):
+            raise ValueError(f"federated.server_betas {list(self.server_betas)}: each must be in [0, 1)")
+        return self
+
+
 class Recipe(Section):
     name: str
     out_dir: str
@@ -197,6 +237,7 @@ class Recipe(Section):
     distill: DistillSpec | None = None
     dpo: DPOSpec = DPOSpec()
     privacy: PrivacySpec | None = None
+    federated: FederatedSpec | None = None
 
     @model_validator(mode="after")
     def _model_source(self) -> "Recipe":
@@ -216,7 +257,25 @@ class Recipe(Section):
             raise ValueError("give exactly one of data.source (raw files) or data.prepared (a prepared directory)")
         if self.privacy is not None:
             self._check_private()
+        if self.federated is not None:
+            self._check_federated()
         return self
+
+    def _check_federated(self) -> None:
+        """What federated training does not support, refused with why."""
+        objective = self.train.objective
+        if objective not in ("sft", "pretrain"):
+            raise ValueError(f"federated: train.objective {objective} is not supported (DPO's reference and a "
+                             "teacher would run on every client each round); use sft or pretrain")
+        if self.init_from is None:
+            raise ValueError("federated: set init_from; federated training fine-tunes an existing model (a new "
+                             "model's tokenizer would be trained on the clients' pooled data)")
+        if self.privacy is not None:
+            raise ValueError("federated with privacy is not supported: each client's guarantee would need its own "
+                             "accountant across rounds; drop one of the two sections")
+        if self.data.prepared is not None:
+            raise ValueError("federated: data.prepared is already tokenized and cannot be dealt to clients by "
+                             "example; give data.source (JSON lines records)")
 
     def _check_private(self) -> None:
         """Options that would void the guarantee, or that per-sample gradients cannot run, refused with why."""
