@@ -220,6 +220,11 @@ class Watcher:
                 last_status = time.monotonic()
                 status, row = fed.run_status(run_id)
                 if status.startswith("finished"):
+                    # the ServerApp may have logged its last round between the read above and this status
+                    log = read_log(fed.work)
+                    for record in log[reported:]:
+                        self.on_round(record)
+                    reported = len(log)
                     self.submissions.append({"run_id": run_id, "status": status, **_traffic(row)})
                     if status == "finished:failed" and not (fed.dir / SERVER_ERROR).exists() \
                             and self.resubmits < self.max_resubmits:
