@@ -66,22 +66,33 @@ def tiny_mixture_dir(path: Path, seed: int = 3, **overrides) -> Path:
     return save_model_dir(path, fields, model.state_dict(), byte_level_tokenizer())
 
 
-def llama_cpp_agreement(llm, model, prompts: list[list[int]], n: int) -> float:
-    """Fraction of positions along pocketlm's greedy continuation (n tokens per prompt) at which
-    llama.cpp (a llama_cpp.Llama made with logits_all=True) picks the same next token."""
+def llama_cpp_agreement(llm, model, prompts: list[list[int]], n: int) -> tuple[float, float]:
+    """Along pocketlm's greedy continuation (n tokens per prompt), compare llama.cpp's next-token choice (a
+    llama_cpp.Llama made with logits_all=True) with pocketlm's full forward pass on the same tokens.
+
+    Returns (the fraction of positions at which the two pick the same token, the widest near-tie): the most,
+    over positions where they part, by which pocketlm's top logit exceeds its logit for llama.cpp's pick.
+    Rounding activations to 8 bits (llama.cpp's quantized matmuls, pocketlm's qdot decode) moves logits by a
+    little, so choices may part where two tokens are nearly tied, never where pocketlm's margin is wide."""
     import numpy as np
 
     from pocketlm.engine import SamplingParams, generate_tokens
 
     agree = total = 0
+    widest = 0.0
     for ids in prompts:
         ours = list(generate_tokens(model, ids, SamplingParams(max_new_tokens=n, ignore_eos=True)))
         llm.reset()
         llm.eval(ids + ours[:-1])
-        theirs = np.array(llm.scores[len(ids) - 1: len(ids) + len(ours) - 1]).argmax(-1).tolist()
-        agree += sum(a == b for a, b in zip(theirs, ours))
+        theirs = np.array(llm.scores[len(ids) - 1: len(ids) + len(ours) - 1]).argmax(-1)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + ours[:-1]]))[0, len(ids) - 1:].float()
+        top = logits.argmax(-1).numpy()
+        agree += int((theirs == top).sum())
         total += len(ours)
-    return agree / total
+        picked = logits[torch.arange(len(ours)), torch.from_numpy(theirs)]
+        widest = max(widest, float((logits.max(-1).values - picked).max()))
+    return agree / total, widest
 
 
 def write_text_pdf(path: Path, pages: list[str]) -> Path:
