@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import llguidance
-import llguidance.torch
 import torch
 
 from .errors import ConfigError, PocketLMError
@@ -120,6 +119,8 @@ class Guide:
     """One sequence's place in the grammar."""
 
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int):
+        import llguidance.torch  # seconds to import: only decoding under a grammar pays for it
+
         self.matcher = matcher
         self._bitmask = llguidance.torch.allocate_token_bitmask(1, vocab_size)
 

@@ -157,7 +157,6 @@ def expert_counts(probs: torch.Tensor, top_k: int) -> torch.Tensor:
         1, chosen, torch.ones_like(chosen, dtype=torch.float))
 
 
-@torch.compiler.disable  # a collective: run eagerly, between the compiled forward and the loss
 def _summed_over_processes(counts: torch.Tensor) -> torch.Tensor:
     counts = counts.clone()
     dist.all_reduce(counts)
@@ -178,6 +177,10 @@ def with_router_loss(objective: Objective, coef: float, top_k: int, world: int =
     the next one's routing is known, and batch threads run their slices apart: each of those keeps a term of
     its own (as transformers computes one per forward pass)."""
 
+    # a collective runs eagerly, between the compiled forward and the loss; wrapped here rather than at import,
+    # since torch.compiler.disable imports torch._dynamo (seconds for every process that imports the loop)
+    summed_over_processes = torch.compiler.disable(_summed_over_processes) if world > 1 else None
+
     def loss(model, batch):
         collected: list = []
         value, metrics = objective.loss(lambda *a, **k: model(*a, router_logits=collected, **k), batch)
@@ -188,7 +191,7 @@ def with_router_loss(objective: Objective, coef: float, top_k: int, world: int =
             weight = (batch["labels"] != IGNORE).sum().float()
         total = counts
         if world > 1:
-            summed = _summed_over_processes(torch.cat([counts.flatten(), weight.reshape(1)]))
+            summed = summed_over_processes(torch.cat([counts.flatten(), weight.reshape(1)]))
             total, weight = summed[:-1].view_as(counts), summed[-1] / world
         n = total.sum() / top_k  # layers x tokens, over every process
         router = world * probs.shape[-1] * (total.sum(0) / n * probs.sum((0, 1)) / n).sum()
