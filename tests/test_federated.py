@@ -58,8 +58,9 @@ def write_recipe(tmp_path: Path, base: Path, data: Path, federated: dict | None 
               "optim": {"lr": 1e-2, "warmup_steps": 0, "weight_decay": 0.0, "fused": False},
               "sft": {"packing": False},
               "eval": {"iters": 1}, "log": {"progress": False, "tensorboard": False}}
-    if federated is not None:
+    if federated is not None:  # each client's steps over the run
         recipe["federated"] = federated
+        recipe["train"]["max_steps"] = max(1, federated.get("rounds", 1) * federated.get("local_steps", 1))
     for key, value in sections.items():
         recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -308,6 +309,7 @@ def test_missing_label_field_is_one_line(tmp_path):
     ({"clients": 2, "rounds": 1, "proximal_mu": 0.1}, {}, "proximal_mu 0.1 is FedProx's term"),
     ({"clients": 2, "rounds": 1}, {"privacy": {"noise_multiplier": 1.0}}, "federated with privacy is not supported"),
     ({"clients": 2, "rounds": 1}, {"train": {"objective": "dpo"}}, "train.objective dpo is not supported"),
+    ({"clients": 2, "rounds": 3, "local_steps": 2}, {"train": {"max_steps": 5}}, "train.max_steps 5 must equal"),
 ])
 def test_unsupported_federated_recipes_are_refused(tmp_path, base, federated, sections, message):
     data = write_records(tmp_path / "d.jsonl", 8)

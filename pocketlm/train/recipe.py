@@ -276,6 +276,10 @@ class Recipe(Section):
         if self.data.prepared is not None:
             raise ValueError("federated: data.prepared is already tokenized and cannot be dealt to clients by "
                              "example; give data.source (JSON lines records)")
+        steps = self.federated.rounds * self.federated.local_steps
+        if self.train.max_steps != steps:
+            raise ValueError(f"federated: train.max_steps {self.train.max_steps} must equal federated.rounds x "
+                             f"local_steps = {steps}, the steps each client trains over the run; set it to {steps}")
 
     def _check_private(self) -> None:
         """Options that would void the guarantee, or that per-sample gradients cannot run, refused with why."""
