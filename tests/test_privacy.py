@@ -92,6 +92,43 @@ def test_per_sample_gradients_equal_torch_func(variant, loss_fn, monkeypatch):
     module._close()
 
 
+@pytest.mark.parametrize("variant", ["untied", "lora"])
+@pytest.mark.parametrize("loss_fn", [per_example_lm_loss, lm_loss], ids=["per-example-sft", "language-modelling"])
+def test_ghost_clipping_sums_the_rows_clipped_gradients(variant, loss_fn, monkeypatch, tmp_path, prepared):  # noqa: F811
+    """Ghost clipping never holds a row's gradient; what it leaves in .grad must still be the sum over rows of
+    each row's gradient clipped to max_grad_norm, here from torch.func's per-row gradients, with the bound at
+    the rows' median norm so that some rows are clipped and some are not."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(ModelConfig.from_dict(tiny_config()))
+    model.init_weights(std=0.1, seed=0)
+    if variant == "lora":
+        _lora(model)
+    batch = _batch(rows=6)
+    if loss_fn is lm_loss:
+        batch["labels"] = torch.randint(0, 300, batch["labels"].shape)
+    rows = _reference_per_sample(copy.deepcopy(model), batch, loss_fn, monkeypatch)
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in rows.values()]).norm(dim=0)
+    bound = float(norms.median())
+    factors = (bound / (norms + 1e-6)).clamp(max=1.0)
+    assert (factors < 1).any() and (factors == 1).any()
+    recipe = _private_recipe(tmp_path, prepared, **{"privacy.clipping": "ghost", "privacy.max_grad_norm": bound})
+    private = PrivateTraining(recipe, model, make_optimizer(model, recipe), examples=1000)
+    loss, _ = loss_fn(private.module, batch)
+    private.backward(loss)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            want = (factors.view(-1, *[1] * (rows[name].dim() - 1)) * rows[name]).sum(0)
+            torch.testing.assert_close(p.grad, want, atol=1e-5, rtol=1e-4, msg=name)
+            assert getattr(p, "grad_sample", None) is None, f"{name} held every row's gradient"
+    private.close()
+
+
+def test_ghost_clipping_refuses_a_weight_two_layers_share(tmp_path, prepared):  # noqa: F811
+    with pytest.raises(ConfigError, match=r"^privacy.clipping ghost: model.embed_tokens and lm_head share one "
+                                          r"trainable weight[^\n]*clipping: per_sample"):
+        _private(tmp_path, prepared, **{"privacy.clipping": "ghost"})
+
+
 def _private(tmp_path, prepared, **changes):  # noqa: F811
     """A tiny private pretraining run in this process: (run dir, its log, its pocketlm.json)."""
     train(_private_recipe(tmp_path, prepared, **changes), progress=False)
@@ -149,8 +186,10 @@ def test_a_target_epsilon_is_spent_and_not_exceeded(tmp_path, prepared):  # noqa
     assert all(r["loss"] == r["loss"] for r in log)  # no NaN
 
 
-def test_a_private_run_resumes_exactly(tmp_path, prepared):  # noqa: F811
-    whole, whole_log, whole_record = _private(tmp_path / "whole", prepared)
+@pytest.mark.parametrize("clipping", ["per_sample", "ghost"])
+def test_a_private_run_resumes_exactly(tmp_path, prepared, clipping):  # noqa: F811
+    changes = {"privacy.clipping": clipping, "model.tie_word_embeddings": False}
+    whole, whole_log, whole_record = _private(tmp_path / "whole", prepared, **changes)
 
     class Stop(Exception):
         pass
@@ -159,7 +198,7 @@ def test_a_private_run_resumes_exactly(tmp_path, prepared):  # noqa: F811
         if record["step"] == 8:
             raise Stop
 
-    recipe = _private_recipe(tmp_path / "cut", prepared)
+    recipe = _private_recipe(tmp_path / "cut", prepared, **changes)
     with pytest.raises(Stop):
         train(recipe, progress=False, on_step=stop_after_the_checkpoint)
     train(recipe.model_copy(update={"resume": True}), progress=False)
@@ -167,7 +206,7 @@ def test_a_private_run_resumes_exactly(tmp_path, prepared):  # noqa: F811
     for name, tensor in load_file(str(whole / "model" / "model.safetensors")).items():
         assert torch.equal(tensor, load_file(str(cut / "model" / "model.safetensors"))[name]), name
     resumed = json.loads((cut / "model" / "pocketlm.json").read_text())["privacy"]
-    assert resumed == whole_record["privacy"]
+    assert resumed == whole_record["privacy"] and resumed["clipping"] == clipping
 
 
 def test_private_lora_leaves_the_base_bit_identical(base, sft_file, tmp_path):  # noqa: F811
@@ -197,11 +236,12 @@ def test_private_lora_leaves_the_base_bit_identical(base, sft_file, tmp_path):  
     assert "epsilon" in json.loads((tmp_path / "run" / "adapter" / "pocketlm.json").read_text())["privacy"]
 
 
-def test_a_micro_batch_with_no_rows_still_adds_noise(base, sft_file, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("clipping", ["per_sample", "ghost"])
+def test_a_micro_batch_with_no_rows_still_adds_noise(base, sft_file, tmp_path, clipping):  # noqa: F811
     """Poisson sampling can draw no row: the step is still a noisy step (skipping it would leak that)."""
     recipe = load_recipe(write_recipe(tmp_path, init_from=str(base), data={"source": str(sft_file)},
                                       train={"objective": "sft"}, sft={"packing": False},
-                                      privacy={"noise_multiplier": 1.0}))
+                                      privacy={"noise_multiplier": 1.0, "clipping": clipping}))
     model = open_model(str(base))[0].float()
     before = [p.detach().clone() for p in model.parameters()]
     private = PrivateTraining(recipe, model, make_optimizer(model, recipe), examples=100)

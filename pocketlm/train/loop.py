@@ -405,7 +405,7 @@ def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict]
                         results = []
                         if batches is not None:
                             loss, metrics = step_loss(batches)
-                            loss.backward()
+                            private.backward(loss)
                             results = [(loss.detach() / t.grad_accum, metrics)]
                         private.micro_step(last=micro == t.grad_accum - 1, empty=batches is None)
                     elif threads is None:

@@ -3,7 +3,9 @@
 Each step samples every training row independently with probability q = batch_size / N (Poisson sampling,
 which is what the accountant's guarantee assumes). Every row's gradient is computed on its own (Opacus'
 per-sample gradients, from hooks on the layers), clipped to `max_grad_norm`, summed, and Gaussian noise of
-std `noise_multiplier * max_grad_norm` is added before the optimizer step. The accountant (PRV or RDP)
+std `noise_multiplier * max_grad_norm` is added before the optimizer step. With `clipping: ghost` the rows'
+gradients are never held: the hooks give each row's gradient norm, and a second backward, with each row's
+share of the output gradient scaled by its clipping factor, leaves the sum of the clipped gradients. The accountant (PRV or RDP)
 turns (noise multiplier, q, steps) into the epsilon spent at a given delta.
 
 The unit protected is one training row: a block of block_size tokens for pretraining and distillation, one
@@ -43,11 +45,19 @@ class PrivateTraining:
         self.noise_multiplier = spec.noise_multiplier or noise_for_epsilon(
             spec.epsilon, self.delta, self.sample_rate, train.max_steps, spec.accountant)
         self.target_epsilon = spec.epsilon
-        self.module = per_sample_module(model)
+        self.clipping = spec.clipping
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.optimizer = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
-                                     max_grad_norm=spec.max_grad_norm, expected_batch_size=train.batch_size,
-                                     loss_reduction="mean")
+        if self.clipping == "ghost":
+            from opacus.optimizers import DPOptimizerFastGradientClipping as Noisy
+
+            self.module = ghost_clipping_module(model, spec.max_grad_norm)
+            self._output = None  # the model's output in the last forward pass (the second backward scales it)
+            self._hook = model.register_forward_hook(self._keep_output)
+        else:
+            Noisy = DPOptimizer
+            self.module = per_sample_module(model)
+        self.optimizer = Noisy(optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=spec.max_grad_norm,
+                               expected_batch_size=train.batch_size, loss_reduction="mean")
         self.accountant = create_accountant(spec.accountant)
         self._checked = False
 
@@ -59,12 +69,44 @@ class PrivateTraining:
         return np.flatnonzero(rng.random(self.examples) < self.sample_rate)
 
     # ---- a step ----------------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor) -> None:
+        """The backward of a micro-batch's loss, a mean over its rows of each row's own loss. Per-sample: each
+        weight gets every row's gradient. Ghost: a first pass gets every row's gradient norm, and a second pass
+        scales each row's share of the output gradient by its clipping factor, so that each weight's gradient is
+        the sum of the rows' clipped gradients."""
+        if self.clipping != "ghost":
+            loss.backward()
+            return
+        output = self._output
+        loss.backward(retain_graph=True)
+        if not self._checked:
+            self._check_every_weight_has_row_gradients()
+        factors = self.module.get_clipping_coef()  # (rows,): min(1, max_grad_norm / |row's gradient|)
+        for p in self.trainable.values():
+            p.grad = None
+        scale = (factors * len(factors)).to(output.dtype)  # the mean gave each row 1/rows of its gradient
+        handle = output.register_hook(lambda g: g * scale.view(-1, *([1] * (g.dim() - 1))))
+        self.module.disable_hooks()
+        try:
+            loss.backward()
+        finally:
+            handle.remove()
+            self.module.enable_hooks()
+            self._output = None
+
+    def _keep_output(self, _module, _inputs, output) -> None:
+        if torch.is_tensor(output) and output.requires_grad:
+            self._output = output
+
     def micro_step(self, last: bool, empty: bool) -> None:
         """After a micro-batch's backward: clip its rows' gradients into the step's sum, and on the last one add
         the noise and step the optimizer. An empty micro-batch (Poisson sampling can draw none) adds nothing."""
         if empty:
             for p in self.trainable.values():
-                p.grad_sample = p.new_zeros((0, *p.shape))
+                if self.clipping == "ghost":
+                    p.grad = torch.zeros_like(p)
+                else:
+                    p.grad_sample = p.new_zeros((0, *p.shape))
         elif not self._checked:
             self._check_every_weight_has_row_gradients()
         self.optimizer.signal_skip_step(do_skip=not last)
@@ -76,7 +118,8 @@ class PrivateTraining:
     def _check_every_weight_has_row_gradients(self) -> None:
         """A weight whose layer ran without Opacus' hooks has no per-sample gradient: its update would be
         neither clipped nor noised. Refuse, naming the layers."""
-        missing = [n for n, p in self.trainable.items() if getattr(p, "grad_sample", None) is None]
+        held = "_norm_sample" if self.clipping == "ghost" else "grad_sample"
+        missing = [n for n, p in self.trainable.items() if getattr(p, held, None) is None]
         if missing:
             layers = sorted({n.rsplit(".", 1)[0] for n in missing})
             raise ConfigError(f"privacy: Opacus computed no per-sample gradients for {', '.join(layers[:4])}"
@@ -106,11 +149,15 @@ class PrivateTraining:
                 "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm,
                 "sample_rate": self.sample_rate, "steps": sum(e[2] for e in self.accountant.history),
                 "accountant": self.accountant_name, "sampling": "poisson", "unit": "one training row",
-                "rows": self.examples}
+                "rows": self.examples, "clipping": self.clipping}
 
     def close(self) -> None:
         """Take Opacus' hooks off the model (it is saved, evaluated and served as a plain model)."""
         self.module._close()
+        if self.clipping == "ghost":
+            self._hook.remove()
+            for p in self.trainable.values():
+                p.__dict__.pop("_norm_sample", None)
 
 
 def noise_for_epsilon(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
@@ -151,10 +198,40 @@ def per_sample_module(model: torch.nn.Module):
     return GradSampleModule(model, batch_first=True, loss_reduction="mean")
 
 
+def ghost_clipping_module(model: torch.nn.Module, max_grad_norm: float):
+    """The model with Opacus' ghost-clipping hooks on: after a backward of a mean over rows, each trainable
+    weight holds `_norm_sample`, the norm of every row's own gradient, computed without that gradient. A weight
+    two layers share (a tied embedding and output head) has no such norm: refused, naming it."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    users: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            if p.requires_grad:
+                users.setdefault(id(p), []).append(name)
+    shared = [names for names in users.values() if len(names) > 1]
+    if shared:
+        raise ConfigError(f"privacy.clipping ghost: {' and '.join(shared[0])} share one trainable weight, and ghost "
+                          "clipping cannot take the norm of a weight used twice; use clipping: per_sample, or train "
+                          "an adapter (the shared weight stays frozen)")
+    _use_opacus_samplers(GradSampleModuleFastGradientClipping)
+    warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
+                            "respect to module outputs")
+    return GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
+                                                max_grad_norm=max_grad_norm, use_ghost_clipping=True)
+
+
 def _use_opacus_samplers(grad_sample_module) -> None:
     """pocketlm's Linear and Embedding compute exactly what torch's do: give them Opacus' closed-form
-    per-sample gradients instead of its generic, slower vmap."""
+    per-sample gradients (and gradient norms, for ghost clipping) instead of its generic, slower vmap."""
     samplers = grad_sample_module.GRAD_SAMPLERS
     samplers.setdefault(Linear, samplers[torch.nn.Linear])
     samplers.setdefault(Embedding, samplers[torch.nn.Embedding])
+    norms = getattr(grad_sample_module, "NORM_SAMPLERS", None)
+    if norms is not None:
+        norms.setdefault(Linear, norms[torch.nn.Linear])
+        embedding_norms = norms[torch.nn.Embedding]
+        # Opacus' embedding norms view the token ids flat, which fails on a batch sliced from a longer one
+        norms.setdefault(Embedding, lambda layer, activations, backprops: embedding_norms(
+            layer, [a.contiguous() for a in activations], backprops))
 

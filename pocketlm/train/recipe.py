@@ -167,6 +167,10 @@ class PrivacySpec(Section):
     max_grad_norm: float = Field(default=1.0, gt=0)  # each row's gradient is clipped to this norm
     accountant: Literal["prv", "rdp"] = "prv"
     poisson_sampling: bool = True  # each row joins each step with probability batch_size / N
+    # per_sample: every row's gradient held, then clipped (Opacus' hooks); ghost: only every row's gradient norm,
+    # from the layers' inputs and output gradients, then a second backward with each row's loss scaled by its
+    # clipping factor (Li et al. 2022): the same update, without batch x trainable weights of memory
+    clipping: Literal["per_sample", "ghost"] = "per_sample"
 
     @model_validator(mode="after")
     def _budget(self) -> "PrivacySpec":
