@@ -5,8 +5,8 @@ which is what the accountant's guarantee assumes). Every row's gradient is compu
 per-sample gradients, from hooks on the layers), clipped to `max_grad_norm`, summed, and Gaussian noise of
 std `noise_multiplier * max_grad_norm` is added before the optimizer step. With `clipping: ghost` the rows'
 gradients are never held: the hooks give each row's gradient norm, and a second backward, with each row's
-share of the output gradient scaled by its clipping factor, leaves the sum of the clipped gradients. The accountant (PRV or RDP)
-turns (noise multiplier, q, steps) into the epsilon spent at a given delta.
+share of the output gradient scaled by its clipping factor, leaves the sum of the clipped gradients. The
+accountant (PRV or RDP) turns (noise multiplier, q, steps) into the epsilon spent at a given delta.
 
 The unit protected is one training row: a block of block_size tokens for pretraining and distillation, one
 example for SFT (packing is refused, so that a row is one example). Anything that makes a row's gradient
