@@ -98,14 +98,14 @@ def test_speculative_decoding_with_an_int4_draft_equals_greedy(fp32, quantized):
     assert accepted / drafted > 0.5  # the int4 copy agrees with its parent most of the time
 
 
-@pytest.mark.parametrize("kind,qtype", [("int8", "Q8_0"), ("int4", "Q4_1")])
-def test_quantized_gguf_export_runs_in_llama_cpp(quantized, kind, qtype, tmp_path):
+@pytest.mark.parametrize("kind,qtype,agreeing", [("int8", "Q8_0", 0.90), ("int4", "Q4_1", 0.85)])
+def test_quantized_gguf_export_runs_in_llama_cpp(quantized, kind, qtype, agreeing, tmp_path):
     """The exported weights equal the model's exactly (tests/test_quant.py). llama.cpp rounds activations
     to 8 bits in these matmuls, so its next-token choice may part from pocketlm's forward pass where two tokens
-    are nearly tied; checked along pocketlm's greedy path: the same choice at >= 85% of positions, and where
-    they part pocketlm's top logit leads llama.cpp's pick by under 1.0 (a wrong weight parts where the lead is
-    wide: over half of these positions lead by more). Measured on AMD EPYC AVX2: int8 95% (widest 0.14),
-    int4 87.5% (widest 0.63)."""
+    are nearly tied; checked along pocketlm's greedy path: the same choice at >= 90% of positions (int8) or 85%
+    (int4, whose 4-bit products llama.cpp's 8-bit activations perturb more), and where they part pocketlm's top
+    logit leads llama.cpp's pick by under 1.0 (a wrong weight parts where the lead is wide: over half of these
+    positions lead by more). Measured on AMD EPYC AVX2: int8 95% (widest 0.14), int4 87.5% (widest 0.63)."""
     pytest.importorskip("llama_cpp")
     from gguf import GGUFReader
 
@@ -115,7 +115,7 @@ def test_quantized_gguf_export_runs_in_llama_cpp(quantized, kind, qtype, tmp_pat
     llm = open_llama(path, n_threads=2, n_ctx=512, logits_all=True, verbose=False)
     prompts = [chat_prompt(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
     agreement, widest_tie = llama_cpp_agreement(llm, model, prompts, 16)
-    assert agreement >= 0.85 and widest_tie < 1.0, (agreement, widest_tie)
+    assert agreement >= agreeing and widest_tie < 1.0, (agreement, widest_tie)
 
 
 def test_bench_command_against_llama_cpp(quantized, tmp_path):
