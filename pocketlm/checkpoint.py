@@ -13,7 +13,6 @@ where a good one was. Loads memory-map the weights and validate every tensor aga
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import shutil
 import struct
@@ -28,7 +27,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .config import ARCHITECTURES, ModelConfig
 from .errors import CheckpointError, PocketLMError
-from .fsio import atomic_write_text, fsync_file, replace_dir
+from .fsio import atomic_write_text, fsync_file, replace_dir, timestamp
 from .kernels.cpu_features import warn_if_bf16_is_slow
 from .model import LlamaForCausalLM, expected_shapes
 from .quant import (
@@ -85,7 +84,7 @@ def save_model_dir(
         tokenizer.save(tmp)
         record = {
             "pocketlm_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": timestamp(),
             "parameters": sum(t.numel() for t in tensors.values()),
             "source": None, "parent": None, "recipe": None, "data_hashes": {}, "quantization": None, "metrics": {},
         }

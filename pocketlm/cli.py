@@ -24,7 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console()
+out = Console(soft_wrap=True)  # a printed path is never folded: scripts and `pocketlm run` read it
 err = Console(stderr=True)
 
 
@@ -521,6 +521,55 @@ def eval_cmd(
     if output:
         output.write_text(json.dumps(document, indent=2))
         err.print(f"results written to {output}", highlight=False)
+
+
+@app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run_cmd(
+    ctx: typer.Context,
+    pipeline: Path = typer.Argument(..., help="a pipeline file (see recipes/pipelines/)"),
+    force: Optional[list[str]] = typer.Option(None, "--force", help="run this stage (or variant) even if nothing it "
+                                              "depends on changed (repeatable)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="say what would run and why, and run nothing"),
+    directory: Optional[Path] = typer.Option(None, "--dir", help="where the stages' outputs, the lock file and the "
+                                             "report go (default: the file's `dir:`, else runs/NAME)"),
+):
+    """Run a pipeline: every stage whose inputs changed, each as its own command, then the report (report.md,
+    report.html); key=value arguments override the file (e.g. stages.eval.limit=50)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from .pipeline import load_pipeline, run_pipeline
+
+    loaded = load_pipeline(pipeline, overrides=list(ctx.args), directory=directory)
+    if dry_run:
+        result = run_pipeline(loaded, force=list(force or []), dry_run=True)
+        for stage in result.stages:
+            err.print(f"{stage.name:24} {stage.status:10} {stage.reason}", highlight=False)
+        return
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
+                  transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(name: str, event: str, info: dict) -> None:
+            if event == "start":
+                err.print(f"[bold]{name}[/bold]: {info['reason']}", highlight=False)
+                if info.get("command"):
+                    err.print(f"  [dim]{info['command']}[/dim]", highlight=False, soft_wrap=True)
+                tasks[name] = bar.add_task(name)
+            elif event == "running" and name in tasks:
+                bar.update(tasks[name], description=f"{name}  [dim]{info['line'][:90]}[/dim]")
+            elif event == "done":
+                if name in tasks:
+                    bar.remove_task(tasks.pop(name))
+                if info["status"] == "cached":
+                    err.print(f"[dim]{name}: unchanged, skipped[/dim]", highlight=False)
+                elif "wall_s" in info:
+                    err.print(f"[green]{name}[/green]: done in {info['wall_s']:.1f} s, peak memory "
+                              f"{info['peak_rss_mb']:.0f} MB", highlight=False)
+
+        result = run_pipeline(loaded, force=list(force or []), progress=progress)
+    err.print(f"{len(result.ran)} of {len(result.stages)} stages ran; report: {result.report} and "
+              f"{result.report.with_suffix('.html')}", highlight=False)
+    out.print(str(result.report), highlight=False)
 
 
 @app.command("merge")

@@ -59,3 +59,15 @@ def replace_dir(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def timestamp() -> str:
+    """The time an output records (UTC, to the second): now, or SOURCE_DATE_EPOCH's time where it is set (the
+    reproducible-builds convention), so that the same work run twice can write the same bytes."""
+    import datetime as _dt
+    import os
+
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "")
+    when = (_dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc) if epoch.isdigit()
+            else _dt.datetime.now(_dt.timezone.utc))
+    return when.isoformat(timespec="seconds")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import re
 import time
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from ..checkpoint import read_provenance
 from ..constrain import Constraint
 from ..engine import SamplingParams
 from ..errors import ConfigError
+from ..fsio import timestamp
 from ..loading import open_model
 from ..model import expected_shapes
 from ..streaming import chat_prompt, compile_constraint, generate
@@ -275,7 +275,7 @@ def evaluate(model, tokenizer, tasks: list[str] | list[Task], num_fewshot: int |
                                                           batch_tokens, progress, constraint, retrieval, closed_book)
     document = {
         "pocketlm_version": __version__,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date": timestamp(),
         "model": model_facts(model, model_dir),
         "settings": {"num_fewshot": num_fewshot, "limit": limit, "max_tokens": max_tokens, "batch_tokens": batch_tokens,
                      "constraint": None if constraint is None else {"kind": constraint.kind, "value": constraint.value},

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ..errors import ConfigError
 from ..hub import REGISTRY, resolve_model
+from ..overrides import apply_override, parse_override
 from ..validation import validation_message
 
 
@@ -315,26 +316,6 @@ class Recipe(Section):
 # ---------------------------------------------------------------------------------------------
 # loading
 # ---------------------------------------------------------------------------------------------
-def parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key=value, for example train.max_steps=100")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip().split("."), value
-
-
-def apply_override(data: dict, path: list[str], value: Any) -> None:
-    node = data
-    for part in path[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[path[-1]] = value
-
-
 def load_recipe(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> Recipe:
     path = Path(path)
     if not path.is_file():

@@ -1,0 +1,241 @@
+"""`pocketlm run`: a pipeline's graph and its checks, caching by key (nothing changed runs nothing; an evaluation
+setting re-runs only the evaluation; new data re-runs everything after it), outputs byte-identical to the same
+stage run by its own command, and a run killed during training that resumes to the same model."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pocketlm.pipeline import PipelineError, load_pipeline, read_lock, run_pipeline
+from pocketlm.pipeline.report import pareto
+
+REPO = Path(__file__).resolve().parent.parent
+POCKETLM = [sys.executable, "-m", "pocketlm"]
+
+TINY_RECIPE = {
+    "name": "tiny", "out_dir": "unused", "seed": 0,
+    "model": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+              "tie_word_embeddings": False},
+    "data": {"source": "replaced-by-the-pipeline.txt", "tokenizer": "char"},
+    "train": {"max_steps": 12, "batch_size": 4, "block_size": 32, "compile": False, "threads": 1},
+    "optim": {"lr": 1.0e-3, "warmup_steps": 2},
+    "eval": {"interval": 6, "iters": 2},
+    "checkpoint": {"interval": 4, "keep_last": 2},
+    "log": {"interval": 2, "progress": False},
+}
+
+
+def workspace(root: Path, text: str, steps: int = 12) -> Path:
+    """Raw text, a tiny recipe, a held-out perplexity task and a pipeline over them: data -> model -> int8 ->
+    evaluation. Returns the pipeline file."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "text.txt").write_text(text[:-2000])
+    (root / "heldout.txt").write_text(text[-2000:])
+    recipe = {**TINY_RECIPE, "train": {**TINY_RECIPE["train"], "max_steps": steps}}
+    (root / "tiny.yaml").write_text(yaml.safe_dump(recipe))
+    (root / "heldout.yaml").write_text(yaml.safe_dump({"task": "heldout", "type": "perplexity", "data": "heldout.txt"}))
+    pipeline = {
+        "name": "tiny",
+        "stages": {
+            "data": {"type": "prepare", "inputs": [str(root / "text.txt")], "tokenizer": "char", "dedupe": False,
+                     "scrub_pii": False},
+            "model": {"type": "pretrain", "recipe": str(root / "tiny.yaml"),
+                      "set": {"data.source": None, "data.prepared": "${data}"}},
+            "quant": {"type": "quantize", "model": "${model}", "to": "int8"},
+            "eval": {"type": "eval", "model": "${quant}", "tasks": str(root / "heldout.yaml"), "max_tokens": 400},
+        },
+    }
+    path = root / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def text(shared_data) -> str:
+    return (shared_data / "tinyshakespeare" / "input.txt").read_text()[:30000]
+
+
+def write_pipeline(tmp_path: Path, document: dict) -> Path:
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# the graph: fan-out and bad input, before any work
+# ---------------------------------------------------------------------------------------------
+def test_fan_out_names_variants_and_wires_them(tmp_path):
+    path = write_pipeline(tmp_path, {"name": "p", "stages": {
+        "base": {"type": "pull", "name": "smollm2-135m-instruct"},
+        "quant": {"type": "quantize", "model": "${base}", "matrix": {"to": ["int8", "int4"]}},
+        "eval": {"type": "eval", "tasks": "arc_easy", "matrix": {"model": ["${base}", "${quant}"]}},
+        "gguf": {"type": "export", "model": "${quant}"},
+        "last": {"type": "bench", "model": "${base}", "after": "gguf"},
+    }})
+    pipeline = load_pipeline(path)
+    assert list(pipeline.stages) == ["base", "quant@int8", "quant@int4", "eval@base", "eval@quant-int8",
+                                     "eval@quant-int4", "gguf@int8", "gguf@int4", "last"]
+    assert pipeline.stages["eval@quant-int4"].settings["model"] == "${quant@int4}"
+    assert pipeline.stages["gguf@int8"].deps == ("quant@int8",)
+    assert pipeline.stages["last"].deps == ("base", "gguf@int8", "gguf@int4")
+    assert pipeline.directory == Path("runs/p")
+
+
+BAD = [
+    ({"a": {"type": "quantize", "model": "${b}", "to": "int8"}, "b": {"type": "quantize", "model": "${a}", "to": "int8"}},
+     "stages form a cycle: "),
+    ({"a": {"type": "quantise", "model": "x"}}, "stage 'a': unknown type 'quantise' (did you mean 'quantize'?)"),
+    ({"a": {"type": "pull", "name": "x"}, "b": {"type": "eval", "model": "${aa}", "tasks": "arc_easy"}},
+     "stage 'b' names ${aa}, which no stage makes (did you mean 'a'?)"),
+    ({"a": {"type": "pull", "name": "x"}, "b": {"type": "eval", "model": "${a@int8}", "tasks": "arc_easy"}},
+     "stage 'b' names ${a@int8}, which no stage makes"),
+    ({"a": {"type": "pull", "name": "x"}, "b": {"type": "bench", "model": "${a}", "after": "c"}},
+     "stage 'b' names after: c, which no stage makes"),
+    ({"a": {"type": "quantize", "model": "x", "matrix": {"to": "int8"}}}, "matrix: expected a mapping of settings"),
+]
+
+
+@pytest.mark.parametrize("stages, message", BAD)
+def test_bad_pipelines_are_refused_in_one_line(tmp_path, stages, message):
+    with pytest.raises(PipelineError) as info:
+        load_pipeline(write_pipeline(tmp_path, {"name": "p", "stages": stages}))
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bad_settings_are_refused_before_any_stage_runs(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({**TINY_RECIPE, "train": {**TINY_RECIPE["train"], "objective": "pretrain"}}))
+    for stages, message in [
+        ({"m": {"type": "dpo", "recipe": str(recipe)}}, "stage 'm' is a dpo stage but its recipe"),
+        ({"m": {"type": "train", "recipe": str(tmp_path / "none.yaml")}}, "none.yaml: no such file"),
+        ({"m": {"type": "train", "recipe": str(recipe), "steps": 3}}, "steps: unknown setting"),
+        ({"q": {"type": "quantize", "to": "int8"}}, "stage 'q' (quantize): set model"),
+        ({"e": {"type": "eval", "model": "x", "output": "y.json"}}, "output: the pipeline places the output"),
+    ]:
+        pipeline = load_pipeline(write_pipeline(tmp_path, {"name": "p", "stages": stages}), directory=tmp_path / "run")
+        with pytest.raises(Exception) as info:
+            run_pipeline(pipeline)
+        assert message in str(info.value), str(info.value)
+        assert not (tmp_path / "run").exists()  # no work: not even the pipeline's directory
+
+
+def test_cli_prints_one_line_for_a_bad_pipeline(tmp_path):
+    path = write_pipeline(tmp_path, {"name": "p", "stages": {"a": {"type": "pull", "name": "x"},
+                                                              "b": {"type": "bench", "model": "${c}"}}})
+    done = subprocess.run([*POCKETLM, "run", str(path)], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [f"error: {path}: stage 'b' names ${{c}}, which no stage makes "
+                                                "(stages: a, b)"]
+
+
+def test_pareto_front():
+    points = [(1.0, 0.5, "small"), (4.0, 0.7, "big"), (2.0, 0.4, "worse"), (2.0, 0.6, "mid")]
+    assert pareto(points, cost_lower=True, quality_lower=False) == ["small", "big", "mid"]
+    assert pareto(points, cost_lower=True, quality_lower=True) == ["small", "worse"]  # perplexity: lower wins
+
+
+# ---------------------------------------------------------------------------------------------
+# running: caching, byte-identical outputs, resuming
+# ---------------------------------------------------------------------------------------------
+def test_caching_runs_only_what_changed(tmp_path, text):
+    path = workspace(tmp_path / "ws", text)
+    out = tmp_path / "run"
+    first = run_pipeline(load_pipeline(path, directory=out))
+    assert first.ran == ["data", "model", "quant", "eval"]
+    lock = read_lock(out)
+    assert lock["stages"]["eval"]["metrics"]["heldout.token_perplexity"] > 1
+    assert lock["stages"]["model"]["metrics"]["steps"] == 12 and lock["stages"]["model"]["peak_rss_mb"] > 50
+    report = (out / "report.md").read_text()
+    assert "| quant | quantize |" in report and "data → model → quant" in report
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+    written = (out / "report.md").stat().st_mtime_ns
+
+    started = time.perf_counter()
+    second = run_pipeline(load_pipeline(path, directory=out))
+    assert time.perf_counter() - started < 2.0
+    assert second.ran == [] and [s.status for s in second.stages] == ["cached"] * 4
+    assert (out / "report.md").stat().st_mtime_ns == written  # nothing changed: the report is not rewritten
+
+    third = run_pipeline(load_pipeline(path, ["stages.eval.max_tokens=300"], directory=out))
+    assert third.ran == ["eval"] and third.stages[-1].reason == "settings changed: max_tokens"
+    assert (out / "report.md").stat().st_mtime_ns != written
+
+    with open(tmp_path / "ws" / "text.txt", "a") as f:
+        f.write("\nKING: a line the first run never saw.\n")
+    dry = run_pipeline(load_pipeline(path, ["stages.eval.max_tokens=300"], directory=out), dry_run=True)
+    assert [(s.name, s.status) for s in dry.stages] == [(n, "would run") for n in ("data", "model", "quant", "eval")]
+    assert dry.stages[0].reason == f"input changed: {tmp_path / 'ws' / 'text.txt'}"
+    assert dry.stages[1].reason == "data runs before it"
+    assert read_lock(out)["stages"]["eval"]["parts"]["settings"]["max_tokens"] == 300  # the dry run changed nothing
+    fourth = run_pipeline(load_pipeline(path, ["stages.eval.max_tokens=300"], directory=out))
+    assert fourth.ran == ["data", "model", "quant", "eval"]
+    assert fourth.stages[1].reason == "data changed"
+
+
+def test_stage_output_is_byte_identical_to_its_own_command(tmp_path, text, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1800000000")  # the records' creation time, the same in both
+    path = workspace(tmp_path / "ws", text)
+    out = tmp_path / "run"
+    pipeline = load_pipeline(path, directory=out)
+    pipeline.stages.pop("eval")
+    run_pipeline(pipeline)
+    lock = read_lock(out)
+    made = {name: Path(lock["stages"][name]["output"]) for name in ("data", "model", "quant")}
+    for name in made:  # the pipeline's outputs aside; the same commands by hand write to the same paths
+        os.rename(out / name, tmp_path / f"pipeline-{name}")
+    by_hand = [
+        ["prepare", str(tmp_path / "ws" / "text.txt"), "--out", str(made["data"]), "--tokenizer", "char",
+         "--no-dedupe", "--no-scrub-pii"],
+        ["train", str(tmp_path / "ws" / "tiny.yaml"), "data.source=null", f"data.prepared={made['data']}",
+         f"out_dir={out / 'model' / 'run'}"],
+        ["quantize", str(made["model"]), str(made["quant"]), "--to", "int8"],
+    ]
+    for args in by_hand:
+        subprocess.run([*POCKETLM, *args], check=True, capture_output=True, cwd=tmp_path)
+    for name, output in made.items():
+        theirs = tmp_path / f"pipeline-{name}" / output.relative_to(out / name)
+        files = sorted(p.relative_to(output) for p in output.rglob("*") if p.is_file())
+        assert files == sorted(p.relative_to(theirs) for p in theirs.rglob("*") if p.is_file())
+        match, mismatch, errors = filecmp.cmpfiles(output, theirs, [str(f) for f in files], shallow=False)
+        assert (mismatch, errors) == ([], []), f"{name}: {mismatch or errors} differ"
+        assert len(match) >= 3
+
+
+def test_a_run_killed_in_training_resumes_to_the_same_model(tmp_path, text):
+    path = workspace(tmp_path / "ws", text, steps=60)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    document = yaml.safe_load(path.read_text())
+    document["stages"] = {k: document["stages"][k] for k in ("data", "model")}
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+
+    run = subprocess.Popen([*POCKETLM, "run", str(path), "--dir", str(killed)], cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoints = killed / "model" / "run" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.glob("step-0000020")) and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert run.poll() is None, run.communicate()
+    run.send_signal(signal.SIGTERM)
+    run.wait(timeout=60)
+    assert "model" not in read_lock(killed)["stages"] and "data" in read_lock(killed)["stages"]
+    assert not (killed / "model" / "run" / "model").exists()
+
+    events = []
+    resumed = run_pipeline(load_pipeline(path, directory=killed), progress=lambda *e: events.append(e))
+    assert resumed.ran == ["model"]
+    assert any(name == "model" and "resuming from its last checkpoint" in info.get("reason", "")
+               for name, event, info in events)
+    assert "resumed from" in (killed / "model" / "stage.log").read_text()
+
+    run_pipeline(load_pipeline(path, directory=whole))
+    weights = "model/run/model/model.safetensors"
+    assert (killed / weights).read_bytes() == (whole / weights).read_bytes()
