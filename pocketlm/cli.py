@@ -694,8 +694,42 @@ def ab_report_cmd(
         err.print(f"json: {json_out}", highlight=False)
 
 
-data_app = typer.Typer(help="Datasets: test collections converted to the layouts pocketlm reads.", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets: named public datasets (pull, list), and test collections converted to the "
+                       "layouts pocketlm reads.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+
+
+@data_app.command("list")
+def data_list_cmd() -> None:
+    """The named datasets: `pocketlm data pull NAME`, or `dataset:NAME/FILE` in recipes, pipelines and prepare."""
+    from .datasets import describe
+
+    for name, files, size, about in describe():
+        sys.stdout.write(f"{name:16} {files:4} files {size / 2**20:8.2f} MB  {about}\n")
+
+
+@data_app.command("pull")
+def data_pull_cmd(name: str = typer.Argument(..., help="a named dataset (`pocketlm data list`)")) -> None:
+    """Fetch a named dataset's files from their public URLs into the cache, each checked against its sha256 (a
+    partial download resumes; POCKETLM_DATASETS names a local mirror to use instead); print where they are."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    from .datasets import dataset_files, pull
+
+    items = dataset_files(name)
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), console=err, transient=True) as bar:
+        task = bar.add_task(name, total=sum(item.size for item in items))
+        sizes = {item.name: 0 for item in items}
+
+        def progress(file: str, done: int, total: int) -> None:
+            sizes[file] = done
+            bar.update(task, completed=sum(sizes.values()), description=f"{name}/{file}")
+
+        paths = pull(name, progress)
+    folder = Path(os.path.commonpath([str(p.parent) for p in paths]))
+    err.print(f"{name}: {len(paths)} files, {sum(item.size for item in items) / 2**20:.2f} MB, sha256 checked",
+              highlight=False)
+    out.print(str(folder), highlight=False)
 
 
 @data_app.command("cranfield")

@@ -33,6 +33,7 @@ import numpy as np
 from . import __version__
 from .fsio import atomic_write, file_sha256, replace_dir
 from .errors import ConfigError, PocketLMError
+from .datasets import is_dataset_ref, pull, resolve_data_path
 from .tokenizer import Tokenizer, train_bpe, train_char
 
 SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".parquet")
@@ -103,13 +104,17 @@ class Document:
 def resolve_inputs(inputs: Iterable[str | Path], report: PrepareReport | None = None) -> list[str]:
     """Expand folders (recursively, supported suffixes) and globs into a sorted, de-duplicated list.
 
-    `hf:NAME[@split]` entries (Hugging Face `datasets`) pass through unchanged.
+    `hf:NAME[@split]` entries (Hugging Face `datasets`) pass through unchanged; `dataset:NAME/FILE` (or
+    `dataset:NAME`, all its files) is a named dataset's file, fetched where needed (pocketlm.datasets).
     """
     resolved: list[str] = []
     for item in inputs:
         text = str(item)
         if text.startswith("hf:"):
             resolved.append(text)
+        elif is_dataset_ref(text):
+            name = text[len("dataset:"):]
+            resolved += [str(p) for p in pull(name)] if "/" not in name else [str(resolve_data_path(text))]
         elif any(ch in text for ch in "*?["):
             matches = sorted(p for p in glob.glob(text, recursive=True) if Path(p).is_file())
             if not matches:

@@ -10,6 +10,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("POCKETLM_SHARED_DATA", REPO.parent / "shared" / "data"))
+if SHARED_DATA.is_dir():  # `dataset:NAME/FILE` (recipes, pipelines) from the local copies: no network in tests
+    os.environ.setdefault("POCKETLM_DATASETS", str(SHARED_DATA))
 
 
 @pytest.fixture(scope="session")

@@ -120,6 +120,10 @@ def test_bad_settings_are_refused_before_any_stage_runs(tmp_path):
         ({"m": {"type": "train", "recipe": str(recipe), "steps": 3}}, "steps: unknown setting"),
         ({"q": {"type": "quantize", "to": "int8"}}, "stage 'q' (quantize): set model"),
         ({"e": {"type": "eval", "model": "x", "output": "y.json"}}, "output: the pipeline places the output"),
+        ({"d": {"type": "prepare", "inputs": ["dataset:tinystorys/a.txt"]}},
+         "stage 'd': dataset:tinystorys/a.txt: unknown dataset 'tinystorys'; known: alpaca, arc, "),
+        ({"m": {"type": "train", "recipe": str(recipe), "set": {"data.source": "dataset:arc/none.jsonl"}}},
+         "stage 'm': dataset:arc/none.jsonl: arc has no file 'none.jsonl'"),
     ]:
         pipeline = load_pipeline(write_pipeline(tmp_path, {"name": "p", "stages": stages}), directory=tmp_path / "run")
         with pytest.raises(Exception) as info:

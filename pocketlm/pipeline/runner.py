@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import __version__
+from ..datasets import is_dataset_ref, ref_sha256
 from ..errors import PocketLMError
 from ..fsio import atomic_write_text
 from .hashing import HashCache, digest
@@ -75,8 +76,14 @@ def run_pipeline(pipeline: Pipeline, force: list[str] = (), dry_run: bool = Fals
             raise PipelineError(f"--force {name}: no such stage (stages: {', '.join(pipeline.stages)})")
     for stage in pipeline.stages.values():
         check_settings(stage.name, stage.type, stage.settings)
+        named = stage.settings
         if STAGE_TYPES[stage.type].trains:
-            recipe_document(stage.name, stage.type, stage.settings)
+            named = [named, recipe_document(stage.name, stage.type, stage.settings)]
+        for ref in sorted(_named(named, is_dataset_ref)):
+            try:
+                ref_sha256(ref)
+            except PocketLMError as exc:
+                raise PipelineError(f"stage {stage.name!r}: {exc}") from None
     directory = pipeline.directory
     lock = read_lock(directory)
     hashes = HashCache(directory / ".cache" / "hashes.json")
@@ -140,23 +147,29 @@ def key_parts(stage: Stage, upstream: dict[str, str], hashes: HashCache) -> dict
     named = stage.settings
     if STAGE_TYPES[stage.type].trains:
         named = {"settings": stage.settings, "recipe": recipe_document(stage.name, stage.type, stage.settings)}
-    return {"type": stage.type, "settings": stage.settings, "upstream": upstream,
-            "inputs": {p: hashes.of(p) for p in sorted(_local_paths(named))}, "version": __version__}
+    inputs = {ref: ref_sha256(ref) for ref in _named(named, is_dataset_ref)}  # the published bytes' hash
+    inputs.update({p: hashes.of(p) for p in _named(named, _is_local_path)})
+    return {"type": stage.type, "settings": stage.settings, "upstream": upstream, "inputs": dict(sorted(inputs.items())),
+            "version": __version__}
 
 
-def _local_paths(value: Any, key: str = "") -> set[str]:
-    """The strings among a stage's settings (and its recipe's) that name files or folders here."""
+def _named(value: Any, wanted: Callable[[str], bool]) -> set[str]:
+    """The strings among a stage's settings (and its recipe's, but for its out_dir) that `wanted` picks."""
     if isinstance(value, dict):
-        return set().union(set(), *(_local_paths(v, k) for k, v in value.items() if k != "out_dir"))
+        return set().union(set(), *(_named(v, wanted) for k, v in value.items() if k != "out_dir"))
     if isinstance(value, list):
-        return set().union(set(), *(_local_paths(v, key) for v in value))
-    if isinstance(value, str) and "${" not in value and value and len(value) < 4096:
+        return set().union(set(), *(_named(v, wanted) for v in value))
+    return {value} if isinstance(value, str) and wanted(value) else set()
+
+
+def _is_local_path(value: str) -> bool:
+    """A file or folder here (a reference to a stage's output is keyed by that stage's output hash instead)."""
+    if "${" not in value and value and len(value) < 4096 and not is_dataset_ref(value):
         try:
-            if Path(value).exists():
-                return {value}
+            return Path(value).exists()
         except OSError:
             pass
-    return set()
+    return False
 
 
 def _why(stage: Stage, key: str, parts: dict, entry: dict | None, force, hashes: HashCache) -> str | None:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ..datasets import is_dataset_ref, resolve_data_path
 from ..errors import ConfigError
 from ..hub import REGISTRY, resolve_model
 from ..overrides import apply_override, parse_override
@@ -63,7 +64,9 @@ class DataSpec(Section):
         return self
 
     def sources(self) -> list[str]:
-        return [self.source] if isinstance(self.source, str) else list(self.source or [])
+        """The raw files, a `dataset:NAME/FILE` resolved to its local copy (fetched on first use)."""
+        items = [self.source] if isinstance(self.source, str) else list(self.source or [])
+        return [str(resolve_data_path(item)) if is_dataset_ref(item) else item for item in items]
 
 
 class TrainSpec(Section):
