@@ -568,7 +568,7 @@ def run_cmd(
 
         result = run_pipeline(loaded, force=list(force or []), progress=progress)
     err.print(f"{len(result.ran)} of {len(result.stages)} stages ran; report: {result.report} and "
-              f"{result.report.with_suffix('.html')}", highlight=False)
+              f"{result.report.with_suffix('.html')}", highlight=False, soft_wrap=True)
     out.print(str(result.report), highlight=False)
 
 
@@ -692,6 +692,29 @@ def ab_report_cmd(
     if json_out:
         json_out.write_text(json.dumps(report, indent=2, allow_nan=False))
         err.print(f"json: {json_out}", highlight=False)
+
+
+feedback_app = typer.Typer(help="Users' feedback from the server's request log, as training data.", no_args_is_help=True)
+app.add_typer(feedback_app, name="feedback")
+
+
+@feedback_app.command("export")
+def feedback_export_cmd(
+    db: str = typer.Option("pocketlm-serve.db", "--db", help="the server's request log (SQLite path or SQLAlchemy URL)"),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="where sft.jsonl, dpo.jsonl and counts.json go"),
+    experiment: Optional[str] = typer.Option(None, help="only this experiment's requests"),
+    since: Optional[float] = typer.Option(None, help="only requests after this unix time"),
+) -> None:
+    """Thumbs-up answers as SFT examples; arena winners against losers, and thumbs-up against thumbs-down answers
+    to the same prompt, as DPO pairs (needs a server run with log_prompts: true)."""
+    from .serve.feedback import export_feedback
+
+    data = export_feedback(db, out_dir, experiment=experiment, since=since)
+    c = data.counts
+    err.print(f"{c['votes']} votes and {c['arena_votes']} arena votes on {c['requests']} requests -> {c['sft']} SFT "
+              f"examples, {c['dpo']} DPO pairs" + (f" ({c['skipped_without_text']} voted answers had no logged text)"
+                                                   if c["skipped_without_text"] else ""), highlight=False)
+    out.print(str(out_dir), highlight=False)
 
 
 data_app = typer.Typer(help="Datasets: named public datasets (pull, list), and test collections converted to the "

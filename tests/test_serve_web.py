@@ -121,6 +121,8 @@ def test_web_page_chat_arena_dashboard(server_url, tmp_path):
         assert votes == {left_id: 1, right_id: -1}
         variants = dict(query(db, "SELECT id, variant FROM requests WHERE id IN (?, ?)", left_id, right_id))
         assert variants == {left_id: "model_a", right_id: "model_b"}
+        battles = query(db, "SELECT left_id, right_id, winner FROM arena_votes")
+        assert battles == [(left_id, right_id, "left")]  # the pair itself: the leaderboard's and DPO's input
         expect(page.locator("#vote-left")).to_be_disabled()  # one vote per round
 
         # ---- dashboard: the per-variant counts and the live numbers -----------------------------------
@@ -136,6 +138,10 @@ def test_web_page_chat_arena_dashboard(server_url, tmp_path):
         expect(row_b.locator("[data-field=thumbs_up_rate]")).to_have_text("0.0%")
         expect(page.locator("#dash-comparisons tbody tr")).to_have_count(1)
         expect(page.locator("[data-testid=dash-live-row]")).to_have_count(2)
+        # one win of model_a over model_b: first, with a finite rating (one virtual tie keeps it finite)
+        expect(page.locator("[data-testid=dash-arena-row]")).to_have_count(2)
+        expect(page.locator("[data-testid=dash-arena-row]").first).to_have_attribute("data-variant", "model_a")
+        expect(page.locator("#dash-arena-votes")).to_have_text("Bradley-Terry, 1 vote")
         expect(page.locator("#dash-error")).to_be_hidden()
 
         assert not page_errors, page_errors

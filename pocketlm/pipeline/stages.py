@@ -18,7 +18,7 @@ from ..errors import ConfigError
 
 @dataclass(frozen=True)
 class StageType:
-    command: str  # the pocketlm command it runs
+    command: str  # the pocketlm command it runs ("feedback export": a command and its subcommand)
     positional: tuple[str, ...] = ()  # settings given as arguments, in this order (a list spreads out)
     output: str | None = None  # the output's name under the stage directory; None: the path the command prints
     output_flag: str | None = None  # the option that names the output; None: the argument after the positionals
@@ -54,6 +54,7 @@ STAGE_TYPES: dict[str, StageType] = {
     "eval": StageType("eval", ("model",), "results.json", "--output", joined=("tasks",), about="tasks' scores"),
     "bench": StageType("bench", ("model",), "bench.json", "--json", about="load, prefill and decode speed"),
     "export": StageType("export", ("model",), "model.gguf", about="GGUF (llama.cpp) or llama2.c's .bin"),
+    "feedback": StageType("feedback export", (), "data", "--out", about="the server's votes as SFT and DPO data"),
 }
 TRAIN_SETTINGS = ("recipe", "set")
 
@@ -115,7 +116,7 @@ def command_line(kind: str, settings: dict[str, Any], stage_dir: Path, resume: b
     """The pocketlm command (without `pocketlm`) that runs this stage, its settings' references already resolved
     to paths."""
     spec = STAGE_TYPES[kind]
-    args: list[str] = [spec.command]
+    args: list[str] = spec.command.split()
     for key in spec.positional:
         value = settings[key]
         args += [str(v) for v in value] if isinstance(value, list) else [str(value)]

@@ -41,6 +41,8 @@ from .protocol import (
     CHAT_STREAM,
     COMPLETION_STREAM,
     APIError,
+    ArenaVoteRequest,
+    ArenaVoteResponse,
     ChatCompletion,
     ChatRequest,
     Completion,
@@ -326,6 +328,24 @@ def create_app(config: ServeConfig, variants: list[Variant] | None = None) -> Fa
         server.metrics.vote(variant_name, variant.spec.model if variant else "", body.score())
         return {"id": feedback_id, "object": "feedback", "response_id": body.id, "variant": variant_name,
                 "experiment": experiment, "rating": "up" if body.score() > 0 else "down"}
+
+    @app.post("/v1/arena/votes", responses=documented(ArenaVoteResponse))
+    async def arena_vote(body: ArenaVoteRequest):
+        if body.left == body.right:
+            raise APIError(400, "left and right are the same response; an arena vote compares two answers",
+                           param="right")
+        loop = asyncio.get_running_loop()
+        variants = {}
+        for side in ("left", "right"):
+            found = await loop.run_in_executor(server._writer, server.log.variant_of, getattr(body, side))
+            if found is None:
+                raise APIError(404, f"no response with id {getattr(body, side)!r} is in the request log", param=side,
+                               code="response_not_found")
+            variants[side] = found[0]
+        vote_id = await loop.run_in_executor(server._writer, server.log.add_arena_vote, body.left, body.right,
+                                             body.winner)
+        return {"id": vote_id, "object": "arena.vote", "left_variant": variants["left"],
+                "right_variant": variants["right"], "winner": body.winner}
 
     @app.get("/api/stats", responses=documented())
     async def stats():

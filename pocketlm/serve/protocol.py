@@ -199,6 +199,14 @@ class FeedbackRequest(BaseModel):
         return 1 if self.rating in ("up", 1) else -1
 
 
+class ArenaVoteRequest(BaseModel):
+    """The arena's verdict on two answers to one prompt (both response ids from this server)."""
+    model_config = ConfigDict(extra="forbid")
+    left: str = Field(min_length=1, max_length=64)
+    right: str = Field(min_length=1, max_length=64)
+    winner: Literal["left", "right", "tie", "bad"]  # tie: both good; bad: both bad
+
+
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on the inputs of one request
 
 
@@ -375,6 +383,14 @@ class FeedbackResponse(BaseModel):
     variant: str
     experiment: str | None = None
     rating: Literal["up", "down"]
+
+
+class ArenaVoteResponse(BaseModel):
+    id: int
+    object: Literal["arena.vote"]
+    left_variant: str
+    right_variant: str
+    winner: Literal["left", "right", "tie", "bad"]
 
 
 ERROR_RESPONSES = {

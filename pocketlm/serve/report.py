@@ -10,6 +10,7 @@ with a reason, never NaN.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from ..errors import ConfigError
+from .arena import Battle, leaderboard, load_battles
 from .store import RequestLog, database_url, feedback_table, open_database, requests_table
 
 ALPHA = 0.05
@@ -223,8 +225,18 @@ def ab_report(log_or_url: RequestLog | Engine | str | Path, experiment: str | No
         notes.append("requests of several experiments are pooled; pass an experiment to separate them")
     for s in stats.values():
         s.pop("_latencies")
+    arena = cached_leaderboard(tuple(load_battles(engine, experiment, since)))
+    if arena["smoothed"]:
+        notes.append("a variant won or lost every arena battle: one virtual tie per pair that met keeps its rating "
+                     "finite (collect more votes)")
     return {"experiment": experiment, "since": since, "baseline": baseline, "alpha": ALPHA,
-            "variants": stats, "comparisons": comparisons, "notes": notes}
+            "variants": stats, "comparisons": comparisons, "arena": arena, "notes": notes}
+
+
+@lru_cache(maxsize=16)
+def cached_leaderboard(battles: tuple[Battle, ...]) -> dict[str, Any]:
+    """The leaderboard, refitted only when the votes change (the dashboard asks every few seconds)."""
+    return leaderboard(list(battles))
 
 
 # ---- output ----------------------------------------------------------------------------------------
@@ -268,6 +280,13 @@ def format_report(report: dict) -> str:
                  _versus(c["error_rate"], "rate", ".1%"), _p_cell(c["error_rate"]),
                  _versus(c["latency"], "median_ms", ".1f"), _p_cell(c["latency"])] for c in report["comparisons"]]
         out += _table(["variant", "up rate", "p (z)", "err rate", "p (z)", "median ms", "p (U)"], rows)
+    arena = report.get("arena") or {}
+    if arena.get("variants"):
+        out += ["", f"arena leaderboard: Bradley-Terry ratings from {arena['battles']} votes (95% bootstrap interval, "
+                    f"{arena['rounds']} resamples)"]
+        rows = [[str(k + 1), v["name"], f"{v['rating']:.0f}", f"{v['ci_low']:.0f} - {v['ci_high']:.0f}", str(v["battles"]),
+                 f"{v['wins']}/{v['ties']}/{v['losses']}"] for k, v in enumerate(arena["variants"])]
+        out += _table(["rank", "variant", "rating", "95% interval", "battles", "won/tied/lost"], rows)
     out += [""] + [f"note: {n}" for n in report.get("notes", [])]
     return "\n".join(out).rstrip() + "\n"
 

@@ -57,6 +57,17 @@ feedback_table = Table(
     Column("comment", Text),
 )
 
+ARENA_OUTCOMES = ("left", "right", "tie", "bad")  # which answer won; tie: both good, bad: both bad
+
+arena_table = Table(
+    "arena_votes", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created", Float, nullable=False),
+    Column("left_id", String(64), ForeignKey("requests.id"), nullable=False, index=True),
+    Column("right_id", String(64), ForeignKey("requests.id"), nullable=False, index=True),
+    Column("winner", String(8), nullable=False),  # one of ARENA_OUTCOMES
+)
+
 
 def database_url(target: str | Path) -> str:
     """A SQLAlchemy URL as given, or a SQLite URL for a file path."""
@@ -110,6 +121,12 @@ class RequestLog:
         with self.engine.begin() as conn:
             result = conn.execute(insert(feedback_table).values(request_id=request_id, rating=rating,
                                                                 comment=comment, created=time.time()))
+            return int(result.inserted_primary_key[0])
+
+    def add_arena_vote(self, left_id: str, right_id: str, winner: str) -> int:
+        with self.engine.begin() as conn:
+            result = conn.execute(insert(arena_table).values(left_id=left_id, right_id=right_id, winner=winner,
+                                                             created=time.time()))
             return int(result.inserted_primary_key[0])
 
     def variant_of(self, request_id: str) -> tuple[str, str | None] | None:

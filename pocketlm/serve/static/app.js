@@ -336,7 +336,9 @@ async function vote(kind) {
   setVotes(false);
   status.textContent = "sending…";
   try {
-    await Promise.all([sendFeedback(arena.left.id, leftRating), sendFeedback(arena.right.id, rightRating)]);
+    // the thumbs count in each variant's up rate; the pair is the arena's battle (leaderboard, DPO pairs)
+    await Promise.all([sendFeedback(arena.left.id, leftRating), sendFeedback(arena.right.id, rightRating),
+                       api("/v1/arena/votes", { left: arena.left.id, right: arena.right.id, winner: kind })]);
     status.textContent = `vote recorded: ${$("vote-" + kind).textContent.toLowerCase()}`;
     arena = null;  // one vote per round
   } catch (error) {
@@ -401,6 +403,13 @@ function renderStats(stats) {
     `${pct(get(c, "error_rate.rate"))} vs ${pct(get(c, "error_rate.baseline_rate"))}`, pCell(c.error_rate),
     `${fmt(get(c, "latency.median_ms"))} vs ${fmt(get(c, "latency.baseline_median_ms"))}`, pCell(c.latency),
   ]));
+  const board = report.arena || {};
+  fillTable($("dash-arena"), (board.variants || []).map((v, i) => [
+    String(i + 1), { text: v.name, field: "variant" }, { text: fmt(v.rating, 0), field: "rating" },
+    `${fmt(v.ci_low, 0)} – ${fmt(v.ci_high, 0)}`, raw(v.battles), `${v.wins} / ${v.ties} / ${v.losses}`,
+  ]), (i) => ({ testid: "dash-arena-row", variant: board.variants[i].name }));
+  $("dash-arena-votes").textContent = board.battles
+    ? `Bradley-Terry, ${board.battles} vote${board.battles === 1 ? "" : "s"}` : "no arena votes yet";
   $("dash-baseline").textContent = report.baseline ? `against ${report.baseline}; * : p < ${fmt(report.alpha, 2)}` : "";
   $("dash-experiment").textContent = stats && stats.experiment ? "experiment: " + stats.experiment : "";
   $("dash-notes").replaceChildren(...(report.notes || []).map((n) => {
