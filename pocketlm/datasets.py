@@ -164,6 +164,19 @@ def pull(name: str, progress: Callable[[str, int, int], None] | None = None) -> 
     return [fetch(item, progress) for item in dataset_files(name)]
 
 
+def by_folder(relative: str) -> Path | None:
+    """A path in ../shared/data's layout (FOLDER or FOLDER/FILE) from the named dataset kept in FOLDER, fetched
+    where needed; None when no dataset lives in FOLDER."""
+    folder, _, rest = relative.strip("/").partition("/")
+    name = next((n for n, entry in registry().items() if entry["folder"] == folder), None)
+    if name is None:
+        return None
+    if rest:
+        return fetch(data_file(f"{PREFIX}{name}/{rest}"))
+    paths = pull(name)
+    return Path(os.path.commonpath([str(p) for p in paths])) if len(paths) > 1 else paths[0].parent
+
+
 def describe() -> list[tuple[str, int, int, str]]:
     """(name, files, bytes, about) of every dataset."""
     return [(name, len(entry["files"]), sum(f["size"] for f in entry["files"].values()), entry.get("about", ""))
@@ -182,4 +195,4 @@ def ref_sha256(ref: str) -> str:
 
 
 __all__ = ["DataFile", "DatasetError", "data_file", "dataset_files", "describe",
-           "fetch", "is_dataset_ref", "pull", "ref_sha256", "resolve_data_path"]
+           "by_folder", "fetch", "is_dataset_ref", "pull", "ref_sha256", "resolve_data_path"]

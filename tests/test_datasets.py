@@ -74,9 +74,9 @@ class Server:
 
 @pytest.fixture
 def server(tmp_path, shared_data, monkeypatch):
-    """The cranfield and tinyshakespeare files served at their URLs' paths; an empty cache; no mirror."""
+    """The cranfield, tinyshakespeare and wikitext2 files served at their URLs' paths; an empty cache; no mirror."""
     root = tmp_path / "www"
-    for name in ("cranfield", "tinyshakespeare"):
+    for name in ("cranfield", "tinyshakespeare", "wikitext2"):
         for item in dataset_files(name):  # every one has a GitHub URL
             target = root / item.url.removeprefix("https://raw.githubusercontent.com/")
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -161,3 +161,12 @@ def test_prepare_and_recipes_take_dataset_refs(shared_data, monkeypatch):
     spec = DataSpec(source="dataset:tinystories/tinystories_sample.txt")
     assert spec.sources() == [str(shared_data / "tinystories" / "tinystories_sample.txt")]
     assert spec.source == "dataset:tinystories/tinystories_sample.txt"  # the recipe records the name, not the path
+
+
+def test_builtin_tasks_fetch_their_data_without_the_shared_copy(server, tmp_path, shared_data, monkeypatch):
+    from pocketlm.evaluate.loaders import resolve_tasks
+
+    monkeypatch.setenv("POCKETLM_SHARED_DATA", str(tmp_path / "no-shared-copy"))
+    (task,) = resolve_tasks(["wikitext2"])
+    assert Path(task.text_path) == tmp_path / "cache" / "datasets" / "wikitext2" / "test.txt"
+    assert Path(task.text_path).read_bytes() == (shared_data / "wikitext2" / "test.txt").read_bytes()

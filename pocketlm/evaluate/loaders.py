@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .records import read_records
+from ..datasets import by_folder
 from .taskfile import load_task_file
 from .tasks import GENERATE, MULTIPLE_CHOICE, PERPLEXITY, Example, Task
 
@@ -35,7 +36,12 @@ def shared_data_dir() -> Path:
 
 
 def _default(relative: str) -> Path:
-    return shared_data_dir() / relative
+    """The shared copy where there is one, else the named dataset's published file (fetched once into the
+    cache: pocketlm.datasets), so that built-in tasks run on a machine without ../shared."""
+    local = shared_data_dir() / relative
+    if local.exists():
+        return local
+    return by_folder(relative) or local
 
 
 def _existing(path: Path, task: str) -> Path:
