@@ -17,6 +17,7 @@ import yaml
 
 from pocketlm.pipeline import PipelineError, load_pipeline, read_lock, run_pipeline
 from pocketlm.pipeline.report import pareto
+from pocketlm.serve.config import load_serve_config
 
 REPO = Path(__file__).resolve().parent.parent
 POCKETLM = [sys.executable, "-m", "pocketlm"]
@@ -36,7 +37,7 @@ TINY_RECIPE = {
 
 def workspace(root: Path, text: str, steps: int = 12) -> Path:
     """Raw text, a tiny recipe, a held-out perplexity task and a pipeline over them: data -> model -> int8 ->
-    evaluation. Returns the pipeline file."""
+    evaluation, and the float and int8 models in one A/B experiment. Returns the pipeline file."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "text.txt").write_text(text[:-2000])
     (root / "heldout.txt").write_text(text[-2000:])
@@ -52,6 +53,8 @@ def workspace(root: Path, text: str, steps: int = 12) -> Path:
                       "set": {"data.source": None, "data.prepared": "${data}"}},
             "quant": {"type": "quantize", "model": "${model}", "to": "int8"},
             "eval": {"type": "eval", "model": "${quant}", "tasks": str(root / "heldout.yaml"), "max_tokens": 400},
+            "serve": {"type": "serve", "experiment": "tiny", "variants": {"float": "${model}", "int8": "${quant}"},
+                      "log_prompts": True},
         },
     }
     path = root / "pipeline.yaml"
@@ -154,7 +157,7 @@ def test_caching_runs_only_what_changed(tmp_path, text):
     path = workspace(tmp_path / "ws", text)
     out = tmp_path / "run"
     first = run_pipeline(load_pipeline(path, directory=out))
-    assert first.ran == ["data", "model", "quant", "eval"]
+    assert first.ran == ["data", "model", "quant", "eval", "serve"]
     lock = read_lock(out)
     assert lock["stages"]["eval"]["metrics"]["heldout.token_perplexity"] > 1
     assert lock["stages"]["model"]["metrics"]["steps"] == 12 and lock["stages"]["model"]["peak_rss_mb"] > 50
@@ -166,23 +169,28 @@ def test_caching_runs_only_what_changed(tmp_path, text):
     started = time.perf_counter()
     second = run_pipeline(load_pipeline(path, directory=out))
     assert time.perf_counter() - started < 2.0
-    assert second.ran == [] and [s.status for s in second.stages] == ["cached"] * 4
+    assert second.ran == [] and [s.status for s in second.stages] == ["cached"] * 5
     assert (out / "report.md").stat().st_mtime_ns == written  # nothing changed: the report is not rewritten
 
     third = run_pipeline(load_pipeline(path, ["stages.eval.max_tokens=300"], directory=out))
-    assert third.ran == ["eval"] and third.stages[-1].reason == "settings changed: max_tokens"
+    assert third.ran == ["eval"] and [s.reason for s in third.stages if s.name == "eval"] == ["settings changed: max_tokens"]
     assert (out / "report.md").stat().st_mtime_ns != written
 
     with open(tmp_path / "ws" / "text.txt", "a") as f:
         f.write("\nKING: a line the first run never saw.\n")
     dry = run_pipeline(load_pipeline(path, ["stages.eval.max_tokens=300"], directory=out), dry_run=True)
-    assert [(s.name, s.status) for s in dry.stages] == [(n, "would run") for n in ("data", "model", "quant", "eval")]
+    assert [(s.name, s.status) for s in dry.stages] == [(n, "would run") for n in ("data", "model", "quant", "eval",
+                                                                                      "serve")]
     assert dry.stages[0].reason == f"input changed: {tmp_path / 'ws' / 'text.txt'}"
     assert dry.stages[1].reason == "data runs before it"
     assert read_lock(out)["stages"]["eval"]["parts"]["settings"]["max_tokens"] == 300  # the dry run changed nothing
     fourth = run_pipeline(load_pipeline(path, ["stages.eval.max_tokens=300"], directory=out))
-    assert fourth.ran == ["data", "model", "quant", "eval"]
+    assert fourth.ran == ["data", "model", "quant", "eval", "serve"]
     assert fourth.stages[1].reason == "data changed"
+    served = load_serve_config(out / "serve" / "serve.yaml")  # the server's own reader
+    assert served.log_prompts and served.experiment.name == "tiny"
+    assert {v.name: v.model for v in served.experiment.variants} == {
+        "float": read_lock(out)["stages"]["model"]["output"], "int8": read_lock(out)["stages"]["quant"]["output"]}
 
 
 def test_stage_output_is_byte_identical_to_its_own_command(tmp_path, text, monkeypatch):
@@ -190,7 +198,7 @@ def test_stage_output_is_byte_identical_to_its_own_command(tmp_path, text, monke
     path = workspace(tmp_path / "ws", text)
     out = tmp_path / "run"
     pipeline = load_pipeline(path, directory=out)
-    pipeline.stages.pop("eval")
+    pipeline.stages.pop("eval"), pipeline.stages.pop("serve")
     run_pipeline(pipeline)
     lock = read_lock(out)
     made = {name: Path(lock["stages"][name]["output"]) for name in ("data", "model", "quant")}

@@ -22,6 +22,7 @@ HOOKS = "test_serve_fuzz"  # SCHEMATHESIS_HOOKS: this module, which loads schema
 # message as the question and refuses a conversation that ends otherwise), every generated conversation
 # gets a question put last.
 EMBEDDER = os.environ.get("POCKETLM_FUZZ_EMBEDDER")
+ANSWERS = os.environ.get("POCKETLM_FUZZ_ANSWERS", "")  # two logged response ids: arena votes name real answers
 QUESTION = os.environ.get("POCKETLM_FUZZ_QUESTION")
 FEW_INPUTS = 16
 
@@ -36,6 +37,10 @@ def map_more(ctx, body):
             body["input"] = body["input"][:FEW_INPUTS]
     elif ctx.operation.path == "/v1/chat/completions" and QUESTION and isinstance(body.get("messages"), list):
         body["messages"] = [*body["messages"], {"role": "user", "content": QUESTION}]
+    elif ctx.operation.path == "/v1/arena/votes" and ANSWERS:
+        for side, answer in zip(("left", "right"), ANSWERS.split(",")):
+            if isinstance(body.get(side), str):
+                body[side] = answer
     return body
 
 
@@ -68,11 +73,13 @@ def test_schemathesis_finds_no_server_error_and_nothing_off_schema(tmp_path):
     seed = os.environ.get("POCKETLM_FUZZ_SEED", "26")
     examples = os.environ.get("POCKETLM_FUZZ_EXAMPLES", "300")
     with running_server(app) as url:
+        answers = [httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2},
+                              timeout=60).json()["id"] for _ in range(2)]
         run = schemathesis(url, "--phases", "coverage,fuzzing", "--checks", CHECKS, "--max-examples", examples,
                            "--seed", seed, "--generation-database", "none", "--workers", "1",
                            "--request-timeout", "60", "--no-color",
                            env={"SCHEMATHESIS_HOOKS": HOOKS, "POCKETLM_FUZZ_MODEL": "tiny",
-                                "POCKETLM_FUZZ_EMBEDDER": "all-minilm-l6-v2"})
+                                "POCKETLM_FUZZ_EMBEDDER": "all-minilm-l6-v2", "POCKETLM_FUZZ_ANSWERS": ",".join(answers)})
         health = httpx.get(url + "/health", timeout=30).json()
         metrics = httpx.get(url + "/metrics", timeout=30).text
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]

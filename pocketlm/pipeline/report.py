@@ -246,6 +246,9 @@ def markdown(pipeline: Pipeline, lock: dict, models: list[ModelRow], quality: st
     lines += _md_table(STAGE_HEADER, stage_rows(pipeline, lock))
     total = sum(e.get("wall_s", 0) for e in lock["stages"].values())
     lines += ["", f"Total stage time {total:.1f} s (each stage's last run).", ""]
+    for name, stage in pipeline.stages.items():
+        if stage.type == "serve" and name in lock["stages"]:
+            lines += [f"Serve {name}: `{' '.join(lock['stages'][name]['command'])}`", ""]
     if models:
         header, rows = model_rows(models, quality)
         lines += ["## Models", ""] + _md_table(header, [[r[0], r[1], *r[2:-1], f"[README]({r[-1]})" if r[-1] else ""]

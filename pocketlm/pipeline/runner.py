@@ -234,8 +234,10 @@ def _execute(stage: Stage, settings: dict, key: str, directory: Path, progress: 
         shutil.rmtree(stage_dir, ignore_errors=True)
     stage_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(meta_path, json.dumps({"key": key, "status": "running"}))
-    args = command_line(stage.type, settings, stage_dir, resume=resume)
     log_path, stdout_path = stage_dir / "stage.log", stage_dir / "stdout.txt"
+    if STAGE_TYPES[stage.type].local:
+        return _execute_here(stage, settings, key, stage_dir, progress, reason)
+    args = command_line(stage.type, settings, stage_dir, resume=resume)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     progress(stage.name, "start", {"reason": reason + ("; resuming from its last checkpoint" if resume else ""),
                                    "command": "pocketlm " + " ".join(args)})
@@ -261,6 +263,23 @@ def _execute(stage: Stage, settings: dict, key: str, directory: Path, progress: 
     peak = usage.ru_maxrss / 1024  # kilobytes on Linux: the largest of the process and what it waited for
     progress(stage.name, "done", {"status": "ran", "wall_s": wall, "peak_rss_mb": peak})
     return _Done(args, output, wall, peak)
+
+
+def _execute_here(stage: Stage, settings: dict, key: str, stage_dir: Path, progress: Progress, reason: str) -> _Done:
+    """A stage the pipeline writes itself (the serve stage's serve.yaml)."""
+    import resource
+
+    from .serving import write_serve_config
+
+    progress(stage.name, "start", {"reason": reason, "command": ""})
+    started = time.perf_counter()
+    output = write_serve_config(settings, stage_dir / output_name(stage.type, settings))
+    wall = time.perf_counter() - started
+    (stage_dir / "stage.log").write_text(f"wrote {output}; start it with: pocketlm serve --config {output}\n")
+    atomic_write_text(stage_dir / "stage.json", json.dumps({"key": key, "status": "done"}))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    progress(stage.name, "done", {"status": "ran", "wall_s": wall, "peak_rss_mb": peak})
+    return _Done(["serve", "--config", str(output)], str(output), wall, peak)
 
 
 def _wait(child: subprocess.Popen, name: str, log_path: Path, started: float, progress: Progress):
