@@ -537,9 +537,10 @@ def run_cmd(
     report.html); key=value arguments override the file (e.g. stages.eval.limit=50)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from .pipeline import load_pipeline, run_pipeline
+    from .pipeline import check_pipeline, load_pipeline, run_pipeline
 
     loaded = load_pipeline(pipeline, overrides=list(ctx.args), directory=directory)
+    check_pipeline(loaded, list(force or []))  # a bad setting is one line before the progress display starts
     if dry_run:
         result = run_pipeline(loaded, force=list(force or []), dry_run=True)
         for stage in result.stages:

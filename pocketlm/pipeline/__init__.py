@@ -6,9 +6,9 @@ inputs did not change, and writes a report (`pocketlm run PIPELINE.yaml`).
     print(result.ran, result.report)
 """
 
-from .runner import RunResult, StageFailed, StageResult, read_lock, run_pipeline
+from .runner import RunResult, StageFailed, StageResult, check_pipeline, read_lock, run_pipeline
 from .spec import Pipeline, PipelineError, Stage, load_pipeline
 from .stages import STAGE_TYPES
 
 __all__ = ["Pipeline", "PipelineError", "RunResult", "STAGE_TYPES", "Stage", "StageFailed", "StageResult",
-           "load_pipeline", "read_lock", "run_pipeline"]
+           "check_pipeline", "load_pipeline", "read_lock", "run_pipeline"]

@@ -66,24 +66,33 @@ def read_lock(directory: Path) -> dict:
         return {"stages": {}}
 
 
+def check_pipeline(pipeline: Pipeline, force: list[str] = ()) -> None:
+    """Everything that can be refused before any work: stage names given to --force, each stage's settings, its
+    recipe, the named datasets it reads. One line, naming the pipeline file."""
+    try:
+        for name in force:
+            if name not in pipeline.stages and not pipeline.variants(name):
+                raise PipelineError(f"--force {name}: no such stage (stages: {', '.join(pipeline.stages)})")
+        for stage in pipeline.stages.values():
+            check_settings(stage.name, stage.type, stage.settings)
+            named = stage.settings
+            if STAGE_TYPES[stage.type].trains:
+                named = [named, recipe_document(stage.name, stage.type, stage.settings)]
+            for ref in sorted(_named(named, is_dataset_ref)):
+                try:
+                    ref_sha256(ref)
+                except PocketLMError as exc:
+                    raise PipelineError(f"stage {stage.name!r}: {exc}") from None
+    except PocketLMError as exc:
+        raise PipelineError(f"{pipeline.path}: {exc}") from None
+
+
 def run_pipeline(pipeline: Pipeline, force: list[str] = (), dry_run: bool = False,
                  progress: Progress | None = None) -> RunResult:
     """Run what changed, in order; return what ran, what was skipped and why. `force` names stages (or variants)
     to run even when their key is unchanged."""
     progress = progress or (lambda *_: None)
-    for name in force:
-        if name not in pipeline.stages and not pipeline.variants(name):
-            raise PipelineError(f"--force {name}: no such stage (stages: {', '.join(pipeline.stages)})")
-    for stage in pipeline.stages.values():
-        check_settings(stage.name, stage.type, stage.settings)
-        named = stage.settings
-        if STAGE_TYPES[stage.type].trains:
-            named = [named, recipe_document(stage.name, stage.type, stage.settings)]
-        for ref in sorted(_named(named, is_dataset_ref)):
-            try:
-                ref_sha256(ref)
-            except PocketLMError as exc:
-                raise PipelineError(f"stage {stage.name!r}: {exc}") from None
+    check_pipeline(pipeline, force)
     directory = pipeline.directory
     lock = read_lock(directory)
     hashes = HashCache(directory / ".cache" / "hashes.json")

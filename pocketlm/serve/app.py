@@ -331,9 +331,6 @@ def create_app(config: ServeConfig, variants: list[Variant] | None = None) -> Fa
 
     @app.post("/v1/arena/votes", responses=documented(ArenaVoteResponse))
     async def arena_vote(body: ArenaVoteRequest):
-        if body.left == body.right:
-            raise APIError(400, "left and right are the same response; an arena vote compares two answers",
-                           param="right")
         loop = asyncio.get_running_loop()
         variants = {}
         for side in ("left", "right"):
@@ -342,6 +339,9 @@ def create_app(config: ServeConfig, variants: list[Variant] | None = None) -> Fa
                 raise APIError(404, f"no response with id {getattr(body, side)!r} is in the request log", param=side,
                                code="response_not_found")
             variants[side] = found[0]
+        if body.left == body.right:
+            raise APIError(400, "left and right are the same response; an arena vote compares two answers",
+                           param="right")
         vote_id = await loop.run_in_executor(server._writer, server.log.add_arena_vote, body.left, body.right,
                                              body.winner)
         return {"id": vote_id, "object": "arena.vote", "left_variant": variants["left"],
