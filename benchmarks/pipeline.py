@@ -56,11 +56,14 @@ def main() -> None:
 
     run = [POCKETLM, "run", str(PIPELINE), "--dir", str(piped)]
     cold, log = timed(run, env)
+    (work / "cold.log").write_text(log)  # the output docs/pipeline.md quotes
     cold_ran = ran(log)
     print(f"cold run: {cold:.1f} s, {len(cold_ran)} stages ran", flush=True)
     again, log = timed(run, env)
+    (work / "again.log").write_text(log)
     print(f"nothing changed: {again:.2f} s, {len(ran(log))} stages ran", flush=True)
     changed, log = timed([*run, "stages.eval.max_tokens=5000"], env)
+    (work / "changed.log").write_text(log)
     changed_ran = ran(log)
     print(f"eval.max_tokens changed: {changed:.1f} s, ran {', '.join(changed_ran)}", flush=True)
 

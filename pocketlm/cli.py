@@ -706,7 +706,7 @@ def feedback_export_cmd(
     experiment: Optional[str] = typer.Option(None, help="only this experiment's requests"),
     since: Optional[float] = typer.Option(None, help="only requests after this unix time"),
 ) -> None:
-    """Thumbs-up answers as SFT examples; arena winners against losers, and thumbs-up against thumbs-down answers
+    """Thumbs-up answers and arena winners as SFT examples; arena winners against losers, and thumbs-up against thumbs-down answers
     to the same prompt, as DPO pairs (needs a server run with log_prompts: true)."""
     from .serve.feedback import export_feedback
 

@@ -158,7 +158,7 @@ def test_arena_votes_leaderboard_and_feedback_export(models, tmp_path):
     for where, record in read_records(out / "dpo.jsonl"):
         preference(record, where)  # the training loop's own reader takes every pair
     sft = read_records(out / "sft.jsonl")
-    assert {conversation(r, w)[-1]["content"] for w, r in sft} >= {up_text} - {""}
+    assert {conversation(r, w)[-1]["content"] for w, r in sft} >= ({up_text} - {""}) | {chosen for chosen, _ in expected}
     counts = json.loads((out / "counts.json").read_text())
     assert counts["arena_votes"] == 6 and counts["dpo"] == len(dpo) and counts["sft"] == len(sft)
 

@@ -1,7 +1,7 @@
 """The feedback loop's first step: the server's thumbs and arena votes as training data (`pocketlm feedback
 export`).
 
-- SFT examples: every answer whose latest vote is a thumbs-up.
+- SFT examples: every answer whose latest vote is a thumbs-up, and every arena winner.
 - DPO pairs: each arena vote with a winner (the winner's answer chosen, the loser's rejected), and each
   thumbs-up answer against each thumbs-down answer to the same prompt.
 
@@ -48,15 +48,18 @@ def collect(log, experiment: str | None = None, since: float | None = None) -> F
         battles = conn.execute(select(arena_table.c.left_id, arena_table.c.right_id, arena_table.c.winner)
                                .order_by(arena_table.c.id)).all()
     voted = [rows[i] for i in votes if i in rows]
-    if (voted or battles) and not any(r["prompt_text"] for r in voted):
+    judged = [rows[i] for i in {*votes, *(b[0] for b in battles), *(b[1] for b in battles)} if i in rows]
+    if judged and not any(r["prompt_text"] for r in judged):
         raise ConfigError("the request log has votes but no prompt or answer text: start the server with "
                           "`log_prompts: true` so that feedback can become training data")
     data = FeedbackData(counts={"requests": len(rows), "votes": len(votes), "arena_votes": len(battles),
                                 "skipped_without_text": sum(1 for r in voted if not _usable(r))})
     seen_sft, seen_pairs = set(), set()
-    for request_id, rating in votes.items():
-        row = rows.get(request_id)
-        if rating > 0 and _usable(row):
+    winners = [rows.get(left if winner == "left" else right) for left, right, winner in battles
+               if winner in ("left", "right")]
+    liked = [rows.get(request_id) for request_id, rating in votes.items() if rating > 0]
+    for row in liked + winners:
+        if _usable(row):
             key = (row["endpoint"], row["prompt_text"], row["completion_text"])
             if key not in seen_sft:
                 seen_sft.add(key)
