@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--central-steps", type=int, default=54, help="the central recipe's steps (54)")
     parser.add_argument("--rounds", type=int, help="federated rounds (the recipe's 7)")
     parser.add_argument("--local-steps", type=int, help="each client's steps per round (the recipe's 2)")
+    parser.add_argument("--client-lr", type=float, help="each client's peak lr (the recipe's); min_lr follows at 1/10")
     parser.add_argument("--limit", type=int, help="score only the first N held-out questions")
     parser.add_argument("--reuse-central", action="store_true", help="keep an earlier run's central model in --work")
     parser.add_argument("--json", type=Path)
@@ -88,6 +89,8 @@ def main() -> None:
     if shape:  # each client's warmup: 10/54 of its steps, as the central run's
         steps = (args.rounds or 7) * (args.local_steps or 2)
         shape += [f"train.max_steps={steps}", f"optim.warmup_steps={round(10 * steps / 54)}"]
+    if args.client_lr:
+        shape += [f"optim.lr={args.client_lr}", f"optim.min_lr={args.client_lr / 10}"]
     pocketlm("federate", str(FEDERATED), "--work", str(fed_work), f"out_dir={work / 'federated'}", data, *shape)
     federated_s = time.perf_counter() - started
     summary = json.loads((fed_work / "result.json").read_text())
@@ -105,7 +108,8 @@ def main() -> None:
         "central": {"steps": args.central_steps, "batch_size": 16, "wall_s": central_s and round(central_s, 1)},
         "questions": args.limit or "all",
         "federated": {"clients": spec["clients"], "rounds": len(rounds), "local_steps": spec["local_steps"],
-                      "strategy": spec["strategy"], "client_examples": sizes["sizes"], "client_labels": sizes["labels"],
+                      "strategy": spec["strategy"], "client_lr": args.client_lr,
+                      "client_examples": sizes["sizes"], "client_labels": sizes["labels"],
                       "bytes_per_round_down": rounds[0]["bytes_down"], "bytes_per_round_up": rounds[0]["bytes_up"],
                       "flower_traffic_bytes": flower_bytes, "wall_s": round(federated_s, 1),
                       "round_s": [r["seconds"] for r in rounds]},
