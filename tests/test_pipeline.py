@@ -119,7 +119,7 @@ def test_bad_settings_are_refused_before_any_stage_runs(tmp_path):
     recipe.write_text(yaml.safe_dump({**TINY_RECIPE, "train": {**TINY_RECIPE["train"], "objective": "pretrain"}}))
     for stages, message in [
         ({"m": {"type": "dpo", "recipe": str(recipe)}}, "stage 'm' is a dpo stage but its recipe"),
-        ({"m": {"type": "train", "recipe": str(tmp_path / "none.yaml")}}, "none.yaml: no such file"),
+        ({"m": {"type": "train", "recipe": str(tmp_path / "none.yaml")}}, "none.yaml: no such recipe file"),
         ({"m": {"type": "train", "recipe": str(recipe), "steps": 3}}, "steps: unknown setting"),
         ({"q": {"type": "quantize", "to": "int8"}}, "stage 'q' (quantize): set model"),
         ({"e": {"type": "eval", "model": "x", "output": "y.json"}}, "output: the pipeline places the output"),

@@ -25,10 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import ConfigError
-from ..overrides import apply_override, parse_override
+from ..overrides import apply_override, parse_override, read_mapping
 from .stages import STAGE_TYPES
 
 REF = re.compile(r"\$\{\s*([^}\s]*)\s*\}")
@@ -75,14 +73,7 @@ class Pipeline:
 def load_pipeline(path: str | Path, overrides: list[str] = (), directory: str | Path | None = None) -> Pipeline:
     """Read, override (`stages.eval.limit=50`), check and expand a pipeline file."""
     path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path}: no such pipeline file")
-    try:
-        document = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(document, dict):
-        raise PipelineError(f"{path}: a pipeline is a YAML mapping with name and stages")
+    document = read_mapping(path, "pipeline", "a YAML mapping with name and stages")
     for text in overrides:
         apply_override(document, *parse_override(text))
     return build_pipeline(document, path, directory)

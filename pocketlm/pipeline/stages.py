@@ -82,19 +82,13 @@ def check_settings(name: str, kind: str, settings: dict[str, Any]) -> None:
 def recipe_document(name: str, kind: str, settings: dict[str, Any]) -> dict:
     """A training stage's recipe as it will run: the file with the stage's `set` overrides applied; a recipe
     that trains another objective than the stage's type says is refused."""
-    import yaml
-
-    from ..overrides import apply_override
+    from ..overrides import apply_override, read_mapping
 
     path = Path(settings["recipe"])
-    if not path.is_file():
-        raise ConfigError(f"stage {name!r} ({kind}): recipe {path}: no such file")
     try:
-        document = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"stage {name!r}: recipe {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(document, dict):
-        raise ConfigError(f"stage {name!r}: recipe {path}: a recipe is a YAML mapping of sections")
+        document = read_mapping(path, "recipe", "a YAML mapping of sections (name, out_dir, data, train, optim, ...)")
+    except ConfigError as exc:
+        raise ConfigError(f"stage {name!r} ({kind}): {exc}") from None
     for key, value in (settings.get("set") or {}).items():
         apply_override(document, str(key).split("."), value)
     wanted = STAGE_TYPES[kind].objective

@@ -11,13 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..datasets import is_dataset_ref, resolve_data_path
 from ..errors import ConfigError
 from ..hub import REGISTRY, resolve_model
-from ..overrides import apply_override, parse_override
+from ..overrides import apply_override, parse_override, read_mapping
 from ..validation import validation_message
 
 
@@ -321,14 +320,7 @@ class Recipe(Section):
 # ---------------------------------------------------------------------------------------------
 def load_recipe(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> Recipe:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such recipe file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a recipe is a YAML mapping of sections (name, out_dir, data, train, optim, ...)")
+    data = read_mapping(path, "recipe", "a YAML mapping of sections (name, out_dir, data, train, optim, ...)")
     for text in overrides:
         apply_override(data, *parse_override(text))
     recipe = validate_recipe(data, source=str(path))
