@@ -251,3 +251,15 @@ def test_a_run_killed_in_training_resumes_to_the_same_model(tmp_path, text):
     run_pipeline(load_pipeline(path, directory=whole))
     weights = "model/run/model/model.safetensors"
     assert (killed / weights).read_bytes() == (whole / weights).read_bytes()
+
+
+def test_shipped_pipelines_pass_their_checks(monkeypatch):
+    from pocketlm.pipeline import check_pipeline
+
+    monkeypatch.chdir(REPO)  # their paths (recipes/...) are the repository's
+    shipped = sorted((REPO / "recipes" / "pipelines").glob("*.yaml"))
+    assert {p.name for p in shipped} >= {"quickstart.yaml", "arc-easy-specialist.yaml"}
+    for path in shipped:
+        pipeline = load_pipeline(path)
+        check_pipeline(pipeline)
+        assert pipeline.stages and pipeline.directory == Path("runs") / pipeline.name
