@@ -305,6 +305,25 @@ def train_cmd(
         out.print(str(final), highlight=False)
 
 
+@app.command("distill-cache", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def distill_cache_cmd(
+    ctx: typer.Context,
+    recipe: Path = typer.Argument(..., help="a distillation recipe (logits mode, with distill.cache_top_k)"),
+):
+    """Compute the teacher's top-k logits for every step of a distillation recipe, without training; student runs
+    of the recipe read them with distill.cache_dir=THE_PRINTED_FOLDER (a pipeline's teacher stage). key=value
+    arguments override recipe fields, as for train."""
+    from .train import load_recipe
+    from .train.loop import fill_teacher_cache
+
+    loaded = load_recipe(recipe, overrides=list(ctx.args))
+    started = time.perf_counter()
+    folder = fill_teacher_cache(loaded)
+    err.print(f"teacher top-{loaded.distill.cache_top_k} logits for {loaded.train.max_steps} steps in "
+              f"{time.perf_counter() - started:.1f} s", highlight=False)
+    out.print(str(folder), highlight=False)
+
+
 @app.command("federate", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def federate_cmd(
     ctx: typer.Context,

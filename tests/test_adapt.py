@@ -388,6 +388,35 @@ def test_logit_distillation_on_the_fly_and_cached(base, text_file, tmp_path):
     assert torch.allclose(got["teacher_logits"], values, atol=2e-2)  # stored as fp16
 
 
+def test_a_shared_teacher_cache_trains_the_same_student(base, text_file, tmp_path):
+    """`pocketlm distill-cache` fills the teacher's top-k once; a student that reads it (distill.cache_dir) ends
+    with the weights of a student that filled its own cache. A cache for another k, or one that lacks chunks the
+    student reads, is refused rather than rewritten."""
+    from safetensors.torch import load_file
+
+    from pocketlm.train.loop import fill_teacher_cache
+
+    def recipe(name: str, steps: int = 8, **distill) -> Path:
+        return write_recipe(tmp_path / name, model=STUDENT, train={"objective": "distill", "block_size": 32,
+                                                                   "max_steps": steps},
+                            data={"source": str(text_file), "tokenizer": str(base), "dedupe": False},
+                            distill={"teacher": str(base), "cache_top_k": 16, **distill})
+
+    own = train(load_recipe(recipe("own")))
+    shared = fill_teacher_cache(load_recipe(recipe("teacher")), progress=False)
+    assert shared == tmp_path / "teacher" / "run" / "teacher-cache" and not (tmp_path / "teacher" / "run" / "model").exists()
+    filled = np.load(shared / "done.npy").sum()
+    student = train(load_recipe(recipe("student", cache_dir=str(shared))))
+    assert not (tmp_path / "student" / "run" / "teacher-cache").exists()
+    assert np.load(shared / "done.npy").sum() == filled  # read, not written
+    mine, theirs = load_file(own / "model.safetensors"), load_file(student / "model.safetensors")
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    with pytest.raises(ConfigError, match="made for another teacher, k or data"):
+        train(load_recipe(recipe("other-k", cache_dir=str(shared), cache_top_k=8)))
+    with pytest.raises(ConfigError, match=r"lacks \d+ of the \d+ chunks this run reads"):
+        train(load_recipe(recipe("longer", steps=40, cache_dir=str(shared))))
+
+
 def test_logit_distillation_with_another_vocabulary_stops_first(base, text_file, tmp_path):
     path = write_recipe(tmp_path, model=STUDENT, train={"objective": "distill"},
                         data={"source": str(text_file), "tokenizer": "char"}, distill={"teacher": str(base)})

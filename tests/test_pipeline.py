@@ -263,3 +263,30 @@ def test_shipped_pipelines_pass_their_checks(monkeypatch):
         pipeline = load_pipeline(path)
         check_pipeline(pipeline)
         assert pipeline.stages and pipeline.directory == Path("runs") / pipeline.name
+
+
+def test_a_teacher_stage_feeds_its_students(tmp_path):
+    """The teacher's top-k logits as a stage of their own (`pocketlm distill-cache`): the distilled student reads
+    them (distill.cache_dir) instead of running the teacher, and a second student changes nothing upstream."""
+    from helpers import tiny_model_dir
+
+    teacher = tiny_model_dir(tmp_path / "teacher-model")
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(f"the cat {i % 7} sat on the mat number {i}." for i in range(400)))
+    recipe = {**TINY_RECIPE, "data": {"source": str(text), "tokenizer": str(teacher), "dedupe": False},
+              "train": {**TINY_RECIPE["train"], "objective": "distill", "max_steps": 6},
+              "distill": {"teacher": str(teacher), "cache_top_k": 8}}
+    (tmp_path / "distill.yaml").write_text(yaml.safe_dump(recipe))
+    stages = {"teacher": {"type": "teacher", "recipe": str(tmp_path / "distill.yaml")},
+              "student": {"type": "distill", "recipe": str(tmp_path / "distill.yaml"),
+                          "set": {"distill.cache_dir": "${teacher}"}}}
+    path = write_pipeline(tmp_path, {"name": "kd", "stages": stages})
+    out = tmp_path / "run"
+    assert run_pipeline(load_pipeline(path, directory=out)).ran == ["teacher", "student"]
+    lock = read_lock(out)
+    assert lock["stages"]["teacher"]["output"] == str(out / "teacher" / "run" / "teacher-cache")
+    assert not (out / "student" / "run" / "teacher-cache").exists()
+    assert lock["stages"]["student"]["metrics"]["steps"] == 6
+    stages["student2"] = {**stages["student"], "set": {**stages["student"]["set"], "optim.lr": 2.0e-3}}
+    path = write_pipeline(tmp_path, {"name": "kd", "stages": stages})
+    assert run_pipeline(load_pipeline(path, directory=out)).ran == ["student2"]  # the teacher's work is reused

@@ -233,7 +233,7 @@ def _execute(stage: Stage, settings: dict, key: str, directory: Path, progress: 
     stage_dir = (directory / stage.directory_name).resolve()
     meta_path = stage_dir / "stage.json"
     resume = False
-    if STAGE_TYPES[stage.type].trains:
+    if STAGE_TYPES[stage.type].command in ("train", "federate"):
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError):

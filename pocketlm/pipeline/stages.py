@@ -30,7 +30,8 @@ class StageType:
 
     @property
     def trains(self) -> bool:
-        return self.command in ("train", "federate")
+        """Its settings are a recipe and `set` overrides, its out_dir the stage's directory."""
+        return self.command in ("train", "federate", "distill-cache")
 
 
 def _train(objective: str | None, about: str) -> StageType:
@@ -49,6 +50,8 @@ STAGE_TYPES: dict[str, StageType] = {
     "lora": _train("sft", "an SFT recipe with a LoRA adapter"),
     "dpo": _train("dpo", "a DPO recipe"),
     "federate": StageType("federate", ("recipe",), makes_model=True, about="a federated recipe on Flower"),
+    "teacher": StageType("distill-cache", ("recipe",), objective="distill",
+                         about="a distillation recipe's teacher top-k logits, read by its students"),
     "merge": StageType("merge", ("adapter",), "model", makes_model=True, about="fold a LoRA adapter into its base"),
     "quantize": StageType("quantize", ("model",), "model", makes_model=True, about="int8 or int4 weights"),
     "upcycle": StageType("upcycle", ("model",), "model", makes_model=True, about="a dense model into a mixture"),

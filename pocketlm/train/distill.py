@@ -87,14 +87,19 @@ class TeacherCache:
     exactly the chunks the remaining steps will read, once; a resumed run, or a second run with
     the same teacher and data, reuses them."""
 
-    def __init__(self, root: Path, tokens: np.ndarray, block: int, k: int, key: dict):
+    def __init__(self, root: Path, tokens: np.ndarray, block: int, k: int, key: dict, shared: bool = False):
+        """`shared`: another run's cache (distill.cache_dir), opened read-only; one made for another teacher,
+        k or token stream is refused instead of being overwritten."""
         self.root, self.tokens, self.block, self.k = Path(root), tokens, block, k
         chunks = (len(tokens) - 1) // block
-        self.root.mkdir(parents=True, exist_ok=True)
         meta_path = self.root / "meta.json"
         meta = {"chunks": chunks, "block": block, "k": k, **key}
         fresh = not meta_path.is_file() or json.loads(meta_path.read_text()) != meta
-        mode = "w+" if fresh else "r+"
+        if shared and fresh:
+            why = "it holds no cache (no meta.json)" if not meta_path.is_file() else "it was made for another teacher, k or data"
+            raise ConfigError(f"distill.cache_dir {root}: {why}; fill it with `pocketlm distill-cache` on this recipe")
+        self.root.mkdir(parents=True, exist_ok=True)
+        mode = "w+" if fresh else ("r" if shared else "r+")
         self.ids = np.lib.format.open_memmap(self.root / "ids.npy", mode=mode, dtype=np.int32, shape=(chunks, block, k))
         self.logits = np.lib.format.open_memmap(self.root / "logits.npy", mode=mode, dtype=np.float16,
                                                 shape=(chunks, block, k))
@@ -136,8 +141,9 @@ class TeacherCache:
                 "teacher_logits": torch.from_numpy(self.logits[chunks].astype(np.float32)).to(device)}
 
 
-def cache_key(teacher_dir: Path, shards) -> dict:
-    """What the cached values depend on: the teacher's weights and the token stream."""
+def cache_key(teacher_dir: Path, shards, quantize: str | None = None) -> dict:
+    """What the cached values depend on: the teacher's weights, how it runs (quantized or not) and the token
+    stream."""
     digest = hashlib.sha256()
     for name in ("model.safetensors", "config.json"):
         path = Path(teacher_dir) / name
@@ -145,7 +151,8 @@ def cache_key(teacher_dir: Path, shards) -> dict:
             st = path.stat()
             digest.update(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode())
     tokens = hashlib.sha256(np.ascontiguousarray(shards.train[:1 << 20]).tobytes()).hexdigest()
-    return {"teacher": digest.hexdigest(), "tokens": tokens, "n_tokens": int(len(shards.train))}
+    return {"teacher": digest.hexdigest(), "teacher_quantize": quantize, "tokens": tokens,
+            "n_tokens": int(len(shards.train))}
 
 
 def _bar(total: int, label: str):

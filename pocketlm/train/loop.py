@@ -577,8 +577,10 @@ def _base_objective(recipe: Recipe, model, data, runtime: Runtime, autocast, pro
     return dpo(recipe.dpo.beta)
 
 
-def _teacher_cache(recipe: Recipe, data, vocab: int, runtime: Runtime, autocast, from_step: int, progress):
-    """Fill the teacher's top-k cache for every chunk the remaining steps read (cached distillation)."""
+def _teacher_cache(recipe: Recipe, data, vocab: int, runtime: Runtime, autocast, from_step: int, progress,
+                   fill_into: Path | None = None):
+    """Fill the teacher's top-k cache for every chunk the remaining steps read (cached distillation), in OUT_DIR
+    or `fill_into`; a shared cache (distill.cache_dir) is only read, and must hold every chunk."""
     d = recipe.distill
     if d is None or d.mode != "logits" or d.cache_top_k is None:
         return None
@@ -586,13 +588,21 @@ def _teacher_cache(recipe: Recipe, data, vocab: int, runtime: Runtime, autocast,
     needed = np.concatenate([data.train.picks(recipe.seed, s, recipe.train.batch_size)
                              for s in range(from_step, recipe.train.max_steps)] or [np.zeros(0, dtype=np.int64)])
 
+    shared = d.cache_dir is not None and fill_into is None
+    root = fill_into or (Path(d.cache_dir) if shared else Path(recipe.out_dir) / "teacher-cache")
+
     def open_cache() -> TeacherCache:
-        return TeacherCache(Path(recipe.out_dir) / "teacher-cache", data.train.tokens, recipe.train.block_size,
-                            d.cache_top_k, cache_key(resolve_model(d.teacher), data.shards))
+        return TeacherCache(root, data.train.tokens, recipe.train.block_size, d.cache_top_k,
+                            cache_key(resolve_model(d.teacher), data.shards, d.teacher_quantize), shared=shared)
 
     def fill() -> None:
         cache = open_cache()
-        if len(cache.missing(needed)):
+        missing = cache.missing(needed)
+        if shared and len(missing):
+            raise ConfigError(f"distill.cache_dir {d.cache_dir} lacks {len(missing)} of the {len(np.unique(needed))} "
+                              "chunks this run reads; fill it with `pocketlm distill-cache` on the same recipe (seed, "
+                              "batch size, block size and steps)")
+        if len(missing):
             teacher, _, _ = load_teacher(d.teacher, d.teacher_quantize, runtime.device)
             per = max(1, recipe.train.batch_size // recipe.train.grad_accum)
             show = (recipe.log.progress if progress is None else progress) and runtime.main
@@ -600,6 +610,27 @@ def _teacher_cache(recipe: Recipe, data, vocab: int, runtime: Runtime, autocast,
 
     _on_each_machine(runtime, fill)
     return open_cache()
+
+
+def fill_teacher_cache(recipe: Recipe, progress: bool | None = None) -> Path:
+    """The teacher's top-k logits for every chunk a distillation run of `recipe` reads over its max_steps, computed
+    without training, into distill.cache_dir (else OUT_DIR/teacher-cache): `pocketlm distill-cache`, the teacher
+    stage that every student run of the recipe then reads (distill.cache_dir)."""
+    d = recipe.distill
+    if d is None or d.mode != "logits" or d.cache_top_k is None:
+        raise ConfigError("distill-cache needs a distillation recipe in logits mode with distill.cache_top_k (the k "
+                          "logits kept per token)")
+    runtime = setup_runtime(recipe)
+    _check_teacher_vocabulary(recipe)
+    Path(recipe.out_dir).mkdir(parents=True, exist_ok=True)
+    base_model, base_tokenizer = load_init_model(recipe)
+    data = load_data(recipe, runtime.main, lambda: _barrier(runtime), True, per_step=recipe.train.batch_size,
+                     model_tokenizer=base_tokenizer)
+    vocab = build_model(recipe, data.tokenizer, runtime.device, base_model).config.vocab_size  # the student's
+    amp = autocast_dtype(recipe, runtime.device)
+    autocast = (lambda: torch.autocast(runtime.device.type, dtype=amp)) if amp else nullcontext
+    target = Path(d.cache_dir) if d.cache_dir else Path(recipe.out_dir) / "teacher-cache"
+    return _teacher_cache(recipe, data, vocab, runtime, autocast, 0, progress, fill_into=target).root
 
 
 def _on_each_machine(runtime: Runtime, work: Callable[[], None]) -> None:

@@ -145,6 +145,9 @@ class DistillSpec(Section):
     temperature: float = Field(default=2.0, gt=0)
     teacher_quantize: Literal["int8", "int4"] | None = None  # run the teacher quantized (logits mode)
     cache_top_k: int | None = Field(default=None, gt=0)  # cache the teacher's top-k logits on disk (logits mode)
+    # a cache `pocketlm distill-cache` filled for this recipe's steps (a pipeline's teacher stage): read, never
+    # written, so students share one teacher's work; default OUT_DIR/teacher-cache, filled by the run itself
+    cache_dir: str | None = None
     # sequence mode: the teacher writes a corpus that the student then learns with its own tokenizer
     prompts: str | None = None  # a text file, one prompt per line
     seed_openings: list[str] = []  # or these openings, cycled
@@ -153,6 +156,14 @@ class DistillSpec(Section):
     sample_temperature: float = Field(default=0.8, ge=0)
     top_p: float = Field(default=0.95, gt=0, le=1)
     generate_batch: int = Field(default=16, gt=0)
+
+
+    @model_validator(mode="after")
+    def _shared_cache(self) -> "DistillSpec":
+        if self.cache_dir is not None and (self.cache_top_k is None or self.mode != "logits"):
+            raise ValueError("distill.cache_dir is a cache of the teacher's top-k logits: set distill.cache_top_k "
+                             "(the k it was made with) in logits mode")
+        return self
 
 
 class DPOSpec(Section):
