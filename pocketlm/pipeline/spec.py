@@ -203,7 +203,7 @@ def _expand(base: str, spec: dict, done: dict[str, Stage]) -> list[Stage]:
     return out
 
 
-def _bind(value: Any, chosen: dict[str, str], variants: dict[str, list[Stage]], in_list: bool = False) -> Any:
+def _bind(value: Any, chosen: dict[str, str], variants: dict[str, list[Stage]]) -> Any:
     """References resolved to variants: a fanned-out stage to the variant `chosen`, a stage with one variant to
     it; inside a list, a reference to a stage with several variants becomes one item per variant."""
     if isinstance(value, dict):
@@ -216,7 +216,7 @@ def _bind(value: Any, chosen: dict[str, str], variants: dict[str, list[Stage]], 
                 ref = _refs(item)[0]
                 items += [item.replace(f"${{{ref}}}", f"${{{s.name}}}") for s in variants[ref]]
             else:
-                items.append(_bind(item, chosen, variants, in_list=True))
+                items.append(_bind(item, chosen, variants))
         return items
     if isinstance(value, str):
         def one(match: re.Match) -> str:
