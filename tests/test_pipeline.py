@@ -290,3 +290,33 @@ def test_a_teacher_stage_feeds_its_students(tmp_path):
     stages["student2"] = {**stages["student"], "set": {**stages["student"]["set"], "optim.lr": 2.0e-3}}
     path = write_pipeline(tmp_path, {"name": "kd", "stages": stages})
     assert run_pipeline(load_pipeline(path, directory=out)).ran == ["student2"]  # the teacher's work is reused
+
+
+def test_the_server_lists_pipeline_runs_and_serves_their_reports(tmp_path, text):
+    """The serve config's `pipelines:` folder: /api/pipelines lists each run from its lock file, and
+    /pipelines/RUN/report serves its report.html; a name that is not a listed run is a 404, never a path."""
+    import httpx
+    from helpers import tiny_model_dir
+    from serve_helpers import running_server
+
+    from pocketlm.serve.app import create_app
+
+    runs = tmp_path / "runs"
+    path = workspace(tmp_path / "ws", text)
+    pipeline = load_pipeline(path, directory=runs / "tiny")
+    pipeline.stages.pop("eval"), pipeline.stages.pop("serve"), pipeline.stages.pop("quant")
+    run_pipeline(pipeline)
+    (runs / "not-a-run").mkdir()
+    model = tiny_model_dir(tmp_path / "m", max_position_embeddings=64)
+    app = create_app(load_serve_config(None, [str(model)], database=str(tmp_path / "log.db"), pipelines=str(runs)))
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        listing = client.get("/api/pipelines").json()["runs"]
+        report = client.get("/pipelines/tiny/report")
+        missing = [client.get(f"/pipelines/{name}/report").status_code for name in ("not-a-run", "..", "%2e%2e")]
+    lock = read_lock(runs / "tiny")
+    assert listing == [{"run": "tiny", "pipeline": "tiny", "stages": 2, "report": True,
+                        "finished": max(s["finished"] for s in lock["stages"].values()),
+                        "wall_s": round(sum(s["wall_s"] for s in lock["stages"].values()), 1)}]
+    assert report.status_code == 200 and report.text == (runs / "tiny" / "report.html").read_text()
+    assert report.headers["content-type"].startswith("text/html")
+    assert missing == [404, 404, 404]

@@ -55,6 +55,7 @@ from .protocol import (
     ModelList,
     documented,
 )
+from .pipelines import pipeline_runs, report_path
 from .rag import Library, cited, sources
 from .report import ab_report
 from .server import Server
@@ -357,6 +358,18 @@ def create_app(config: ServeConfig, variants: list[Variant] | None = None) -> Fa
         live = {name: {"queue_depth": v.scheduler.queue_depth, "active_sequences": v.scheduler.active,
                        "model": v.spec.model, "experiment": v.experiment} for name, v in server.variants.items()}
         return {"report": report, "live": live, "experiment": server.experiment}
+
+    @app.get("/api/pipelines", responses=documented())
+    async def pipelines():
+        return {"runs": pipeline_runs(server.config.pipelines)}
+
+    @app.get("/pipelines/{run}/report", include_in_schema=False)
+    async def pipeline_report(run: str):
+        path = report_path(server.config.pipelines, run)
+        if path is None:
+            raise APIError(404, f"no pipeline run {run!r} with a report under this server's `pipelines:` folder",
+                           param="run")
+        return FileResponse(path, media_type="text/html")
 
     @app.get("/", include_in_schema=False)
     async def index():

@@ -13,6 +13,7 @@
     models:
       - {name: docs, model: smollm2-135m-instruct, index: runs/index, retriever: hybrid, k: 4}
     embedder: all-minilm-l6-v2    # served at /v1/embeddings (default: the embedders of the indexes named)
+    pipelines: runs               # `pocketlm run` outputs the dashboard lists, with their reports
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ class ServeConfig(Strict):
     # bfloat16 halves the weights read per token and doubles the batched matmul rate on CPUs with
     # bf16 instructions (AVX512-BF16, AMX); float32 gives the same numbers as `pocketlm eval`
     dtype: Literal["float32", "bfloat16"] = "float32"
+    pipelines: str | None = None  # a folder of `pocketlm run` outputs (runs/): the dashboard lists them
 
     @model_validator(mode="after")
     def _check(self) -> "ServeConfig":

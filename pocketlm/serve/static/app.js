@@ -425,9 +425,37 @@ function renderStats(stats) {
   ]), (i) => ({ testid: "dash-live-row", variant: live[i][0] }));
 }
 
+function renderPipelines(listing) {
+  const runs = (listing && listing.runs) || [];
+  const body = $("dash-pipelines").tBodies[0];
+  body.replaceChildren(...runs.map((r) => {
+    const tr = document.createElement("tr");
+    tr.dataset.testid = "dash-pipeline-row";
+    tr.dataset.run = r.run;
+    for (const text of [r.run, r.pipeline, raw(r.stages), fmt(r.wall_s), raw(r.finished)]) {
+      const td = document.createElement("td");
+      td.textContent = text;
+      tr.append(td);
+    }
+    const link = document.createElement("td");
+    if (r.report) {
+      const a = document.createElement("a");
+      a.href = `/pipelines/${encodeURIComponent(r.run)}/report`;
+      a.target = "_blank";
+      a.textContent = "report";
+      link.append(a);
+    } else {
+      link.textContent = "–";
+    }
+    tr.append(link);
+    return tr;
+  }));
+}
+
 async function refreshDashboard() {
   try {
     renderStats(await api("/api/stats"));
+    renderPipelines(await api("/api/pipelines"));
     showError($("dash-error"), null);
   } catch (error) {
     showError($("dash-error"), error);
