@@ -320,3 +320,20 @@ def test_the_server_lists_pipeline_runs_and_serves_their_reports(tmp_path, text)
     assert report.status_code == 200 and report.text == (runs / "tiny" / "report.html").read_text()
     assert report.headers["content-type"].startswith("text/html")
     assert missing == [404, 404, 404]
+
+
+def test_a_command_line_override_reaches_a_training_stages_recipe(tmp_path):
+    """`stages.model.set.train.max_steps=600` on the command line nests under `set`; it overrides that one recipe
+    key (the later value wins), and leaves the rest of the recipe's train section as it was."""
+    from pocketlm.pipeline.stages import command_line, recipe_document
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({**TINY_RECIPE, "train": {**TINY_RECIPE["train"], "objective": "pretrain"}}))
+    path = write_pipeline(tmp_path, {"name": "p", "stages": {
+        "model": {"type": "pretrain", "recipe": str(recipe), "set": {"train.max_steps": 200, "optim.lr": 0.01}}}})
+    stage = load_pipeline(path, ["stages.model.set.train.max_steps=600"]).stages["model"]
+    document = recipe_document("model", "pretrain", stage.settings)
+    assert document["train"] == {**TINY_RECIPE["train"], "objective": "pretrain", "max_steps": 600}
+    assert document["optim"]["lr"] == 0.01
+    args = command_line("pretrain", stage.settings, tmp_path / "out")
+    assert args[2:5] == ["optim.lr=0.01", "train.max_steps=600", f'out_dir="{tmp_path / "out" / "run"}"']

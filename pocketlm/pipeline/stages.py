@@ -82,6 +82,24 @@ def check_settings(name: str, kind: str, settings: dict[str, Any]) -> None:
                           "under the stage's directory; leave it out")
 
 
+def recipe_overrides(settings: dict[str, Any]) -> dict[str, Any]:
+    """A training stage's `set` as dotted keys: `set: {train.max_steps: 200}` and the nested form a command-line
+    override writes (`stages.model.set.train.max_steps=600` makes `set: {train: {max_steps: 600}}`) both mean
+    train.max_steps, and the later one wins."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        else:
+            flat.pop(prefix, None)  # re-inserted last: the order the overrides apply in
+            flat[prefix] = value
+
+    walk("", settings.get("set") or {})
+    return flat
+
+
 def recipe_document(name: str, kind: str, settings: dict[str, Any]) -> dict:
     """A training stage's recipe as it will run: the file with the stage's `set` overrides applied; a recipe
     that trains another objective than the stage's type says is refused."""
@@ -92,8 +110,8 @@ def recipe_document(name: str, kind: str, settings: dict[str, Any]) -> dict:
         document = read_mapping(path, "recipe", "a YAML mapping of sections (name, out_dir, data, train, optim, ...)")
     except ConfigError as exc:
         raise ConfigError(f"stage {name!r} ({kind}): {exc}") from None
-    for key, value in (settings.get("set") or {}).items():
-        apply_override(document, str(key).split("."), value)
+    for key, value in recipe_overrides(settings).items():
+        apply_override(document, key.split("."), value)
     wanted = STAGE_TYPES[kind].objective
     objective = (document.get("train") or {}).get("objective", "pretrain")
     if wanted is not None and objective != wanted:
@@ -120,7 +138,7 @@ def command_line(kind: str, settings: dict[str, Any], stage_dir: Path, resume: b
         value = settings[key]
         args += [str(v) for v in value] if isinstance(value, list) else [str(value)]
     if spec.trains:
-        args += [f"{key}={json.dumps(value)}" for key, value in (settings.get("set") or {}).items()]
+        args += [f"{key}={json.dumps(value)}" for key, value in recipe_overrides(settings).items()]
         args.append(f"out_dir={json.dumps(str(stage_dir / 'run'))}")
         if kind == "federate":
             args += ["--work", str(stage_dir / "work")]
