@@ -417,6 +417,17 @@ def test_a_shared_teacher_cache_trains_the_same_student(base, text_file, tmp_pat
         train(load_recipe(recipe("longer", steps=40, cache_dir=str(shared))))
 
 
+def test_logit_distillation_reads_a_prepared_folder(base, text_file, tmp_path):
+    """data.prepared (a `pocketlm prepare` folder, its tokenizer in tokenizer/) for a distillation run: the
+    vocabulary check finds the tokenizer there."""
+    from pocketlm.data import prepare
+
+    prepare([str(text_file)], tmp_path / "prepared", tokenizer=str(base), dedupe=False)
+    path = write_recipe(tmp_path / "run", model=STUDENT, train={"objective": "distill", "block_size": 32, "max_steps": 2},
+                        data={"prepared": str(tmp_path / "prepared")}, distill={"teacher": str(base), "cache_top_k": 8})
+    assert (train(load_recipe(path)) / "model.safetensors").is_file()
+
+
 def test_logit_distillation_with_another_vocabulary_stops_first(base, text_file, tmp_path):
     path = write_recipe(tmp_path, model=STUDENT, train={"objective": "distill"},
                         data={"source": str(text_file), "tokenizer": "char"}, distill={"teacher": str(base)})

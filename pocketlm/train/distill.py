@@ -50,8 +50,8 @@ def load_teacher(ref: str, quantize: str | None, device: torch.device):
 def student_tokenizer(recipe) -> tuple[Tokenizer | None, str]:
     """The tokenizer the student's data will use, known before any data is prepared; None when
     `pocketlm prepare` will train a new one (bpe, char)."""
-    if recipe.data.prepared:
-        return Tokenizer.load(recipe.data.prepared), f"data.prepared {recipe.data.prepared}"
+    if recipe.data.prepared:  # `pocketlm prepare` keeps its tokenizer in a folder of its own
+        return Tokenizer.load(Path(recipe.data.prepared) / "tokenizer"), f"data.prepared {recipe.data.prepared}"
     if recipe.data.tokenizer not in ("bpe", "char"):
         return Tokenizer.load(tokenizer_source(recipe.data.tokenizer)), f"data.tokenizer {recipe.data.tokenizer}"
     return None, f"data.tokenizer {recipe.data.tokenizer} (a new tokenizer trained on the data)"
