@@ -96,7 +96,8 @@ def recipe_overrides(settings: dict[str, Any]) -> dict[str, Any]:
             flat.pop(prefix, None)  # re-inserted last: the order the overrides apply in
             flat[prefix] = value
 
-    walk("", settings.get("set") or {})
+    for key, value in (settings.get("set") or {}).items():
+        walk(str(key), value)
     return flat
 
 
