@@ -56,7 +56,12 @@ def fit(battles: list[Battle], names: list[str] | None = None) -> tuple[dict[str
     battles = [b for b in battles if b.left != b.right]
     names = names or sorted({b.left for b in battles} | {b.right for b in battles})
     theta, smoothed = _fit(*_Votes(battles, names).tables())
-    return {name: float(r) for name, r in zip(names, CENTRE + SCALE * theta / np.log(BASE))}, smoothed
+    return {name: float(r) for name, r in zip(names, _ratings(theta))}, smoothed
+
+
+def _ratings(theta: np.ndarray) -> np.ndarray:
+    """Log strengths on the Elo scale, centred on 1000."""
+    return CENTRE + SCALE * np.asarray(theta) / np.log(BASE)
 
 
 def _fit(wins: np.ndarray, games: np.ndarray, tol: float = 1e-10, max_iter: int = 100) -> tuple[np.ndarray, bool]:
@@ -96,7 +101,7 @@ def _newton_step(theta: np.ndarray, wins: np.ndarray, games: np.ndarray) -> np.n
 
 
 def leaderboard(battles: list[Battle], rounds: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """{"variants": [{name, rating, ci_low, ci_high, battles, wins, ties, losses}, best first], "battles",
+    """`rounds` (at least 1) bootstrap refits give the intervals. {"variants": [{name, rating, ci_low, ci_high, battles, wins, ties, losses}, best first], "battles",
     "smoothed", "rounds"}."""
     battles = [b for b in battles if b.left != b.right]
     if not battles:
@@ -109,14 +114,13 @@ def leaderboard(battles: list[Battle], rounds: int = 1000, seed: int = 0) -> dic
     for r in range(rounds):  # a resample with replacement is each battle counted as often as it was drawn
         drawn = np.bincount(rng.integers(0, len(battles), len(battles)), minlength=len(battles)).astype(float)
         samples[r] = _fit(*votes.tables(drawn), tol=1e-8)[0]
-    to_rating = lambda t: CENTRE + SCALE * np.asarray(t) / np.log(BASE)  # noqa: E731
-    low, high = to_rating(np.percentile(samples, [2.5, 97.5], axis=0)) if rounds else (np.full(len(names), np.nan),) * 2
+    low, high = _ratings(np.percentile(samples, [2.5, 97.5], axis=0))
     rows = []
     for k, name in enumerate(names):
         mine = [b for b in battles if name in (b.left, b.right)]
         won = sum(1 for b in mine if (b.winner == "left" and b.left == name) or (b.winner == "right" and b.right == name))
         tied = sum(1 for b in mine if b.winner in ("tie", "bad"))
-        rows.append({"name": name, "rating": round(float(to_rating(theta[k])), 1), "ci_low": round(float(low[k]), 1),
+        rows.append({"name": name, "rating": round(float(_ratings(theta[k])), 1), "ci_low": round(float(low[k]), 1),
                      "ci_high": round(float(high[k]), 1), "battles": len(mine), "wins": won, "ties": tied,
                      "losses": len(mine) - won - tied})
     rows.sort(key=lambda row: -row["rating"])
