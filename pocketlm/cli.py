@@ -548,6 +548,8 @@ def run_cmd(
     pipeline: Path = typer.Argument(..., help="a pipeline file (see recipes/pipelines/)"),
     force: Optional[list[str]] = typer.Option(None, "--force", help="run this stage (or variant) even if nothing it "
                                               "depends on changed (repeatable)"),
+    only: Optional[list[str]] = typer.Option(None, "--only", help="run only this stage (or variant) and the stages "
+                                             "it reads, and write no report (repeatable)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="say what would run and why, and run nothing"),
     directory: Optional[Path] = typer.Option(None, "--dir", help="where the stages' outputs, the lock file and the "
                                              "report go (default: the file's `dir:`, else runs/NAME)"),
@@ -559,9 +561,10 @@ def run_cmd(
     from .pipeline import check_pipeline, load_pipeline, run_pipeline
 
     loaded = load_pipeline(pipeline, overrides=list(ctx.args), directory=directory)
-    check_pipeline(loaded, list(force or []))  # a bad setting is one line before the progress display starts
+    force, only = list(force or []), list(only or [])
+    check_pipeline(loaded, force, only)  # a bad setting is one line before the progress display starts
     if dry_run:
-        result = run_pipeline(loaded, force=list(force or []), dry_run=True)
+        result = run_pipeline(loaded, force=force, dry_run=True, only=only)
         for stage in result.stages:
             err.print(f"{stage.name:24} {stage.status:10} {stage.reason}", highlight=False)
         return
@@ -586,7 +589,11 @@ def run_cmd(
                     err.print(f"[green]{name}[/green]: done in {info['wall_s']:.1f} s, peak memory "
                               f"{info['peak_rss_mb']:.0f} MB", highlight=False)
 
-        result = run_pipeline(loaded, force=list(force or []), progress=progress)
+        result = run_pipeline(loaded, force=force, progress=progress, only=only)
+    if result.report is None:  # --only: the stages left out may be out of date, so there is nothing to report
+        err.print(f"{len(result.ran)} of {len(result.stages)} stages ran (--only {', '.join(only)}); no report",
+                  highlight=False, soft_wrap=True)
+        return
     err.print(f"{len(result.ran)} of {len(result.stages)} stages ran; report: {result.report} and "
               f"{result.report.with_suffix('.html')}", highlight=False, soft_wrap=True)
     out.print(str(result.report), highlight=False)

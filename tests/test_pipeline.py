@@ -193,6 +193,18 @@ def test_caching_runs_only_what_changed(tmp_path, text):
         "float": read_lock(out)["stages"]["model"]["output"], "int8": read_lock(out)["stages"]["quant"]["output"]}
 
 
+def test_only_runs_the_stages_named_and_what_they_read(tmp_path, text):
+    path = workspace(tmp_path / "ws", text)
+    out = tmp_path / "run"
+    with pytest.raises(PipelineError, match="--only nope: no such stage"):
+        run_pipeline(load_pipeline(path, directory=out), only=["nope"])
+    part = run_pipeline(load_pipeline(path, directory=out), only=["quant"])
+    assert part.ran == ["data", "model", "quant"] and part.report is None
+    assert not (out / "report.md").exists() and sorted(read_lock(out)["stages"]) == ["data", "model", "quant"]
+    rest = run_pipeline(load_pipeline(path, directory=out))  # what --only ran is not run again
+    assert rest.ran == ["eval", "serve"] and (out / "report.md").exists()
+
+
 def test_stage_output_is_byte_identical_to_its_own_command(tmp_path, text, monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1800000000")  # the records' creation time, the same in both
     path = workspace(tmp_path / "ws", text)

@@ -66,13 +66,14 @@ def read_lock(directory: Path) -> dict:
         return {"stages": {}}
 
 
-def check_pipeline(pipeline: Pipeline, force: list[str] = ()) -> None:
-    """Everything that can be refused before any work: stage names given to --force, each stage's settings, its
-    recipe, the named datasets it reads. One line, naming the pipeline file."""
+def check_pipeline(pipeline: Pipeline, force: list[str] = (), only: list[str] = ()) -> None:
+    """Everything that can be refused before any work: stage names given to --force or --only, each stage's
+    settings, its recipe, the named datasets it reads. One line, naming the pipeline file."""
     try:
-        for name in force:
-            if name not in pipeline.stages and not pipeline.variants(name):
-                raise PipelineError(f"--force {name}: no such stage (stages: {', '.join(pipeline.stages)})")
+        for option, names in (("--force", force), ("--only", only)):
+            for name in names:
+                if name not in pipeline.stages and not pipeline.variants(name):
+                    raise PipelineError(f"{option} {name}: no such stage (stages: {', '.join(pipeline.stages)})")
         for stage in pipeline.stages.values():
             check_settings(stage.name, stage.type, stage.settings)
             named = stage.settings
@@ -88,11 +89,13 @@ def check_pipeline(pipeline: Pipeline, force: list[str] = ()) -> None:
 
 
 def run_pipeline(pipeline: Pipeline, force: list[str] = (), dry_run: bool = False,
-                 progress: Progress | None = None) -> RunResult:
+                 progress: Progress | None = None, only: list[str] = ()) -> RunResult:
     """Run what changed, in order; return what ran, what was skipped and why. `force` names stages (or variants)
-    to run even when their key is unchanged."""
+    to run even when their key is unchanged; `only` names the stages wanted, which run with the stages they read
+    and nothing else (as `dvc repro TARGET`), and then no report is written, since the rest may be out of date."""
     progress = progress or (lambda *_: None)
-    check_pipeline(pipeline, force)
+    check_pipeline(pipeline, force, only)
+    wanted = upstream_of(pipeline, only) if only else None
     directory = pipeline.directory
     lock = read_lock(directory)
     hashes = HashCache(directory / ".cache" / "hashes.json")
@@ -101,6 +104,8 @@ def run_pipeline(pipeline: Pipeline, force: list[str] = (), dry_run: bool = Fals
     output_hashes: dict[str, str | None] = {}  # None: will change in this (dry) run
     try:
         for stage in pipeline.stages.values():
+            if wanted is not None and stage.name not in wanted:
+                continue
             entry = lock["stages"].get(stage.name)
             pending = [d for d in stage.deps if output_hashes.get(d) is None]
             if pending:  # dry run: an upstream stage would run first, so this one's inputs change too
@@ -139,7 +144,7 @@ def run_pipeline(pipeline: Pipeline, force: list[str] = (), dry_run: bool = Fals
             result.stages.append(StageResult(stage.name, "ran", reason, done.wall_s, done.peak_rss_mb, done.output))
     finally:
         hashes.save()
-    if not dry_run:
+    if not dry_run and wanted is None:
         stale = [n for n in lock["stages"] if n not in pipeline.stages]
         for name in stale:  # a stage taken out of the file (or a variant out of a matrix) leaves the report
             del lock["stages"][name]
@@ -149,6 +154,19 @@ def run_pipeline(pipeline: Pipeline, force: list[str] = (), dry_run: bool = Fals
 
         result.report = write_report(pipeline, lock, progress)
     return result
+
+
+def upstream_of(pipeline: Pipeline, names: list[str]) -> set[str]:
+    """The variants named (a stage's name stands for all its variants) and every variant they read, directly or
+    through others."""
+    todo = [v for name in names for v in ([name] if name in pipeline.stages else pipeline.variants(name))]
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(pipeline.stages[name].deps)
+    return seen
 
 
 def key_parts(stage: Stage, upstream: dict[str, str], hashes: HashCache) -> dict[str, Any]:
