@@ -1,5 +1,6 @@
 """What the lock file and the report record of each stage's output: a model's size, parameters and training
-metrics (from its pocketlm.json), an evaluation's scores, a benchmark's speeds, a file's size."""
+metrics (from its pocketlm.json), an evaluation's scores, a benchmark's speeds, the feedback export's counts, a
+file's size."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ def stage_metrics(kind: str, output: Path) -> dict[str, float]:
             manifest = json.loads((output / "manifest.json").read_text())
             return {"train_tokens": manifest["tokens"]["train"], "val_tokens": manifest["tokens"]["val"],
                     "documents_kept": manifest["documents"]["kept"], "vocab_size": manifest["vocab_size"]}
+        if kind == "feedback":  # requests, votes, arena votes, and the SFT examples and DPO pairs they made
+            counts = json.loads((output / "counts.json").read_text())
+            return {k: v for k, v in counts.items() if isinstance(v, int)}
         if output.is_file():
             return {"size_mb": round(output.stat().st_size / 2**20, 2)}
     except (OSError, ValueError, KeyError, IndexError, TypeError):

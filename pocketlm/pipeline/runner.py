@@ -171,8 +171,9 @@ def upstream_of(pipeline: Pipeline, names: list[str]) -> set[str]:
 
 def key_parts(stage: Stage, upstream: dict[str, str], hashes: HashCache) -> dict[str, Any]:
     """Everything a stage's output depends on."""
-    named = stage.settings
-    if STAGE_TYPES[stage.type].trains:
+    kind = STAGE_TYPES[stage.type]
+    named = {k: v for k, v in stage.settings.items() if k not in kind.writes}  # what it writes is not an input
+    if kind.trains:
         named = {"settings": stage.settings, "recipe": recipe_document(stage.name, stage.type, stage.settings)}
     inputs = {ref: ref_sha256(ref) for ref in _named(named, is_dataset_ref)}  # the published bytes' hash
     inputs.update({p: hashes.of(p) for p in _named(named, _is_local_path)})

@@ -27,6 +27,7 @@ class StageType:
     objective: str | None = None  # train aliases: the objective the recipe must train
     about: str = ""
     local: bool = False  # written by the pipeline itself (no command of its own): the serve stage
+    writes: tuple[str, ...] = ()  # settings naming files its product writes (the server's log), not inputs
 
     @property
     def trains(self) -> bool:
@@ -59,7 +60,8 @@ STAGE_TYPES: dict[str, StageType] = {
     "bench": StageType("bench", ("model",), "bench.json", "--json", about="load, prefill and decode speed"),
     "export": StageType("export", ("model",), "model.gguf", about="GGUF (llama.cpp) or llama2.c's .bin"),
     "feedback": StageType("feedback export", (), "data", "--out", about="the server's votes as SFT and DPO data"),
-    "serve": StageType("serve", (), "serve.yaml", local=True, about="the models in one A/B experiment (serve.yaml)"),
+    "serve": StageType("serve", (), "serve.yaml", local=True, writes=("database",),
+                       about="the models in one A/B experiment (serve.yaml)"),
 }
 TRAIN_SETTINGS = ("recipe", "set")
 
