@@ -4,15 +4,16 @@ serves it beside the current model, the same user votes on held-out prompts, and
 variant's thumbs-up rate and the two-proportion test's p-value.
 
 1. Round 0: `pocketlm serve` with the current model alone (log_prompts: true). Each of --prompts Alpaca
-   instructions is asked --samples times (sampled, so the answers differ); the user votes thumbs-up on an answer of
-   at most --words words and thumbs-down on a longer one. A prompt with answers on both sides makes DPO pairs.
+   instructions is asked --samples times (sampled, so the answers differ). The user likes short answers: having
+   read them all, it fixes its limit at their median length (or --words), then votes thumbs-up on an answer of at
+   most that many words and thumbs-down on a longer one. A prompt with answers on both sides makes DPO pairs.
 2. `pocketlm run recipes/pipelines/feedback-loop.yaml stages.feedback.db=ROUND0`: feedback export, DPO with a
    LoRA adapter, and the serve stage's A/B experiment (current against tuned).
 3. Round 1: `pocketlm serve --config` the experiment the pipeline wrote; --heldout other Alpaca instructions,
    each asked once by its own user (the server assigns the variant); the same user votes.
 4. `pocketlm ab report` on round 1's log.
 
-    .venv/bin/python benchmarks/feedback_loop.py [--prompts 120] [--samples 3] [--heldout 200] [--json out.json]
+    .venv/bin/python benchmarks/feedback_loop.py [--prompts 80] [--samples 3] [--heldout 160] [--json out.json]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -77,24 +79,27 @@ class Server:
             self.process.kill()
 
 
-def scripted_user(words: int):
-    """Thumbs-up for an answer of at most `words` words, thumbs-down for a longer one."""
-    def vote(client: httpx.Client, prompt: str, user: str, max_tokens: int, temperature: float) -> dict:
-        reply = client.post("/v1/chat/completions", json={
-            "model": EXPERIMENT, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": temperature, "user": user})
-        reply.raise_for_status()
-        body = reply.json()
-        length = len(body["choices"][0]["message"]["content"].split())
-        liked = length <= words
-        client.post("/v1/feedback", json={"id": body["id"], "rating": "up" if liked else "down"}).raise_for_status()
-        return {"variant": body["variant"], "words": length, "up": liked}
-    return vote
+def ask(client: httpx.Client, prompt: str, user: str, args) -> dict:
+    reply = client.post("/v1/chat/completions", json={
+        "model": EXPERIMENT, "messages": [{"role": "user", "content": prompt}], "max_tokens": args.max_tokens,
+        "temperature": args.temperature, "user": user})
+    reply.raise_for_status()
+    body = reply.json()
+    return {"id": body["id"], "variant": body["variant"], "words": len(body["choices"][0]["message"]["content"].split())}
 
 
-def ask_all(url: str, vote, jobs: list[tuple[str, str]], args) -> list[dict]:
+def ask_all(url: str, jobs: list[tuple[str, str]], args, words: int | None) -> tuple[list[dict], int]:
+    """Every (prompt, user) asked; then the user's votes: thumbs-up for an answer of at most `words` words (None:
+    the median length of these answers), thumbs-down for a longer one. Returns the answers and the limit."""
     with httpx.Client(base_url=url, timeout=600) as client, ThreadPoolExecutor(args.concurrency) as pool:
-        return list(pool.map(lambda job: vote(client, *job, args.max_tokens, args.temperature), jobs))
+        answers = list(pool.map(lambda job: ask(client, *job, args), jobs))
+        if words is None:
+            words = int(statistics.median(a["words"] for a in answers))
+        for answer in answers:
+            answer["up"] = answer["words"] <= words
+            client.post("/v1/feedback", json={"id": answer["id"], "rating": "up" if answer["up"] else "down"}
+                        ).raise_for_status()
+    return answers, words
 
 
 def summary(results: list[dict]) -> dict[str, dict]:
@@ -109,15 +114,18 @@ def summary(results: list[dict]) -> dict[str, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=120, help="Alpaca instructions asked in round 0")
+    parser.add_argument("--prompts", type=int, default=80, help="Alpaca instructions asked in round 0")
     parser.add_argument("--samples", type=int, default=3, help="answers per instruction in round 0")
-    parser.add_argument("--heldout", type=int, default=200, help="other instructions asked in round 1")
-    parser.add_argument("--words", type=int, default=40, help="the longest answer the user likes, in words")
-    parser.add_argument("--max-tokens", type=int, default=160)
+    parser.add_argument("--heldout", type=int, default=160, help="other instructions asked in round 1")
+    parser.add_argument("--words", type=int, help="the longest answer the user likes, in words (default: the "
+                        "median length of round 0's answers)")
+    parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "feedback-loop-bench")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides for the pipeline (stages.tuned.set.train.max_steps=2 for a quick look)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
@@ -128,8 +136,6 @@ def main() -> None:
     print(machine(), flush=True)
     texts = instructions()
     train, heldout = texts[: args.prompts], texts[500: 500 + args.heldout]  # disjoint: round 1 asks new questions
-    vote = scripted_user(args.words)
-
     round0_db, round1_db = work / "round0.db", work / "round1.db"
     for stale in (round0_db, round1_db):
         stale.unlink(missing_ok=True)
@@ -140,13 +146,14 @@ def main() -> None:
     started = time.perf_counter()
     with Server(config, args.port, env, work / "round0.log") as url:
         jobs = [(prompt, f"user-{i}-{s}") for i, prompt in enumerate(train) for s in range(args.samples)]
-        round0 = ask_all(url, vote, jobs, args)
+        round0, words = ask_all(url, jobs, args, args.words)
     round0_s = time.perf_counter() - started
-    print(f"round 0: {len(round0)} answers in {round0_s:.0f} s: {summary(round0)}", flush=True)
+    print(f"round 0: {len(round0)} answers in {round0_s:.0f} s; the user likes answers of at most {words} words: "
+          f"{summary(round0)}", flush=True)
 
     started = time.perf_counter()
     done = subprocess.run([POCKETLM, "run", str(PIPELINE), "--dir", str(work / "pipeline"),
-                           f"stages.feedback.db={round0_db}", f"stages.serve.database={round1_db}"],
+                           f"stages.feedback.db={round0_db}", f"stages.serve.database={round1_db}", *args.set],
                           cwd=REPO, env=env)
     if done.returncode != 0:
         sys.exit("the feedback-loop pipeline failed")
@@ -157,7 +164,7 @@ def main() -> None:
 
     started = time.perf_counter()
     with Server(work / "pipeline" / "serve" / "serve.yaml", args.port, env, work / "round1.log") as url:
-        round1 = ask_all(url, vote, [(prompt, f"heldout-{i}") for i, prompt in enumerate(heldout)], args)
+        round1, _ = ask_all(url, [(prompt, f"heldout-{i}") for i, prompt in enumerate(heldout)], args, words)
     round1_s = time.perf_counter() - started
     print(f"round 1: {len(round1)} answers in {round1_s:.0f} s: {summary(round1)}", flush=True)
 
@@ -175,7 +182,7 @@ def main() -> None:
     print(f"thumbs-up rate: tuned {rates['tuned']:.1%} vs current {rates['current']:.1%}, p = {test['p']:.2g}")
     if args.json:
         args.json.write_text(json.dumps({
-            "machine": machine(), "pipeline": str(PIPELINE.relative_to(REPO)), "words": args.words,
+            "machine": machine(), "pipeline": str(PIPELINE.relative_to(REPO)), "words": words,
             "round0": {"answers": len(round0), "seconds": round(round0_s, 1), "variants": summary(round0)},
             "feedback": feedback, "pipeline_s": round(pipeline_s, 1),
             "stage_wall_s": {n: e["wall_s"] for n, e in lock.items()},
