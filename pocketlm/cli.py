@@ -609,6 +609,10 @@ def merge_cmd(
     from .checkpoint import save_model_dir
 
     if not is_adapter_dir(adapter):
+        beside = adapter.parent / "adapter"
+        if is_adapter_dir(beside):  # `pocketlm train` with a LoRA adapter writes OUT/model merged, OUT/adapter
+            raise ConfigError(f"{adapter}: already a merged model (its training run keeps the LoRA adapter in "
+                              f"{beside}); use it as it is, or merge {beside}")
         raise ConfigError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
     config = read_adapter_config(adapter)
     if config.peft_type != "LORA":

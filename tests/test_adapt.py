@@ -512,10 +512,12 @@ def test_cli_sft_eval_and_merge(base, tmp_path):
     evaluated = pocketlm("eval", adapter, "--tasks", task, "-o", tmp_path / "r.json")
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads((tmp_path / "r.json").read_text())["results"]["qa"]["n"] == len(WORDS)
-    merged = pocketlm("merge", adapter, tmp_path / "merged")
+    merged = pocketlm("merge", adapter, tmp_path / "run" / "model")  # where adapter.merge: true puts it
     assert merged.returncode == 0, merged.stderr
-    assert json.loads((tmp_path / "merged" / "pocketlm.json").read_text())["adapter"]["merged"] is True
+    assert json.loads((tmp_path / "run" / "model" / "pocketlm.json").read_text())["adapter"]["merged"] is True
     assert_clean_error(pocketlm("merge", base, tmp_path / "x"), "not a PEFT adapter directory")
+    assert_clean_error(pocketlm("merge", tmp_path / "run" / "model", tmp_path / "x"),
+                       f"already a merged model (its training run keeps the LoRA adapter in {adapter})")
     bad = write_recipe(tmp_path / "bad", init_from=str(base), data={"source": str(data)},
                        train={"objective": "sft"}, distill={"teacher": str(base)})
     assert_clean_error(pocketlm("train", bad), "train.objective distill needs a `distill` section")
