@@ -6,7 +6,7 @@ variant's thumbs-up rate and the two-proportion test's p-value.
 1. Round 0: `pocketlm serve` with the current model alone (log_prompts: true). Each of --prompts Alpaca
    instructions is asked --samples times (sampled, so the answers differ). The user likes short answers: having
    read them all, it fixes its limit at their median length (or --words), then votes thumbs-up on an answer of at
-   most that many words and thumbs-down on a longer one. A prompt with answers on both sides makes DPO pairs.
+   most that many words (and more than none) and thumbs-down on a longer one. A prompt with answers on both sides makes DPO pairs.
 2. `pocketlm run recipes/pipelines/feedback-loop.yaml stages.feedback.db=ROUND0`: feedback export, DPO with a
    LoRA adapter, and the serve stage's A/B experiment (current against tuned).
 3. Round 1: `pocketlm serve --config` the experiment the pipeline wrote; --heldout other Alpaca instructions,
@@ -85,7 +85,8 @@ def ask(client: httpx.Client, prompt: str, user: str, args) -> dict:
         "temperature": args.temperature, "user": user})
     reply.raise_for_status()
     body = reply.json()
-    return {"id": body["id"], "variant": body["variant"], "words": len(body["choices"][0]["message"]["content"].split())}
+    text = body["choices"][0]["message"]["content"]
+    return {"id": body["id"], "variant": body["variant"], "words": len(text.split()), "prompt": prompt, "text": text}
 
 
 def ask_all(url: str, jobs: list[tuple[str, str]], args, words: int | None) -> tuple[list[dict], int]:
@@ -96,10 +97,35 @@ def ask_all(url: str, jobs: list[tuple[str, str]], args, words: int | None) -> t
         if words is None:
             words = int(statistics.median(a["words"] for a in answers))
         for answer in answers:
-            answer["up"] = answer["words"] <= words
+            answer["up"] = 0 < answer["words"] <= words  # short, but an answer
             client.post("/v1/feedback", json={"id": answer["id"], "rating": "up" if answer["up"] else "down"}
                         ).raise_for_status()
     return answers, words
+
+
+def round_zero(train: list[str], db: Path, work: Path, env: dict, args) -> tuple[list[dict], int, float]:
+    """The current model alone, each instruction asked --samples times, then voted on."""
+    db.unlink(missing_ok=True)
+    config = work / "round0.yaml"
+    config.write_text(yaml.safe_dump({
+        "experiment": {"name": EXPERIMENT, "variants": [{"name": "current", "model": "smollm2-135m-instruct"}]},
+        "database": str(db), "log_prompts": True}))
+    started = time.perf_counter()
+    with Server(config, args.port, env, work / "round0.log") as url:
+        jobs = [(prompt, f"user-{i}-{s}") for i, prompt in enumerate(train) for s in range(args.samples)]
+        answers, words = ask_all(url, jobs, args, args.words)
+    return answers, words, time.perf_counter() - started
+
+
+def logged_answers(db: Path) -> list[dict]:
+    """Round 0's answers and votes as the server logged them."""
+    from pocketlm.serve.report import connect, latest_votes, load_requests
+
+    engine = connect(db)
+    rows = load_requests(engine, EXPERIMENT)
+    votes = latest_votes(engine, {r["id"] for r in rows})
+    return [{"id": r["id"], "variant": r["variant"], "words": len((r["completion_text"] or "").split()),
+             "up": votes.get(r["id"]) == 1} for r in rows]
 
 
 def summary(results: list[dict]) -> dict[str, dict]:
@@ -126,8 +152,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "feedback-loop-bench")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides for the pipeline (stages.tuned.set.train.max_steps=2 for a quick look)")
+    parser.add_argument("--reuse-round0", action="store_true", help="keep round 0's log in --work (with --words, "
+                        "the limit it was voted with) and start at the pipeline")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.reuse_round0 and args.words is None:
+        parser.error("--reuse-round0 needs --words, the limit round 0 was voted with")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
     env.setdefault("POCKETLM_DATASETS", str(REPO.parent / "shared" / "data"))
     os.environ.setdefault("POCKETLM_DATASETS", env["POCKETLM_DATASETS"])
@@ -137,17 +167,11 @@ def main() -> None:
     texts = instructions()
     train, heldout = texts[: args.prompts], texts[500: 500 + args.heldout]  # disjoint: round 1 asks new questions
     round0_db, round1_db = work / "round0.db", work / "round1.db"
-    for stale in (round0_db, round1_db):
-        stale.unlink(missing_ok=True)
-    config = work / "round0.yaml"
-    config.write_text(yaml.safe_dump({
-        "experiment": {"name": EXPERIMENT, "variants": [{"name": "current", "model": "smollm2-135m-instruct"}]},
-        "database": str(round0_db), "log_prompts": True}))
-    started = time.perf_counter()
-    with Server(config, args.port, env, work / "round0.log") as url:
-        jobs = [(prompt, f"user-{i}-{s}") for i, prompt in enumerate(train) for s in range(args.samples)]
-        round0, words = ask_all(url, jobs, args, args.words)
-    round0_s = time.perf_counter() - started
+    round1_db.unlink(missing_ok=True)
+    if args.reuse_round0:
+        round0, words, round0_s = logged_answers(round0_db), args.words, 0.0
+    else:
+        round0, words, round0_s = round_zero(train, round0_db, work, env, args)
     print(f"round 0: {len(round0)} answers in {round0_s:.0f} s; the user likes answers of at most {words} words: "
           f"{summary(round0)}", flush=True)
 
@@ -167,6 +191,9 @@ def main() -> None:
         round1, _ = ask_all(url, [(prompt, f"heldout-{i}") for i, prompt in enumerate(heldout)], args, words)
     round1_s = time.perf_counter() - started
     print(f"round 1: {len(round1)} answers in {round1_s:.0f} s: {summary(round1)}", flush=True)
+    for variant in ("current", "tuned"):  # what the votes were on: short answers, or short nonsense?
+        for answer in [a for a in round1 if a["variant"] == variant][:3]:
+            print(f"  {variant}: {answer['prompt'][:60]!r} -> {answer['text'][:160]!r}")
 
     report_path = work / "ab.json"
     done = subprocess.run([POCKETLM, "ab", "report", "--db", str(round1_db), "--experiment", EXPERIMENT,
@@ -187,7 +214,8 @@ def main() -> None:
             "feedback": feedback, "pipeline_s": round(pipeline_s, 1),
             "stage_wall_s": {n: e["wall_s"] for n, e in lock.items()},
             "tuned_metrics": lock["tuned"]["metrics"],
-            "round1": {"answers": len(round1), "seconds": round(round1_s, 1), "variants": summary(round1)},
+            "round1": {"answers": len(round1), "seconds": round(round1_s, 1), "variants": summary(round1),
+                       "answers_text": [{k: a[k] for k in ("variant", "prompt", "text", "up")} for a in round1]},
             "thumbs_up_rate": rates, "p_value": test["p"]}, indent=2))
 
 
