@@ -169,6 +169,8 @@ def main() -> None:
     round0_db, round1_db = work / "round0.db", work / "round1.db"
     round1_db.unlink(missing_ok=True)
     if args.reuse_round0:
+        if not round0_db.is_file():
+            sys.exit(f"--reuse-round0: no round 0 log at {round0_db}; run once without it first")
         round0, words, round0_s = logged_answers(round0_db), args.words, 0.0
     else:
         round0, words, round0_s = round_zero(train, round0_db, work, env, args)
