@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from pocketlm.pipeline import PipelineError, load_pipeline, read_lock, run_pipeline
-from pocketlm.pipeline.report import pareto
+from pocketlm.pipeline.report import lineage, pareto
 from pocketlm.serve.config import load_serve_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -275,6 +275,17 @@ def test_shipped_pipelines_pass_their_checks(monkeypatch):
         pipeline = load_pipeline(path)
         check_pipeline(pipeline)
         assert pipeline.stages and pipeline.directory == Path("runs") / pipeline.name
+
+
+def test_lineage_names_every_stage_a_model_comes_from(monkeypatch):
+    """A model made from two stages names both (the data as well as the base), a level at a time."""
+    monkeypatch.chdir(REPO)
+    arc = load_pipeline(REPO / "recipes" / "pipelines" / "arc-easy-specialist.yaml")
+    assert lineage(arc, "quant@int8") == ["split, base", "sft", "quant@int8"]
+    assert lineage(arc, "base") == ["base"]
+    stories = load_pipeline(REPO / "recipes" / "pipelines" / "tinystories-from-scratch.yaml")
+    assert lineage(stories, "student") == ["base", "data", "teacher", "student"]
+    assert lineage(stories, "scratch") == ["base", "data", "scratch"]
 
 
 def test_a_teacher_stage_feeds_its_students(tmp_path):

@@ -82,14 +82,19 @@ def collect_models(pipeline: Pipeline, lock: dict) -> list[ModelRow]:
 
 
 def lineage(pipeline: Pipeline, name: str) -> list[str]:
-    """The chain of stages from the first one to `name`, following the first stage each one reads."""
-    chain = [name]
-    while True:
-        stage = pipeline.stages[chain[0]]
-        reads = [d for d in stage.references if d in pipeline.stages]
-        if not reads:
-            return chain
-        chain.insert(0, reads[0])
+    """Every stage `name` comes from, grouped by depth: ["base, data", "sft", "quant@int8"] for a model
+    trained from a pulled base on prepared data, then quantized (stages of one depth in pipeline order)."""
+    depth: dict[str, int] = {}
+
+    def visit(stage: str) -> int:
+        if stage not in depth:
+            reads = [d for d in pipeline.stages[stage].references if d in pipeline.stages]
+            depth[stage] = 1 + max((visit(d) for d in reads), default=-1)
+        return depth[stage]
+
+    visit(name)
+    levels = [[s for s in pipeline.stages if depth.get(s) == level] for level in range(depth[name] + 1)]
+    return [", ".join(level) for level in levels if level]
 
 
 def quality_metric(models: list[ModelRow]) -> str | None:
