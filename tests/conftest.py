@@ -40,7 +40,10 @@ def smollm2_dir(smollm2_gguf) -> Path:
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
     yield
+    # the next test starts on the suite's thread count whatever this one set (cli.main run in-process sets its own)
+    torch.set_num_threads(threads)
 
 
 GGUF_VOCABS = ("ggml-vocab-gpt-2.gguf", "ggml-vocab-llama-spm.gguf")

@@ -134,6 +134,17 @@ def test_run_writes_model_logs_and_plot(reference_run):
     assert ckpts[-2:] == ["step-0000025", "step-0000030"] and len(ckpts) <= 3  # last 2, plus the best
 
 
+def test_a_run_gives_the_caller_its_thread_count_back(prepared, tmp_path):
+    """train.threads is the run's own: Python code after train() (an evaluation, the next test) keeps its threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        train(load_recipe(tiny_recipe(tmp_path, prepared, **{"train.max_steps": 2, "train.threads": 1})))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_existing_run_needs_resume(reference_run):
     run_dir, _ = reference_run
     with pytest.raises(ConfigError, match="resume=true"):

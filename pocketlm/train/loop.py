@@ -8,6 +8,7 @@ a resumed run, or a run spread over several processes, sees exactly the batches 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -83,6 +84,19 @@ class Runtime:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+
+def keeps_callers_threads(run: Callable) -> Callable:
+    """A run sets torch's thread count for itself (train.threads); a Python caller gets its own back after,
+    so a notebook's evaluation after training is not left on the run's one thread."""
+    @functools.wraps(run)
+    def wrapper(*args, **kwargs):
+        previous = torch.get_num_threads()
+        try:
+            return run(*args, **kwargs)
+        finally:
+            torch.set_num_threads(previous)
+    return wrapper
 
 
 def setup_runtime(recipe: Recipe) -> Runtime:
@@ -233,6 +247,7 @@ class WarmStart:
                 p.copy_(self.weights[name])
 
 
+@keeps_callers_threads
 def train(recipe: Recipe, progress: bool | None = None, on_step: Callable[[dict], None] | None = None,
           warm_start: WarmStart | None = None) -> Path:
     """Run a recipe to the end (or resume it) and return the final model directory (or, for an
@@ -612,6 +627,7 @@ def _teacher_cache(recipe: Recipe, data, vocab: int, runtime: Runtime, autocast,
     return open_cache()
 
 
+@keeps_callers_threads
 def fill_teacher_cache(recipe: Recipe, progress: bool | None = None) -> Path:
     """The teacher's top-k logits for every chunk a distillation run of `recipe` reads over its max_steps, computed
     without training, into distill.cache_dir (else OUT_DIR/teacher-cache): `pocketlm distill-cache`, the teacher
