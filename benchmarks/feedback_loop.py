@@ -6,7 +6,8 @@ variant's thumbs-up rate and the two-proportion test's p-value.
 1. Round 0: `pocketlm serve` with the current model alone (log_prompts: true). Each of --prompts Alpaca
    instructions is asked --samples times (sampled, so the answers differ). The user likes short answers: having
    read them all, it fixes its limit at their median length (or --words), then votes thumbs-up on an answer of at
-   most that many words (and more than none) and thumbs-down on a longer one. A prompt with answers on both sides makes DPO pairs.
+   most that many words (and more than none) and thumbs-down on a longer one. A prompt with answers on both
+   sides makes DPO pairs.
 2. `pocketlm run recipes/pipelines/feedback-loop.yaml stages.feedback.db=ROUND0`: feedback export, DPO with a
    LoRA adapter, and the serve stage's A/B experiment (current against tuned).
 3. Round 1: `pocketlm serve --config` the experiment the pipeline wrote; --heldout other Alpaca instructions,
